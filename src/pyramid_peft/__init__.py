@@ -1,0 +1,1 @@
+"""pyramid-peft: Expert Pyramid Tuning and its multi-task MoE-LoRA peers on stock PEFT."""

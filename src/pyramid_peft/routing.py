@@ -1,0 +1,181 @@
+"""Per-example task routing that survives real use.
+
+Stock PEFT drops a ``task_ids`` argument on its way to the layers for every method but Poly, and routing that
+lives in hooks installed for one call dies before gradient checkpointing re-runs the layers in the backward pass.
+Here the route is *state*: one :class:`TaskRoute` per tuner, shared by all its layers, set when a call enters the
+model, kept (read-only) for the backward recomputation after the call returns, and replaced by the next call.
+
+Entry points that set the route:
+
+* a ``forward`` pre-hook on the ``PeftModel`` wrapper (it sees ``task_ids`` before ``PeftModelFor*.forward``
+  swallows it), attached automatically when the tuner is built inside a ``PeftModel``;
+* the tuner's ``_enable_peft_forward_hooks`` context, which PEFT enters around ``generate``;
+* the tuner's own ``forward`` when it is used without a ``PeftModel``.
+
+The outermost call defines the route; nested calls without ids inherit it. Layers read ids for their own batch
+size: a batch ``m`` times the size of the routed batch (beam search, ``num_return_sequences``) gets each id
+repeated ``m`` times, matching the ``repeat_interleave`` that ``generate`` applies to its inputs.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+
+class TaskRoutingError(ValueError):
+    """Raised when task ids are missing, malformed or out of range."""
+
+
+def in_backward_pass() -> bool:
+    """True while autograd runs a backward pass (e.g. a gradient-checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def as_task_ids(task_ids, num_tasks: int, batch_size: int | None = None) -> torch.Tensor:
+    """Validate ``task_ids`` (int, sequence or tensor) into a 1-D LongTensor of ids in ``[0, num_tasks)``."""
+    if isinstance(task_ids, int):
+        task_ids = [task_ids] * (batch_size or 1)
+    ids = torch.as_tensor(task_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TaskRoutingError(f"task_ids must hold integers, got dtype {ids.dtype}; pass a LongTensor of task ids.")
+    ids = ids.long().reshape(-1) if ids.dim() == 0 else ids.long()
+    if ids.dim() != 1:
+        raise TaskRoutingError(f"task_ids must be 1-D (one id per example), got shape {tuple(ids.shape)}.")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
+        bad = sorted({int(i) for i in ids.tolist() if not 0 <= i < num_tasks})
+        raise TaskRoutingError(
+            f"task_ids {bad} are outside [0, {num_tasks}): this adapter was built with num_tasks={num_tasks}. "
+            "Use ids below num_tasks, or build the adapter with a larger num_tasks."
+        )
+    return ids
+
+
+class TaskRoute:
+    """Routing state of one tuner: the task ids (and attention mask) of the call in progress.
+
+    ``num_tasks`` is used to validate ids; ``required`` says whether a layer that reads the route must get ids.
+    """
+
+    def __init__(self, num_tasks: int, method: str):
+        self.num_tasks = num_tasks
+        self.method = method
+        self._stack: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        self._retained: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    # -- writing -----------------------------------------------------------------------------------------------
+    def enter(self, task_ids=None, attention_mask: torch.Tensor | None = None, outermost: bool = False) -> None:
+        """Start a call. Without ids, a nested call inherits the enclosing route; an outermost call clears it.
+
+        Always pushes one entry, even when the ids are invalid (then it raises after pushing an empty route), so
+        that every :meth:`exit` has its :meth:`enter`.
+        """
+        if outermost:
+            self._stack.clear()
+        if task_ids is None and self._stack:
+            self._stack.append(self._stack[-1])
+            return
+        try:
+            if task_ids is not None:
+                batch = attention_mask.shape[0] if attention_mask is not None else None
+                task_ids = as_task_ids(task_ids, self.num_tasks, batch)
+        except TaskRoutingError:
+            self._stack.append((None, None))
+            raise
+        self._stack.append((task_ids, attention_mask))
+
+    def exit(self) -> None:
+        """End a call; the outermost exit keeps the route for the backward pass only."""
+        if self._stack:
+            self._retained = self._stack.pop()
+
+    @contextmanager
+    def call(self, task_ids=None, attention_mask: torch.Tensor | None = None) -> Iterator[None]:
+        try:
+            self.enter(task_ids, attention_mask)
+            yield
+        finally:
+            self.exit()
+
+    # -- reading -----------------------------------------------------------------------------------------------
+    def _current(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self._stack:
+            return self._stack[-1]
+        if in_backward_pass():
+            return self._retained
+        return (None, None)
+
+    def task_ids(self, batch_size: int, device: torch.device, required: bool = True) -> torch.Tensor | None:
+        """The ids for a layer input of ``batch_size`` rows, expanded for beams / returned sequences."""
+        ids, _ = self._current()
+        if ids is None:
+            if required:
+                raise TaskRoutingError(
+                    f"{self.method} routes each example by its task: call the model with task_ids=<LongTensor of "
+                    f"one id per example in [0, {self.num_tasks})>, e.g. model(**batch, task_ids=ids) or "
+                    "model.generate(..., task_ids=ids)."
+                )
+            return None
+        return expand_to_batch(ids, batch_size).to(device)
+
+    def attention_mask(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
+        """The call's attention mask if it matches this layer's (batch, seq) shape, else ``None``."""
+        _, mask = self._current()
+        if mask is None or mask.dim() != 2 or mask.shape[1] != seq_len or batch_size % mask.shape[0]:
+            return None
+        return expand_to_batch(mask, batch_size)
+
+
+def expand_to_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeat each row ``batch_size / len(values)`` times, as ``generate`` expands inputs for beams."""
+    n = values.shape[0]
+    if batch_size == n:
+        return values
+    if n == 0 or batch_size % n:
+        raise TaskRoutingError(
+            f"task_ids has {n} entries but a layer saw a batch of {batch_size}: pass exactly one task id per example."
+        )
+    return values.repeat_interleave(batch_size // n, dim=0)
+
+
+def attach_to_peft_model(peft_model: torch.nn.Module, route: TaskRoute) -> None:
+    """Make ``peft_model(..., task_ids=...)`` and ``peft_model.generate(..., task_ids=...)`` set ``route``."""
+    if getattr(peft_model, "_pyramid_route_attached", False):
+        return
+    special = getattr(peft_model, "special_peft_forward_args", None)
+    if special is not None:
+        special.add("task_ids")  # PEFT then strips it before calling the base model's forward / generate
+
+    def pre_hook(_module, args, kwargs):
+        route.enter(kwargs.get("task_ids"), kwargs.get("attention_mask"), outermost=True)
+
+    def post_hook(_module, _args, _kwargs, _output):
+        route.exit()
+
+    peft_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    peft_model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    peft_model._pyramid_route_attached = True
+
+
+def find_enclosing_peft_model(max_depth: int = 8) -> torch.nn.Module | None:
+    """The ``PeftModel`` whose ``__init__`` is building the caller, if any.
+
+    PEFT constructs a tuner inside ``PeftModel.__init__`` without handing it a reference to the wrapper, and the
+    wrapper is the only place that still sees ``task_ids`` in ``forward``. Looking up the constructing frame is the
+    one way to attach to it without patching PEFT; :func:`pyramid_peft.enable_task_routing` does the same
+    explicitly.
+    """
+    from peft import PeftModel
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, PeftModel):
+            return candidate
+        frame = frame.f_back
+    return None
