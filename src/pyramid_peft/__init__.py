@@ -1,1 +1,35 @@
-"""pyramid-peft: Expert Pyramid Tuning and its multi-task MoE-LoRA peers on stock PEFT."""
+"""pyramid-peft: Expert Pyramid Tuning and its multi-task MoE-LoRA peers on stock Hugging Face PEFT.
+
+Importing the package registers its methods with PEFT, so ``peft.get_peft_model(model, EptConfig(...))``,
+``save_pretrained`` and ``PeftModel.from_pretrained`` work as for any built-in method.
+"""
+
+from .accounting import count_parameters
+from .aux import aux_loss, uses_task_ids
+from .merge import export_lora, merge_for_task
+from .methods.base import NotMergeableError
+from .methods.ept import EptConfig
+from .registry import make_peft_config, method_names
+from .routing import TaskRoutingError, attach_to_peft_model
+
+__all__ = [
+    "EptConfig",
+    "NotMergeableError",
+    "TaskRoutingError",
+    "aux_loss",
+    "count_parameters",
+    "enable_task_routing",
+    "export_lora",
+    "make_peft_config",
+    "merge_for_task",
+    "method_names",
+    "uses_task_ids",
+]
+
+
+def enable_task_routing(peft_model) -> None:
+    """Make ``peft_model(..., task_ids=...)`` route (done automatically by ``get_peft_model``; idempotent)."""
+    from .aux import find_tuners
+
+    for tuner in find_tuners(peft_model):
+        attach_to_peft_model(peft_model, tuner.route)

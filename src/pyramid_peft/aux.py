@@ -1,0 +1,45 @@
+"""Auxiliary losses (contrastive task embeddings, load balance) collected from the adapted layers.
+
+Layers keep what their loss needs from the last forward pass; :func:`aux_loss` turns that into one weighted scalar
+to add to the task loss, so no model code is ever edited to carry the term.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .methods.base import RoutedTuner
+
+
+def find_tuners(model: nn.Module) -> list[RoutedTuner]:
+    """The tuners of this package inside ``model`` (a PeftModel, a tuner, or a module that holds one)."""
+    return [m for m in model.modules() if isinstance(m, RoutedTuner)]
+
+
+def aux_loss(model: nn.Module, breakdown: bool = False):
+    """The weighted auxiliary loss of the last forward pass (0 for methods without one).
+
+    Each term is averaged over the layers that report it, then multiplied by its weight in the method's config
+    (EPT: ``contrastive_weight`` times the mean contrastive loss over the chosen modules). With ``breakdown=True``
+    returns a dict of the weighted terms instead, for logging.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    for tuner in find_tuners(model):
+        for name, value in tuner.aux_losses().items():
+            terms[name] = terms[name] + value if name in terms else value
+    if breakdown:
+        return terms
+    if not terms:
+        return torch.zeros((), device=_device_of(model))
+    return torch.stack(list(terms.values())).sum()
+
+
+def uses_task_ids(model: nn.Module) -> bool:
+    """Whether forward passes of ``model`` need (or accept) ``task_ids``."""
+    return bool(find_tuners(model))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

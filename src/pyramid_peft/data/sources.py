@@ -1,0 +1,358 @@
+"""Where examples come from: a local data folder (for offline machines) or the Hugging Face hub.
+
+The local folder has this layout (the project's shared data folder, see its README):
+
+* ``glue/<task>/<file>.jsonl``: one ``{"idx", "sentence1", "sentence2", "label"}`` object per line. QNLI, MNLI
+  and QQP ship a subset of train (``train_subset.jsonl``); MNLI and QQP also ship ``heldout_from_train.jsonl``
+  (1000 rows of *train*, split ``"heldout"`` here) instead of their official dev sets, whose 100-row samples
+  are not used.
+* ``commonsense/<Dataset>/{train,test}.json``: LLM-Adapters rows ``{"instruction", "input", "output",
+  "answer"}`` whose options are written inside ``instruction``.
+
+Both sources are converted to the example dicts described in :mod:`pyramid_peft.tasks.spec`. GLUE rows with
+label -1 (GLUE's "no label" marker) are dropped; any other label outside the task's labels is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..tasks import TaskSpec, get_task
+
+DATA_DIR_ENV = "EPT_DATA_DIR"
+STSB_SCORE_RANGE = (0.0, 5.0)
+_UNLABELLED = -1
+
+_FIX_HINT = (
+    f"Fix: pass data_dir or set ${DATA_DIR_ENV} to a folder laid out as glue/<task>/<split>.jsonl and "
+    "commonsense/<Dataset>/<split>.json, or make the Hugging Face hub reachable (network access, "
+    "HF_HUB_OFFLINE unset, `pip install datasets`)."
+)
+
+
+class DataSourceError(RuntimeError):
+    """Raised when a task's examples cannot be loaded, or a row of them is malformed."""
+
+
+class _RowError(ValueError):
+    """A malformed row; the reader that caught it adds the file and line."""
+
+
+def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The local data folder: ``explicit`` if given, else ``$EPT_DATA_DIR``, else None (use the hub)."""
+    value = explicit if explicit is not None else os.environ.get(DATA_DIR_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """All examples of one split of ``task``, as example dicts.
+
+    ``split`` is one of ``"train"``, ``"validation"``, ``"validation_mismatched"`` (MNLI), ``"test"``
+    (commonsense) or ``"heldout"`` (local MNLI/QQP only). The local folder (``data_dir`` or
+    ``$EPT_DATA_DIR``) is read when it holds that split; otherwise the hub copy is downloaded. When neither
+    works, one :class:`DataSourceError` explains both failures.
+    """
+    spec = get_task(task)
+    _check_split_name(spec, split)
+    root = resolve_data_dir(data_dir)
+    path = local_split_path(spec.name, split, root) if root is not None else None
+    if path is not None and path.is_file():
+        return _read_local_file(spec, path)
+    local_problem = _describe_local_problem(spec, split, root, path)
+    try:
+        hub_rows, hub_location = _fetch_hub_rows(spec, split)
+    except Exception as err:  # offline, network, missing package, missing split: all reported the same way
+        raise DataSourceError(
+            f"Cannot load {spec.name} split {split!r}.\n"
+            f"  local data folder: {local_problem}\n"
+            f"  Hugging Face hub: {type(err).__name__}: {err}\n{_FIX_HINT}"
+        ) from err
+    return _convert_rows(spec, enumerate(hub_rows), lambda index: f"{hub_location}, row {index}")
+
+
+def local_split_path(task: str, split: str, data_dir: Path) -> Path | None:
+    """Where the local layout keeps ``split`` of ``task`` under ``data_dir`` (None when it has no such split)."""
+    spec = get_task(task)
+    file_name = _local_files(spec).get(split)
+    if file_name is None:
+        return None
+    return data_dir / spec.family / _LOCAL_DIRS.get(spec.name, spec.name) / file_name
+
+
+# Local layout ---------------------------------------------------------------------------------------------
+
+_FULL_GLUE_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
+_SUBSET_GLUE_FILES = {"train": "train_subset.jsonl", "heldout": "heldout_from_train.jsonl"}
+_LOCAL_GLUE_FILES = {
+    "qnli": {"train": "train_subset.jsonl", "validation": "validation.jsonl"},
+    "mnli": _SUBSET_GLUE_FILES,
+    "qqp": _SUBSET_GLUE_FILES,
+}
+_COMMONSENSE_FILES = {"train": "train.json", "test": "test.json"}
+_LOCAL_DIRS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
+
+
+def _local_files(spec: TaskSpec) -> dict[str, str]:
+    if spec.family == "commonsense":
+        return _COMMONSENSE_FILES
+    return _LOCAL_GLUE_FILES.get(spec.name, _FULL_GLUE_FILES)
+
+
+def _describe_local_problem(spec: TaskSpec, split: str, root: Path | None, path: Path | None) -> str:
+    if root is None:
+        return f"none given (no data_dir argument and ${DATA_DIR_ENV} is unset)"
+    if not root.is_dir():
+        return f"{root} does not exist"
+    if path is None:
+        available = ", ".join(_local_files(spec))
+        return f"the local layout has no {split!r} split for {spec.name} (it has: {available})"
+    return f"{path} does not exist"
+
+
+def _read_local_file(spec: TaskSpec, path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return _convert_rows(spec, _jsonl_rows(path), lambda line: f"{path}, line {line}")
+    rows = _json_list(path)
+    return _convert_rows(spec, enumerate(rows), lambda index: f"{path}, line {_line_of_list_item(path, index)}")
+
+
+def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataSourceError(f"{path}, line {line_number}: invalid JSON ({err.msg}).") from err
+
+
+def _json_list(path: Path) -> list:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}).") from err
+    if not isinstance(rows, list):
+        raise DataSourceError(f"{path}: expected a JSON list of rows, found {type(rows).__name__}.")
+    return rows
+
+
+_BETWEEN_LIST_ITEMS = re.compile(r"[\s,\[]*")
+
+
+def _line_of_list_item(path: Path, index: int) -> int:
+    """The line on which item ``index`` of the JSON list in ``path`` starts (only computed for error messages)."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    position = 0
+    for _ in range(index + 1):
+        start = _BETWEEN_LIST_ITEMS.match(text, position).end()
+        _, position = decoder.raw_decode(text, start)
+    return text.count("\n", 0, start) + 1
+
+
+# Hub ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _HubSource:
+    path: str
+    config: str | None
+    splits: dict[str, str]  # our split name -> the hub's
+
+
+_GLUE_HUB_SPLITS = {"train": "train", "validation": "validation"}
+_MNLI_HUB_SPLITS = {"train": "train", "validation": "validation_matched",
+                    "validation_mismatched": "validation_mismatched"}
+# LLM-Adapters' "test" is BoolQ's official dev set and the official test sets of OpenBookQA and ARC.
+_QA_HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
+_HUB_SOURCES = {
+    "boolq": _HubSource("google/boolq", None, {"train": "train", "test": "validation"}),
+    "openbookqa": _HubSource("allenai/openbookqa", "main", _QA_HUB_SPLITS),
+    "arc_easy": _HubSource("allenai/ai2_arc", "ARC-Easy", _QA_HUB_SPLITS),
+    "arc_challenge": _HubSource("allenai/ai2_arc", "ARC-Challenge", _QA_HUB_SPLITS),
+}
+
+
+def _hub_source(spec: TaskSpec) -> _HubSource:
+    if spec.family == "glue":
+        return _HubSource("nyu-mll/glue", spec.name, _MNLI_HUB_SPLITS if spec.name == "mnli" else _GLUE_HUB_SPLITS)
+    return _HUB_SOURCES[spec.name]
+
+
+def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
+    """The hub's rows for ``split`` and a description of where they came from."""
+    source = _hub_source(spec)
+    hub_split = source.splits.get(split)
+    if hub_split is None:
+        raise LookupError(f"the hub copy of {spec.name} has no {split!r} split (it has: {', '.join(source.splits)})")
+    import datasets  # optional dependency (extra "hub"), imported only when the hub is actually used
+
+    rows = datasets.load_dataset(source.path, source.config, split=hub_split)
+    config = f" ({source.config})" if source.config else ""
+    return rows, f"hub dataset {source.path}{config} split {hub_split}"
+
+
+# Row conversion -------------------------------------------------------------------------------------------
+
+
+def _check_split_name(spec: TaskSpec, split: str) -> None:
+    known = {*_local_files(spec), *_hub_source(spec).splits}
+    if split not in known:
+        raise DataSourceError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(sorted(known))}.")
+
+
+def _convert_rows(spec: TaskSpec, rows: Iterable[tuple[int, dict]], locate: Callable[[int], str]) -> list[dict]:
+    """Convert (position, raw row) pairs to example dicts, naming the row's location on any error."""
+    convert = _ROW_CONVERTERS[spec.name]
+    examples = []
+    for position, row in rows:
+        try:
+            example = convert(spec, row)
+        except _RowError as err:
+            raise DataSourceError(f"{locate(position)}: {err}. Fix or remove that row.") from err
+        if example is not None:
+            examples.append(example)
+    return examples
+
+
+def _field(row, key: str):
+    if not isinstance(row, dict) or key not in row:
+        raise _RowError(f"missing field {key!r}")
+    return row[key]
+
+
+def _text_field(row, key: str) -> str:
+    value = _field(row, key)
+    if not isinstance(value, str):
+        raise _RowError(f"field {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _glue_example(spec: TaskSpec, row: dict, first: str = "sentence1", second: str | None = "sentence2"):
+    """A GLUE example from a row whose two text columns are ``first`` and ``second`` (None: single sentence)."""
+    label = _field(row, "label")
+    if label == _UNLABELLED and not spec.is_regression:
+        return None
+    pair = len(spec.fields) == 2
+    return {
+        "idx": _field(row, "idx"),
+        "sentence1": _text_field(row, first),
+        "sentence2": _text_field(row, second) if pair else None,
+        "label": _checked_label(spec, label),
+    }
+
+
+def _checked_label(spec: TaskSpec, label):
+    if isinstance(label, bool) or not isinstance(label, (int, float)):
+        raise _RowError(f"label {label!r} is not a number")
+    if spec.is_regression:
+        low, high = STSB_SCORE_RANGE
+        if not low <= label <= high:
+            raise _RowError(f"label {label!r} is outside the {spec.name} score range [{low}, {high}]")
+        return float(label)
+    if not isinstance(label, int) or not 0 <= label < spec.num_labels:
+        raise _RowError(f"label {label!r} is not one of the {spec.name} label ids 0..{spec.num_labels - 1}")
+    return label
+
+
+def _qa_example(spec: TaskSpec, question: str, passage: str, choices: list[str], label) -> dict:
+    if len(choices) > spec.num_labels:
+        raise _RowError(f"{len(choices)} options, more than the {spec.num_labels} that {spec.name} allows")
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
+        raise _RowError(f"label {label!r} does not index one of the {len(choices)} options")
+    return {"question": question, "passage": passage, "choices": list(choices), "label": label}
+
+
+_BOOLQ_INSTRUCTION = re.compile(
+    r"^Please answer the following question with true or false, question: (?P<question>.*)"
+    r"\n\nAnswer format: true/false$", re.S)
+_CHOICE_INSTRUCTION = re.compile(
+    r"^Please choose the correct answer to the question: (?P<question>.*)"
+    r"\n\n(?P<options>Answer1: .*)\n\nAnswer format: \S+$", re.S)
+_OPTION = re.compile(r"Answer(?P<number>\d+): (?P<text>.*?)(?= Answer\d+: |$)", re.S)
+_BOOLQ_ANSWERS = {"false": 0, "true": 1}
+
+
+def _llm_adapters_example(spec: TaskSpec, row: dict) -> dict:
+    """An example from an LLM-Adapters row, whose question and options are written inside ``instruction``."""
+    instruction = _text_field(row, "instruction")
+    answer = _text_field(row, "answer")
+    passage = row.get("input") or ""
+    if not spec.multiple_choice:
+        match = _match(_BOOLQ_INSTRUCTION, instruction, "BoolQ")
+        if answer not in _BOOLQ_ANSWERS:
+            raise _RowError(f"answer {answer!r} is not 'true' or 'false'")
+        return _qa_example(spec, match["question"], passage, list(spec.label_words), _BOOLQ_ANSWERS[answer])
+    match = _match(_CHOICE_INSTRUCTION, instruction, "multiple-choice")
+    options = list(_OPTION.finditer(match["options"]))
+    if [option["number"] for option in options] != [str(n) for n in range(1, len(options) + 1)]:
+        raise _RowError("the options in 'instruction' are not numbered Answer1, Answer2, ...")
+    if not re.fullmatch(r"answer\d+", answer):
+        raise _RowError(f"answer {answer!r} is not of the form 'answerN'")
+    choices = [option["text"] for option in options]
+    return _qa_example(spec, match["question"], passage, choices, int(answer[len("answer"):]) - 1)
+
+
+def _match(pattern: re.Pattern, instruction: str, kind: str) -> re.Match:
+    match = pattern.match(instruction)
+    if match is None:
+        raise _RowError(f"'instruction' is not in the LLM-Adapters {kind} format: {instruction[:80]!r}...")
+    return match
+
+
+def _hub_boolq_example(spec: TaskSpec, row: dict) -> dict:
+    answer = _field(row, "answer")
+    if not isinstance(answer, bool):
+        raise _RowError(f"answer {answer!r} is not a boolean")
+    return _qa_example(spec, _text_field(row, "question"), _text_field(row, "passage"), list(spec.label_words),
+                       int(answer))
+
+
+def _hub_choice_example(spec: TaskSpec, row: dict, question_key: str) -> dict:
+    choices = _field(row, "choices")
+    texts, keys = _field(choices, "text"), _field(choices, "label")
+    answer_key = _field(row, "answerKey")
+    if answer_key not in keys:
+        raise _RowError(f"answerKey {answer_key!r} is not one of the option labels {keys}")
+    # ARC labels a few items "1".."4" instead of "A".."D"; the position is what counts.
+    return _qa_example(spec, _text_field(row, question_key), "", texts, keys.index(answer_key))
+
+
+def _local_or_hub_glue(first: str, second: str | None):
+    """A GLUE converter for hub rows with columns ``first``/``second``, that also reads local JSONL rows."""
+    def convert(spec: TaskSpec, row: dict):
+        if isinstance(row, dict) and "sentence1" in row and first != "sentence1":
+            return _glue_example(spec, row)
+        return _glue_example(spec, row, first, second)
+    return convert
+
+
+def _local_or_hub_qa(hub_convert: Callable[[TaskSpec, dict], dict]):
+    """A commonsense converter that reads LLM-Adapters rows (they have ``instruction``) or hub rows."""
+    def convert(spec: TaskSpec, row: dict):
+        if isinstance(row, dict) and "instruction" in row:
+            return _llm_adapters_example(spec, row)
+        return hub_convert(spec, row)
+    return convert
+
+
+_ROW_CONVERTERS = {
+    "cola": _local_or_hub_glue("sentence", None),
+    "sst2": _local_or_hub_glue("sentence", None),
+    "mrpc": _local_or_hub_glue("sentence1", "sentence2"),
+    "qqp": _local_or_hub_glue("question1", "question2"),
+    "stsb": _local_or_hub_glue("sentence1", "sentence2"),
+    "mnli": _local_or_hub_glue("premise", "hypothesis"),
+    "qnli": _local_or_hub_glue("question", "sentence"),
+    "rte": _local_or_hub_glue("sentence1", "sentence2"),
+    "boolq": _local_or_hub_qa(_hub_boolq_example),
+    "openbookqa": _local_or_hub_qa(lambda spec, row: _hub_choice_example(spec, row, "question_stem")),
+    "arc_easy": _local_or_hub_qa(lambda spec, row: _hub_choice_example(spec, row, "question")),
+    "arc_challenge": _local_or_hub_qa(lambda spec, row: _hub_choice_example(spec, row, "question")),
+}

@@ -1,0 +1,164 @@
+"""What every routed method shares: the PEFT tuner and tuner-layer contracts plus task routing.
+
+A method is a config, a layer (subclass of :class:`RoutedLayer` and ``nn.Module``) and a tuner (subclass of
+:class:`RoutedTuner`). The tuner owns one :class:`~pyramid_peft.routing.TaskRoute` that all its layers read; the
+layers state their per-task weight change through :meth:`RoutedLayer.task_lora_factors` (for merging and export)
+and their auxiliary losses through :meth:`RoutedLayer.aux_terms`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
+
+
+class NotMergeableError(RuntimeError):
+    """Raised when a method's weight change depends on the input (token or batch routing) and cannot be merged."""
+
+
+class RoutedLayer(BaseTunerLayer):
+    """Mixin for an adapted ``nn.Linear`` whose adapters may be routed by task.
+
+    Subclasses declare ``adapter_layer_names`` (per-adapter containers of trainable tensors) and
+    ``parameter_groups`` (which of those containers are routers or task embeddings, for accounting).
+    """
+
+    parameter_groups: ClassVar[dict[str, str]] = {}  # container name -> "router" | "task_embedding"; default adapter
+    route: TaskRoute | None = None
+
+    def __init__(self, base_layer: nn.Module, route: TaskRoute | None):
+        self.base_layer = base_layer
+        self.route = route
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"{type(self).__name__} adapts nn.Linear layers only, got {type(base).__name__}; "
+                "choose target_modules that name linear layers."
+            )
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._aux_state: dict[str, Any] = {}
+        self.module_key = ""
+
+    # -- routing helpers ---------------------------------------------------------------------------------------
+    def task_ids_for(self, x: torch.Tensor, required: bool = True) -> torch.Tensor | None:
+        """Task id of every row of ``x`` (``x`` is (batch, ..., d_in)); expanded for beam search."""
+        batch = x.shape[0] if x.dim() > 1 else 1
+        return self.route.task_ids(batch, x.device, required=required)
+
+    def record_aux(self, **state: Any) -> None:
+        """Keep what an auxiliary loss needs from this forward; skipped during backward recomputation."""
+        from ..routing import in_backward_pass
+
+        if not in_backward_pass():
+            self._aux_state = state
+
+    def clear_aux(self) -> None:
+        if not self._aux_state:
+            return
+        from ..routing import in_backward_pass
+
+        if not in_backward_pass():
+            self._aux_state = {}
+
+    def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Unweighted auxiliary losses of the last forward, by name. Methods with none return ``{}``."""
+        return {}
+
+    # -- merging ------------------------------------------------------------------------------------------------
+    def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors ``(B, A)`` with ``B @ A`` equal to this layer's weight change for ``task_id`` (scale included).
+
+        Raises :class:`NotMergeableError` where the change depends on the input.
+        """
+        raise NotMergeableError(f"{type(self).__name__} cannot state a fixed weight change.")
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotMergeableError(
+            f"{type(self).__name__}'s weight change depends on the task: merge it for one task with "
+            "pyramid_peft.merge_for_task(model, task_id), or export it with pyramid_peft.export_lora."
+        )
+
+    def unmerge(self) -> None:
+        raise NotMergeableError("nothing is merged in place: merge_for_task returns a new model.")
+
+    # -- shared plumbing ----------------------------------------------------------------------------------------
+    def _active_for_forward(self) -> list[str]:
+        if self.disable_adapters:
+            return []
+        return [a for a in self.active_adapters if a in self._adapter_names()]
+
+    def _adapter_names(self) -> set[str]:
+        container = getattr(self, self.adapter_layer_names[0])
+        return set(container.keys())
+
+
+class RoutedTuner(BaseTuner):
+    """Base tuner: builds layers of ``layer_cls`` around targeted linears and routes them by ``task_ids``."""
+
+    layer_cls: ClassVar[type]
+    method_name: ClassVar[str]
+    routes_by_task: ClassVar[bool] = True
+
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
+        config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
+        # The route must exist before injection creates layers that hold it.
+        self.__dict__["route"] = TaskRoute(getattr(config, "num_tasks", 1), self.method_name)
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        wrapper = find_enclosing_peft_model()
+        if wrapper is not None:
+            attach_to_peft_model(wrapper, self.route)
+
+    # -- BaseTuner contract -------------------------------------------------------------------------------------
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None:
+            raise ValueError(
+                f"{type(peft_config).__name__} needs target_modules (e.g. ['q', 'v'] for T5, "
+                "['q_proj', 'v_proj'] for LLaMA): there is no default for this method."
+            )
+        return peft_config
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, self.layer_cls):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = self.layer_cls(target, adapter_name, config, route=self.route)
+        new_module.module_key = current_key
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self):
+        raise NotMergeableError(
+            f"{self.method_name} cannot be merged with merge_and_unload(): its weights depend on the task. "
+            "Use pyramid_peft.merge_for_task(model, task_id) or pyramid_peft.export_lora(model, task_id, out_dir)."
+        )
+
+    # -- routing entry points -----------------------------------------------------------------------------------
+    def forward(self, *args: Any, task_ids=None, **kwargs: Any):
+        with self.route.call(task_ids, kwargs.get("attention_mask")):
+            return self.model(*args, **kwargs)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        with self.route.call(kwargs.get("task_ids"), kwargs.get("attention_mask")):
+            yield
+
+    # -- what the package-level helpers read --------------------------------------------------------------------
+    def routed_layers(self) -> list[tuple[str, RoutedLayer]]:
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, RoutedLayer)]
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Weighted auxiliary losses of the last forward: each term averaged over the layers that produced it."""
+        adapter = self.active_adapters[0]
+        weights = self.peft_config[adapter].aux_loss_weights()
+        sums: dict[str, list[torch.Tensor]] = {}
+        for _, layer in self.routed_layers():
+            for name, value in layer.aux_terms(adapter).items():
+                sums.setdefault(name, []).append(value)
+        return {name: weights[name] * torch.stack(values).mean() for name, values in sums.items() if weights.get(name)}

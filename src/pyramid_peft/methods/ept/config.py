@@ -1,0 +1,129 @@
+"""Configuration of Expert Pyramid Tuning (EPT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config_base import RoutedConfig, check_choice, check_positive
+
+
+@dataclass
+class EptConfig(RoutedConfig):
+    """Expert Pyramid Tuning: a mixture of deconvolution experts over one shared low-rank seed.
+
+    Each adapted linear ``W0`` becomes ``W0 + (lora_alpha / r) * sum_{e in TopK(t)} g_e(t) ΔW_e`` where ``t`` is
+    the example's task, ``ΔW_e = ConvT_{k_e}(S_{k_e})`` is a transposed convolution with kernel size and stride
+    ``k_e`` of the seed slice ``S_k = B[:m_k] A[:, :n_k]``, and the gate ``g(t)`` is a top-k softmax over a learned
+    router fed by the module's task embedding. See ``methods/ept/experts.py`` for the exact forms.
+
+    Args:
+        target_modules: names (or a regex) of the linear layers to adapt.
+        num_tasks: number of task ids the router accepts (rows of each task-embedding table).
+        r: rank of the shared seed factors.
+        lora_alpha: output scale numerator; the scale is ``lora_alpha / r``.
+        lora_dropout: dropout on the adapter input.
+        kernel_sizes: one kernel size per expert (the pyramid), e.g. ``[2, 2, 4, 4, 6, 6, 8, 8]``.
+        top_k: experts used per task; ``top_k == len(kernel_sizes)`` is dense routing.
+        expert_form: ``"kron2d"`` (paper: k x k kernel, ``ΔW = S ⊗ K``, ceil + crop) or ``"code1d"`` (public code:
+            per-output-channel kernel rows over the first ``floor(d_in/k)`` inputs, floor + pad).
+        factor_init: ``"gaussian"`` (paper: A, B ~ N(0, 1/r^2)), ``"kaiming"`` (public code) or ``"standard"``
+            (LoRA: A Kaiming, B zero; Table 5's "AB-init ✗").
+        kernel_init: ``"zeros"`` (paper: model unchanged at step 0) or ``"kaiming"``; ``None`` picks zeros for
+            kron2d with non-zero factors, else kaiming.
+        alp: Adaptive LoRA Pruner: experts slice prefixes of one shared seed (True) or own separate seeds (False).
+        dim_scale: ALP's dimension-aware scaling, a reconstruction (the paper's equation was lost): ``"rank_sq"``
+            scales rank component ρ by ρ/r on both factors, ``"rank_lin"`` once, ``"coord_lin"`` scales seed
+            coordinates by their tier (shared coordinates smallest), ``"none"`` is the public code.
+        gate_form: ``"paper"`` (softmax over the top-k logits / router_tau) or ``"code"`` (softmax, top-k, softmax).
+        router_tau: temperature of the paper gate.
+        router_input: ``"task"`` (task embedding; mergeable per task), ``"token"`` or ``"task+token"``.
+        contrastive_weight: λ of the contrastive task-embedding loss (eq. 7); 0 disables it.
+        contrastive_tau: temperature of its cosine similarities.
+        contrastive_pooling: ``"first"`` (position 0, as the code) or ``"mean"`` (mean over non-pad tokens).
+        contrastive_modules: ``"encoder"`` (encoder modules of encoder-decoder models, all modules otherwise) or
+            ``"all"``.
+        materialize: build each expert's dense ΔW with a literal ConvTranspose per forward (slow; for reference
+            and benchmarks only).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of the shared seed factors."})
+    lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
+    kernel_sizes: list[int] = field(
+        default_factory=lambda: [2, 2, 4, 4, 6, 6, 8, 8], metadata={"help": "One kernel size per expert."}
+    )
+    top_k: int = field(default=2, metadata={"help": "Experts per task; len(kernel_sizes) means dense routing."})
+    expert_form: str = field(default="kron2d", metadata={"help": "'kron2d' (paper) or 'code1d' (public code)."})
+    factor_init: str = field(default="gaussian", metadata={"help": "'gaussian', 'kaiming' or 'standard'."})
+    kernel_init: Optional[str] = field(default=None, metadata={"help": "'zeros', 'kaiming' or None (auto)."})
+    alp: bool = field(default=True, metadata={"help": "Experts share prefix slices of one seed (ALP)."})
+    dim_scale: str = field(default="rank_sq", metadata={"help": "'rank_sq', 'rank_lin', 'coord_lin' or 'none'."})
+    gate_form: str = field(default="paper", metadata={"help": "'paper' (top-k softmax) or 'code' (double softmax)."})
+    router_tau: float = field(default=1.0, metadata={"help": "Temperature of the paper gate."})
+    router_input: str = field(default="task", metadata={"help": "'task', 'token' or 'task+token'."})
+    contrastive_weight: float = field(default=0.1, metadata={"help": "Weight λ of the contrastive loss."})
+    contrastive_tau: float = field(default=0.05, metadata={"help": "Temperature of the contrastive loss."})
+    contrastive_pooling: str = field(default="first", metadata={"help": "'first' or 'mean'."})
+    contrastive_modules: str = field(default="encoder", metadata={"help": "'encoder' or 'all'."})
+    materialize: bool = field(default=False, metadata={"help": "Literal ConvTranspose experts (reference only)."})
+
+    method_type = "EPT"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive("r", self.r)
+        if not self.kernel_sizes:
+            raise ValueError("kernel_sizes is empty: give one kernel size per expert, e.g. [2, 2, 4, 4, 6, 6, 8, 8].")
+        bad = [k for k in self.kernel_sizes if not isinstance(k, int) or k < 1]
+        if bad:
+            raise ValueError(f"kernel_sizes must be positive integers, got {bad}; e.g. [2, 2, 4, 4, 6, 6, 8, 8].")
+        self.kernel_sizes = list(self.kernel_sizes)
+        if not 1 <= self.top_k <= len(self.kernel_sizes):
+            raise ValueError(
+                f"top_k={self.top_k} must be between 1 and the number of experts ({len(self.kernel_sizes)}); "
+                "top_k equal to the number of experts gives dense routing."
+            )
+        check_choice("expert_form", self.expert_form, ("kron2d", "code1d"))
+        check_choice("factor_init", self.factor_init, ("gaussian", "kaiming", "standard"))
+        check_choice("kernel_init", self.kernel_init, ("zeros", "kaiming", None))
+        check_choice("dim_scale", self.dim_scale, ("none", "rank_sq", "rank_lin", "coord_lin"))
+        check_choice("gate_form", self.gate_form, ("paper", "code"))
+        check_choice("router_input", self.router_input, ("task", "token", "task+token"))
+        check_choice("contrastive_pooling", self.contrastive_pooling, ("first", "mean"))
+        check_choice("contrastive_modules", self.contrastive_modules, ("encoder", "all"))
+        check_positive("router_tau", self.router_tau)
+        check_positive("contrastive_tau", self.contrastive_tau)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        if self.resolved_kernel_init == "zeros" and self.factor_init == "standard":
+            raise ValueError(
+                "factor_init='standard' (B = 0) with zero kernels leaves every expert at zero with zero gradient; "
+                "use kernel_init='kaiming'."
+            )
+
+    @property
+    def resolved_kernel_init(self) -> str:
+        if self.kernel_init is not None:
+            return self.kernel_init
+        if self.expert_form == "kron2d" and self.factor_init != "standard":
+            return "zeros"
+        return "kaiming"
+
+    @property
+    def routes_by_task(self) -> bool:
+        return self.router_input == "task"
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        return {"contrastive": self.contrastive_weight}
+
+    @classmethod
+    def reference_code(cls, **overrides) -> "EptConfig":
+        """The public EPT code's choices (spec §1.13 'code mode'): code1d experts, Kaiming init, double softmax."""
+        settings = dict(
+            expert_form="code1d", factor_init="kaiming", kernel_init="kaiming", dim_scale="none", gate_form="code"
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+

