@@ -19,7 +19,7 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .aux import find_tuners
-from .methods.base import RoutedLayer, RoutedTuner
+from .methods.base import RoutedTuner
 
 
 def _single_tuner(model: nn.Module) -> RoutedTuner:
@@ -54,15 +54,22 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
     leaves ``model`` unusable). Raises ``NotMergeableError`` for token-routed configurations.
     """
     factors = task_factors(model, task_id, adapter_name)
-    base = _single_tuner(model).model
-    merged = base if inplace else copy.deepcopy(base)
-    for name, module in list(merged.named_modules()):
-        if isinstance(module, RoutedLayer):
-            linear = module.get_base_layer()
-            up, down = factors[name]
-            linear.weight += (up @ down).to(linear.weight.dtype)
+    tuner = _single_tuner(model)
+    layers = dict(tuner.routed_layers())
+    if inplace:
+        merged, linears = tuner.model, {name: layer.get_base_layer() for name, layer in layers.items()}
+        for name, linear in linears.items():
             parent_name, _, child = name.rpartition(".")
             setattr(merged.get_submodule(parent_name) if parent_name else merged, child, linear)
+    else:
+        # Copy the model with each adapted layer replaced by a copy of its frozen linear: adapter tensors (and any
+        # autograd state they hold) are never copied.
+        linears = {name: copy.deepcopy(layer.get_base_layer()) for name, layer in layers.items()}
+        memo = {id(layers[name]): linear for name, linear in linears.items()}
+        merged = copy.deepcopy(tuner.model, memo)
+    for name, linear in linears.items():
+        up, down = factors[name]  # summed in float64 so the merge adds no rounding of its own
+        linear.weight.copy_((linear.weight.double() + up.double() @ down.double()).to(linear.weight.dtype))
     merged.__dict__.pop("peft_config", None)
     return merged
 

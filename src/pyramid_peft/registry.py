@@ -14,10 +14,22 @@ from peft import LoraConfig, PeftConfig
 from peft import mapping as peft_mapping
 
 from .methods.ept import EptConfig, EptModel
+from .methods.hydralora import HydraLoraConfig, HydraLoraModel
+from .methods.mixlora import MixLoraConfig, MixLoraModel
+from .methods.moelora import MoeLoraConfig, MoeLoraModel
+from .methods.more import MoreConfig, MoreModel
+from .methods.multilora import MultiLoraConfig, MultiLoraModel
+from .methods.tucka import TuckaConfig, TuckaModel
 
 # name used in configs and on the command line -> (config class, tuner class)
 METHODS: dict[str, tuple[type, type]] = {
     "ept": (EptConfig, EptModel),
+    "hydralora": (HydraLoraConfig, HydraLoraModel),
+    "mixlora": (MixLoraConfig, MixLoraModel),
+    "moelora": (MoeLoraConfig, MoeLoraModel),
+    "more": (MoreConfig, MoreModel),
+    "multilora": (MultiLoraConfig, MultiLoraModel),
+    "tucka": (TuckaConfig, TuckaModel),
 }
 
 

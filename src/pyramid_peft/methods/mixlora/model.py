@@ -1,0 +1,82 @@
+"""MixLoRA as a PEFT tuner: FFN modules become expert mixtures, attention linears get plain LoRA."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import check_target_module_exists
+
+from ..base import NotMergeableError, RoutedTuner
+from .config import DEFAULT_ATTENTION_MODULES, DEFAULT_FFN_MODULES, MixLoraConfig
+from .ffn import FfnPlan, build_plan
+from .layer import NOT_MERGEABLE, ExpertOutput, FeedForward, Linear, MixLoraLayer
+
+
+class MixLoraModel(RoutedTuner):
+    """Injects MixLoRA layers: :class:`FeedForward` on every module named by ``ffn_modules`` (plus, for BERT's
+    split FFN, :class:`ExpertOutput` on the sibling ``output.dense``) and :class:`Linear` on ``target_modules``.
+
+    Matching works in two passes over PEFT's injection loop: ``_prepare_model`` finds and checks the FFN modules
+    (the :class:`~pyramid_peft.methods.mixlora.ffn.FfnPlan`), then ``_check_target_module_exists`` answers for
+    each module name from that plan and from ``target_modules``.
+    """
+
+    prefix = "mixlora_"
+    tuner_layer_cls = MixLoraLayer
+    layer_cls = Linear
+    target_module_mapping: dict = {}
+    method_name = "MixLoRA"
+    routes_by_task = False
+
+    def _prepare_adapter_config(self, peft_config: MixLoraConfig, model_config: dict) -> MixLoraConfig:
+        """Fill ``ffn_modules`` and ``target_modules`` from the model type where they are not given."""
+        model_type = model_config.get("model_type")
+        for field, defaults in (("ffn_modules", DEFAULT_FFN_MODULES), ("target_modules", DEFAULT_ATTENTION_MODULES)):
+            if getattr(peft_config, field) is not None:
+                continue
+            if model_type not in defaults:
+                raise ValueError(
+                    f"MixLoraConfig has no default {field} for model_type={model_type!r} (defaults exist for "
+                    f"{sorted(defaults)}): pass {field} explicitly."
+                )
+            setattr(peft_config, field, set(defaults[model_type]))
+        return peft_config
+
+    def _prepare_model(self, peft_config: MixLoraConfig, model) -> None:
+        self._ffn_plan: FfnPlan = build_plan(model, peft_config)
+
+    def _check_target_module_exists(self, peft_config: MixLoraConfig, key: str):
+        plan = self._ffn_plan
+        if plan.owns(key):
+            return True
+        found = check_target_module_exists(peft_config, key)
+        if plan.inside(key):
+            if found:
+                raise ValueError(
+                    f"target_modules={sorted(peft_config.target_modules)!r} matches {key!r}, a linear inside a "
+                    "MixLoRA FFN: the experts adapt the FFN linears. Keep target_modules to attention projections."
+                )
+            return False
+        return found
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, MixLoraLayer):
+            target.update_layer(adapter_name, config)
+            return
+        plan = self._ffn_plan
+        if current_key in plan.ffn:
+            new_module = FeedForward(target, adapter_name, config, self.route, recipe=plan.ffn[current_key])
+        elif current_key in plan.outputs:
+            ffn = self.model.get_submodule(plan.outputs[current_key])
+            if not isinstance(ffn, FeedForward):
+                raise RuntimeError(f"MixLoRA must adapt {plan.outputs[current_key]!r} before {current_key!r}.")
+            new_module = ExpertOutput(
+                target, adapter_name, config, self.route, name=ffn.recipe.output_name, handoff=ffn.handoff
+            )
+        else:
+            new_module = Linear(target, adapter_name, config, route=self.route)
+        new_module.module_key = current_key
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self):
+        raise NotMergeableError(NOT_MERGEABLE)

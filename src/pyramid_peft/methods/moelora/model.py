@@ -1,0 +1,16 @@
+"""MOELoRA as a PEFT tuner."""
+
+from __future__ import annotations
+
+from ..base import RoutedTuner
+from .layer import Linear, MoeLoraLayer
+
+
+class MoeLoraModel(RoutedTuner):
+    """Injects :class:`~pyramid_peft.methods.moelora.layer.Linear` into the targeted layers of a model."""
+
+    prefix = "moelora_"
+    tuner_layer_cls = MoeLoraLayer
+    layer_cls = Linear
+    target_module_mapping: dict = {}
+    method_name = "MOELoRA"

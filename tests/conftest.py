@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random-init models of the three families, nothing downloaded."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+import pyramid_peft  # noqa: F401  (registers the methods with PEFT)
+
+
+def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=96, d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def build_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def build_tiny_bert(seed: int = 0) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return BertModel(config).eval()
+
+
+TINY_BUILDERS = {"t5": build_tiny_t5, "llama": build_tiny_llama, "bert": build_tiny_bert}
+TINY_TARGETS = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    "bert": ["query", "key", "value", "dense"],
+}
+
+
+def tiny_batch(family: str, batch: int = 4, seq: int = 7, seed: int = 1) -> dict:
+    """Inputs for one forward pass with a loss (labels) where the family has one."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -2:] = 0
+    if family == "t5":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(3, 96, (batch, 3), generator=g)}
+    if family == "llama":
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(params=["t5", "llama", "bert"])
+def family(request):
+    return request.param
+
+
+def shared_dir() -> Path:
+    """The project's shared folder (specs, golden tensors, data), beside the repository unless EPT_SHARED_DIR."""
+    return Path(os.environ.get("EPT_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared"))
+
+
+# Real GLUE / commonsense data for the data and task tests ---------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ept_data_dir() -> Path:
+    """The shared offline data folder: $EPT_DATA_DIR, else ``shared/data`` beside the repository; skips if absent."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(os.environ.get("EPT_DATA_DIR") or default)
+    if not (path / "glue").is_dir() or not (path / "commonsense").is_dir():
+        pytest.skip(f"GLUE/commonsense data folder not found at {path}; set EPT_DATA_DIR to run data tests.")
+    return path

@@ -1,0 +1,94 @@
+"""The deconvolution identities in float64: transposed convolution = Kronecker product = the factored path."""
+
+import pytest
+import torch
+from torch import nn
+
+from pyramid_peft.methods.ept import experts
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def reference_kron(S, K):
+    """kron(S, K) written out entry by entry: Y[i*k + p, j*k + q] = S[i, j] K[p, q]."""
+    m, n = S.shape
+    k = K.shape[0]
+    Y = torch.zeros(m * k, n * k)
+    for i in range(m):
+        for j in range(n):
+            Y[i * k : (i + 1) * k, j * k : (j + 1) * k] = S[i, j] * K
+    return Y
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 8])
+def test_conv_transpose2d_module_equals_kronecker_product(k):
+    torch.manual_seed(k)
+    S, K = torch.randn(5, 7), torch.randn(k, k)
+    conv = nn.ConvTranspose2d(1, 1, kernel_size=k, stride=k, bias=False)
+    conv.weight.data = K[None, None].clone()
+    literal = conv(S[None, None])[0, 0]
+    torch.testing.assert_close(literal, reference_kron(S, K), rtol=0, atol=1e-12)
+    torch.testing.assert_close(experts.literal_kron2d(S, K, 5 * k, 7 * k), reference_kron(S, K), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("d_out,d_in,k", [(24, 16, 2), (24, 16, 4), (26, 15, 4), (25, 17, 6), (11, 30, 8)])
+def test_kron2d_factors_equal_cropped_kronecker(d_out, d_in, k):
+    """(B ⊗ K)(A ⊗ I) = (BA) ⊗ K, cropped: ceil + crop for dimensions not divisible by k."""
+    torch.manual_seed(0)
+    r = 3
+    m, n = experts.seed_shape(d_out, d_in, k, "kron2d")
+    assert (m, n) == (-(-d_out // k), -(-d_in // k))
+    A, B, K = torch.randn(r, n), torch.randn(m, r), torch.randn(k, k)
+    up, down = experts.kron2d_factors(A, B, K, d_out, d_in)
+    assert up.shape == (d_out, r * k) and down.shape == (r * k, d_in)
+    expected = reference_kron(B @ A, K)[:d_out, :d_in]
+    torch.testing.assert_close(up @ down, expected, rtol=0, atol=1e-12)
+    x = torch.randn(4, d_in)
+    torch.testing.assert_close(x @ down.T @ up.T, x @ expected.T, rtol=0, atol=1e-12)
+
+
+def test_batched_kernels_give_batched_factors():
+    torch.manual_seed(0)
+    A, B, K = torch.randn(2, 4), torch.randn(3, 2), torch.randn(5, 2, 2)
+    up, down = experts.kron2d_factors(A, B, K, 6, 8)
+    for b in range(5):
+        torch.testing.assert_close(up[b] @ down, reference_kron(B @ A, K[b]), rtol=0, atol=1e-12)
+
+
+def reference_code1d(S, K, d_out, d_in):
+    """ΔW[c*k + j, i] = K[c, j] S[c, i] for i < n, zero elsewhere (spec §1.4b)."""
+    m, k = K.shape
+    n = S.shape[1]
+    W = torch.zeros(d_out, d_in)
+    for c in range(m):
+        for j in range(k):
+            W[c * k + j, :n] = K[c, j] * S[c]
+    return W
+
+
+@pytest.mark.parametrize("d_out,d_in,k", [(24, 16, 2), (26, 15, 4), (25, 17, 6), (30, 11, 8)])
+def test_code1d_factors_and_grouped_conv_equal_block_form(d_out, d_in, k):
+    """floor + pad: the grouped 1-D transposed convolution and the rank-r factors give the same block matrix."""
+    torch.manual_seed(1)
+    r = 3
+    m, n = experts.seed_shape(d_out, d_in, k, "code1d")
+    assert (m, n) == (d_out // k, d_in // k)
+    A, B, K = torch.randn(r, n), torch.randn(m, r), torch.randn(m, k)
+    expected = reference_code1d(B @ A, K, d_out, d_in)
+    torch.testing.assert_close(experts.literal_code1d(B @ A, K, d_out, d_in), expected, rtol=0, atol=1e-12)
+    up, down = experts.code1d_factors(A, B, K, d_out, d_in)
+    assert up.shape == (d_out, r) and down.shape == (r, d_in)
+    torch.testing.assert_close(up @ down, expected, rtol=0, atol=1e-12)
+
+
+def test_kernel_parameter_counts():
+    assert experts.kernel_numel(768, 6, "kron2d") == 36
+    assert experts.kernel_numel(768, 6, "code1d") == 768
+    assert experts.kernel_numel(4096, 6, "code1d") == 4092

@@ -1,0 +1,244 @@
+"""EPT layer: float64 parity with an independent dense reference, init, gradients, routing, golden tensors."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import shared_dir
+from pyramid_peft import EptConfig, TaskRoutingError
+from pyramid_peft.methods.ept.layer import Linear
+from pyramid_peft.routing import TaskRoute
+
+KERNELS = [2, 2, 4, 4, 6, 6, 8, 8]
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def make_layer(d_in=24, d_out=32, seed=0, randomize=True, **overrides):
+    torch.manual_seed(seed)
+    settings = dict(num_tasks=3, r=4, lora_alpha=8, lora_dropout=0.0, kernel_sizes=KERNELS, top_k=2)
+    settings.update(overrides)
+    config = EptConfig(target_modules=["x"], **settings)
+    layer = Linear(nn.Linear(d_in, d_out), "default", config, route=TaskRoute(config.num_tasks, "EPT"))
+    if randomize:  # non-zero kernels so every path is exercised
+        with torch.no_grad():
+            layer.ept_kernels["default"].normal_()
+            layer.ept_gate["default"].bias.normal_()
+            layer.ept_task_embedding["default"].normal_()
+    return layer.double()
+
+
+def dense_kron(S, K):
+    m, n = S.shape
+    k = K.shape[0]
+    return (S[:, None, :, None] * K[None, :, None, :]).reshape(m * k, n * k)
+
+
+def reference_delta(layer, task, d_out, d_in):
+    """(alpha/r) sum_e g_e ΔW_e from the layer's raw tensors, computed independently of its helpers."""
+    config = layer.ept_config["default"]
+    A, B = layer.ept_A["default"], layer.ept_B["default"]
+    flat = layer.ept_kernels["default"]
+    rank = torch.arange(1, config.r + 1) / config.r if config.dim_scale == "rank_sq" else torch.ones(config.r)
+    A, B = A * rank[:, None], B * rank[None, :]
+    gate = layer.ept_gate["default"]
+    logits = gate.weight @ layer.ept_task_embedding["default"][task] + gate.bias
+    if config.gate_form == "code":
+        probs = torch.softmax(logits, -1)
+        top = probs.topk(config.top_k)
+        weights = dict(zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist()))
+    else:
+        top = logits.topk(config.top_k)
+        weights = dict(zip(top.indices.tolist(), torch.softmax(top.values / config.router_tau, -1).tolist()))
+    delta = torch.zeros(d_out, d_in)
+    offset = 0
+    for e, k in enumerate(config.kernel_sizes):
+        if config.expert_form == "kron2d":
+            m, n = math.ceil(d_out / k), math.ceil(d_in / k)
+            K = flat[offset : offset + k * k].view(k, k)
+            offset += k * k
+            dW = dense_kron(B[:m] @ A[:, :n], K)[:d_out, :d_in]
+        else:
+            m, n = d_out // k, d_in // k
+            K = flat[offset : offset + m * k].view(m, k)
+            offset += m * k
+            S = B[:m] @ A[:, :n]
+            dW = torch.zeros(d_out, d_in)
+            dW[: m * k, :n] = (K[:, :, None] * S[:, None, :]).reshape(m * k, n)
+        if e in weights:
+            delta += weights[e] * dW
+    return config.lora_alpha / config.r * delta
+
+
+@pytest.mark.parametrize(
+    "d_in,d_out,overrides",
+    [
+        (24, 32, {}),
+        (26, 30, {}),  # not divisible by 4, 6, 8: ceil + crop
+        (24, 32, {"expert_form": "code1d"}),
+        (26, 35, {"expert_form": "code1d"}),  # floor + pad
+        (24, 32, {"gate_form": "code", "dim_scale": "none"}),
+        (24, 32, {"router_tau": 0.5, "top_k": 3}),
+        (24, 32, {"top_k": 8}),  # dense routing
+    ],
+)
+def test_factored_forward_equals_dense_reference(d_in, d_out, overrides):
+    layer = make_layer(d_in, d_out, **overrides)
+    x = torch.randn(3, 5, d_in)
+    for task in range(3):
+        with layer.route.call(torch.full((3,), task)):
+            out = layer(x)
+        expected = layer.base_layer(x) + x @ reference_delta(layer, task, d_out, d_in).T
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"expert_form": "code1d"}, {"dim_scale": "coord_lin"}, {"alp": False}])
+def test_factored_forward_equals_literal_transposed_convolutions(overrides):
+    """The reshape identity against experts built literally with transposed convolutions (materialize=True)."""
+    factored = make_layer(26, 30, **overrides)
+    literal = make_layer(26, 30, materialize=True, **overrides)
+    x = torch.randn(2, 4, 26)
+    for task in range(3):
+        ids = torch.full((2,), task)
+        with factored.route.call(ids), literal.route.call(ids):
+            torch.testing.assert_close(factored(x), literal(x), rtol=0, atol=1e-10)
+
+
+def test_mixed_task_batch_equals_per_task_batches():
+    layer = make_layer()
+    x = torch.randn(5, 4, 24)
+    ids = torch.tensor([2, 0, 1, 0, 2])
+    with layer.route.call(ids):
+        mixed = layer(x)
+    for i, task in enumerate(ids.tolist()):
+        with layer.route.call(torch.tensor([task])):
+            torch.testing.assert_close(mixed[i : i + 1], layer(x[i : i + 1]), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["kron2d", "code1d"])
+def test_mixed_batch_matches_for_code1d_and_token_routing(form):
+    layer = make_layer(expert_form=form, router_input="token")
+    x = torch.randn(2, 3, 24)
+    out = layer(x)  # token routing needs no task ids
+    for b in range(2):
+        for t in range(3):
+            single = layer(x[b : b + 1, t : t + 1])
+            torch.testing.assert_close(out[b, t], single[0, 0], rtol=0, atol=1e-10)
+
+
+def test_paper_mode_is_the_base_model_at_init_and_kernels_learn_first():
+    layer = make_layer(randomize=False)
+    x = torch.randn(2, 3, 24)
+    with layer.route.call(torch.tensor([0, 1])):
+        out = layer(x)
+    torch.testing.assert_close(out, layer.base_layer(x), rtol=0, atol=0)
+    out.pow(2).sum().backward()
+    assert layer.ept_kernels["default"].grad.abs().sum() > 0
+    assert layer.ept_A["default"].grad.abs().sum() == 0  # S only learns once K != 0
+
+
+def test_initialisation_scales():
+    layer = make_layer(d_in=768, d_out=768, r=8, randomize=False)
+    assert layer.ept_A["default"].shape == (8, 384) and layer.ept_B["default"].shape == (384, 8)
+    assert abs(layer.ept_A["default"].std().item() - 1 / 8) < 0.01
+    assert layer.ept_kernels["default"].abs().sum() == 0
+    emb = layer.ept_task_embedding["default"]
+    assert abs(emb.std().item() - 0.01) < 0.002
+    code = make_layer(d_in=768, d_out=768, r=8, randomize=False, expert_form="code1d", factor_init="kaiming")
+    bound = 1 / math.sqrt(384)
+    assert code.ept_A["default"].abs().max() <= bound and code.ept_A["default"].abs().max() > 0.9 * bound
+    assert code.ept_kernels["default"].abs().sum() > 0
+
+
+def test_standard_factor_init_zeroes_one_factor():
+    layer = make_layer(randomize=False, factor_init="standard")
+    assert layer.ept_B["default"].abs().sum() == 0 and layer.ept_kernels["default"].abs().sum() > 0
+
+
+def test_contrastive_loss_matches_hand_computation():
+    layer = make_layer()
+    x = torch.randn(3, 4, 24)
+    ids = torch.tensor([0, 2, 1])
+    with layer.route.call(ids):
+        layer(x)
+    loss = layer.aux_terms("default")["contrastive"]
+    table = layer.ept_task_embedding["default"]
+    h = x[:, 0]
+    sims = (h @ table.T) / (h.norm(dim=1)[:, None] * table.norm(dim=1)[None, :]) / 0.05
+    expected = -(sims.log_softmax(dim=1)[torch.arange(3), ids]).mean()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-10)
+
+
+def test_task_ids_are_required_and_checked():
+    layer = make_layer()
+    x = torch.randn(2, 3, 24)
+    with pytest.raises(TaskRoutingError, match="task_ids"):
+        layer(x)
+    with pytest.raises(TaskRoutingError, match=r"outside \[0, 3\)"):
+        with layer.route.call(torch.tensor([0, 3])):
+            layer(x)
+    with pytest.raises(TaskRoutingError, match="one task id per example"):
+        with layer.route.call(torch.tensor([0, 1, 2])):
+            layer(x)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"kernel_sizes": [2, 0, 4]}, "positive integers"),
+        ({"kernel_sizes": []}, "empty"),
+        ({"top_k": 9}, "top_k=9"),
+        ({"expert_form": "kron"}, "Did you mean 'kron2d'"),
+        ({"factor_init": "standard", "kernel_init": "zeros"}, "zero gradient"),
+        ({"num_tasks": 0}, "num_tasks"),
+        ({"r": 0}, "r=0"),
+    ],
+)
+def test_config_errors_name_the_problem(overrides, message):
+    settings = dict(target_modules=["q"])
+    settings.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        EptConfig(**settings)
+
+
+def test_rank_larger_than_the_seed_is_rejected():
+    with pytest.raises(ValueError, match="do not fit"):
+        make_layer(d_in=8, d_out=8, r=16, kernel_sizes=[2, 4])
+
+
+def test_golden_tensors_of_the_public_reference_layer():
+    """code1d + the reference gate reproduce the public EPT layer's outputs and contrastive losses (float64)."""
+    path = shared_dir() / "spec" / "golden" / "ept_code1d_96x192.safetensors"
+    if not path.exists():
+        pytest.skip(f"golden tensors not found at {path}")
+    golden = load_file(str(path))
+    config = EptConfig.reference_code(
+        target_modules=["q"], num_tasks=8, r=4, lora_alpha=8, lora_dropout=0.0, kernel_sizes=KERNELS, top_k=2
+    )
+    layer = Linear(nn.Linear(96, 192), "default", config, route=TaskRoute(8, "EPT")).double()
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(golden["base_layer.weight"])
+        layer.base_layer.bias.copy_(golden["base_layer.bias"])
+        layer.ept_A["default"].copy_(golden["lora_A.default.weight"])
+        layer.ept_B["default"].copy_(golden["lora_B.default.weight"])
+        kernels = [golden[f"lora_expert_kernels.default.{e}"][0, :, :, 0].reshape(-1) for e in range(8)]
+        layer.ept_kernels["default"].copy_(torch.cat(kernels))
+        layer.ept_gate["default"].weight.copy_(golden["lora_gate.default.0.weight"])
+        layer.ept_gate["default"].bias.copy_(golden["lora_gate.default.0.bias"])
+        layer.ept_task_embedding["default"].copy_(golden["lora_task_embedding.default.weight"])
+    x = golden["x"]
+    for task in range(8):
+        with layer.route.call(torch.full((x.shape[0],), task)):
+            out = layer(x)
+        torch.testing.assert_close(out, golden[f"y_task{task}"], rtol=0, atol=1e-12)
+        loss = layer.aux_terms("default")["contrastive"]
+        torch.testing.assert_close(loss, golden[f"cl_loss_task{task}"].reshape(()), rtol=0, atol=1e-12)

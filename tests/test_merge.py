@@ -1,0 +1,83 @@
+"""Per-task merge and plain-LoRA export reproduce the routed model (float32, max abs error <= 1e-5)."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
+from pyramid_peft import EptConfig, NotMergeableError, export_lora, merge_for_task
+
+KEY = {"t5": "logits", "llama": "logits", "bert": "last_hidden_state"}
+
+
+def routed_model(family, **overrides):
+    settings = dict(target_modules=TINY_TARGETS[family], num_tasks=3, r=4, kernel_sizes=[2, 2, 4, 4, 6, 6, 8, 8],
+                    lora_dropout=0.0)
+    settings.update(overrides)
+    model = get_peft_model(TINY_BUILDERS[family](), EptConfig(**settings))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * (0.2 if "kernels" in name else 0.05))
+    return model.eval()
+
+
+@pytest.mark.parametrize("form", ["kron2d", "code1d"])
+def test_merge_for_task_reproduces_routed_outputs(family, form):
+    model = routed_model(family, expert_form=form)
+    batch = tiny_batch(family)
+    for task in range(3):
+        routed = model(**batch, task_ids=torch.full((4,), task))[KEY[family]]
+        merged = merge_for_task(model, task)
+        assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+        assert (merged(**batch)[KEY[family]] - routed).abs().max() <= 1e-5
+    again = model(**batch, task_ids=torch.zeros(4, dtype=torch.long))[KEY[family]]  # the routed model is untouched
+    assert torch.isfinite(again).all()
+
+
+@pytest.mark.parametrize("form", ["kron2d", "code1d"])
+def test_export_lora_loads_in_stock_peft_and_reproduces_outputs(tmp_path, family, form):
+    model = routed_model(family, expert_form=form)
+    batch = tiny_batch(family)
+    task = 1
+    routed = model(**batch, task_ids=torch.full((4,), task))[KEY[family]]
+    report = export_lora(model, task, tmp_path / "lora")
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    lora = PeftModel.from_pretrained(TINY_BUILDERS[family](), tmp_path / "lora").eval()
+    assert any(isinstance(m, LoraLayer) for m in lora.modules())
+    assert (lora(**batch)[KEY[family]] - routed).abs().max() <= 1e-5
+    # rank = r * (sum of the chosen experts' distinct kernel sizes) for kron2d, r per kernel size for code1d
+    assert report["max_layer_rank"] <= (4 * (8 + 6) if form == "kron2d" else 4 * 2)
+
+
+def test_export_with_max_rank_reports_the_truncation_error(tmp_path):
+    model = routed_model("t5")
+    full = export_lora(model, 0, tmp_path / "full")
+    assert full["relative_error"] == 0.0
+    small = export_lora(model, 0, tmp_path / "small", max_rank=2)
+    assert small["max_layer_rank"] == 2 and 0 < small["relative_error"] < 1
+    assert json.loads((tmp_path / "small" / "export_report.json").read_text()) == small
+
+
+def test_token_routing_cannot_be_merged_or_exported(tmp_path):
+    model = routed_model("bert", router_input="token")
+    with pytest.raises(NotMergeableError, match="router_input='task'"):
+        merge_for_task(model, 0)
+    with pytest.raises(NotMergeableError):
+        export_lora(model, 0, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_merge_and_unload_points_to_merge_for_task():
+    with pytest.raises(NotMergeableError, match="merge_for_task"):
+        routed_model("t5").merge_and_unload()
+
+
+def test_merge_rejects_task_ids_out_of_range():
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        merge_for_task(routed_model("t5"), 3)
