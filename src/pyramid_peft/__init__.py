@@ -9,11 +9,23 @@ from .aux import aux_loss, uses_task_ids
 from .merge import export_lora, merge_for_task
 from .methods.base import NotMergeableError
 from .methods.ept import EptConfig
+from .methods.hydralora import HydraLoraConfig
+from .methods.mixlora import MixLoraConfig
+from .methods.moelora import MoeLoraConfig
+from .methods.more import MoreConfig
+from .methods.multilora import MultiLoraConfig
+from .methods.tucka import TuckaConfig
 from .registry import make_peft_config, method_names
 from .routing import TaskRoutingError, attach_to_peft_model
 
 __all__ = [
     "EptConfig",
+    "HydraLoraConfig",
+    "MixLoraConfig",
+    "MoeLoraConfig",
+    "MoreConfig",
+    "MultiLoraConfig",
+    "TuckaConfig",
     "NotMergeableError",
     "TaskRoutingError",
     "aux_loss",

@@ -36,8 +36,8 @@ def aux_loss(model: nn.Module, breakdown: bool = False):
 
 
 def uses_task_ids(model: nn.Module) -> bool:
-    """Whether forward passes of ``model`` need (or accept) ``task_ids``."""
-    return bool(find_tuners(model))
+    """Whether forward passes of ``model`` read ``task_ids`` (all of this package's methods accept them)."""
+    return any(tuner.uses_task_ids for tuner in find_tuners(model))
 
 
 def _device_of(model: nn.Module) -> torch.device:

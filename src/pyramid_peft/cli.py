@@ -1,7 +1,7 @@
 """The ``ept`` command line: train, eval, export, params (and ``analyze`` when that module is installed).
 
     ept train CONFIG [--max_steps 20 --output_dir X --method.r 4 ...]
-    ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100]
+    ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100] [--output FILE.json]
     ept export RUN_DIR --task NAME (--merged | --lora) [--output DIR]
     ept params CONFIG [overrides]
 
@@ -30,8 +30,12 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .training import evaluate_run
     from .training.evaluate import metrics_table
+    from .training.run import write_metrics
 
-    print(metrics_table(evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint)))
+    results = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint)
+    print(metrics_table(results))
+    if args.output:
+        write_metrics(args.output, results)
     return 0
 
 
@@ -73,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=("eval", "test"), default="eval")
     evaluate.add_argument("--checkpoint", help="a checkpoint-<step> folder instead of the final adapter")
+    evaluate.add_argument("--output", help="also write the results to this JSON file")
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser("export", help="export one task's adapter as stock LoRA or a merged model")
@@ -105,8 +110,21 @@ def _add_optional_commands(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as err:  # a wrong config, path or name: the message says what to fix
+        parser.exit(2, f"ept {args.command}: error: {err}\n")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .data import DataSourceError
+    from .models import ModelNotAvailableError
+    from .tasks import UnknownTaskError
+    from .training import ConfigError
+
+    return ConfigError, DataSourceError, ModelNotAvailableError, UnknownTaskError, FileNotFoundError
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class TaskRoute:
         self.method = method
         self._stack: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
         self._retained: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self.observer = None  # callable(layer_name, combine_weights, task_ids) while routing is being analysed
 
     # -- writing -----------------------------------------------------------------------------------------------
     def enter(self, task_ids=None, attention_mask: torch.Tensor | None = None, outermost: bool = False) -> None:
@@ -120,6 +121,11 @@ class TaskRoute:
                 )
             return None
         return expand_to_batch(ids, batch_size).to(device)
+
+    def observe(self, layer_name: str, weights: torch.Tensor, task_ids: torch.Tensor | None) -> None:
+        """Report a layer's combine weights (rows first, experts last) to the observer, if one listens."""
+        if self.observer is not None and not in_backward_pass():
+            self.observer(layer_name, weights.detach(), None if task_ids is None else task_ids.detach())
 
     def attention_mask(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
         """The call's attention mask if it matches this layer's (batch, seq) shape, else ``None``."""

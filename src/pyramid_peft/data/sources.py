@@ -19,6 +19,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -72,7 +73,8 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
             f"  local data folder: {local_problem}\n"
             f"  Hugging Face hub: {type(err).__name__}: {err}\n{_FIX_HINT}"
         ) from err
-    return _convert_rows(spec, enumerate(hub_rows), lambda index: f"{hub_location}, row {index}")
+    convert = _hub_source(spec).convert
+    return _convert_rows(enumerate(hub_rows), partial(convert, spec), lambda index: f"{hub_location}, row {index}")
 
 
 def local_split_path(task: str, split: str, data_dir: Path) -> Path | None:
@@ -82,6 +84,12 @@ def local_split_path(task: str, split: str, data_dir: Path) -> Path | None:
     if file_name is None:
         return None
     return data_dir / spec.family / _LOCAL_DIRS.get(spec.name, spec.name) / file_name
+
+
+def _check_split_name(spec: TaskSpec, split: str) -> None:
+    known = {*_local_files(spec), *_hub_source(spec).splits}
+    if split not in known:
+        raise DataSourceError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(sorted(known))}.")
 
 
 # Local layout ---------------------------------------------------------------------------------------------
@@ -115,10 +123,10 @@ def _describe_local_problem(spec: TaskSpec, split: str, root: Path | None, path:
 
 
 def _read_local_file(spec: TaskSpec, path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return _convert_rows(spec, _jsonl_rows(path), lambda line: f"{path}, line {line}")
-    rows = _json_list(path)
-    return _convert_rows(spec, enumerate(rows), lambda index: f"{path}, line {_line_of_list_item(path, index)}")
+    if spec.family == "glue":
+        return _convert_rows(_jsonl_rows(path), partial(_glue_example, spec), lambda line: f"{path}, line {line}")
+    return _convert_rows(enumerate(_json_list(path)), partial(_llm_adapters_example, spec),
+                         lambda index: f"{path}, line {_line_of_list_item(path, index)}")
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
@@ -142,14 +150,15 @@ def _json_list(path: Path) -> list:
     return rows
 
 
-_BETWEEN_LIST_ITEMS = re.compile(r"[\s,\[]*")
+_LIST_OPENING = re.compile(r"\s*\[")
+_BETWEEN_LIST_ITEMS = re.compile(r"[\s,]*")
 
 
 def _line_of_list_item(path: Path, index: int) -> int:
     """The line on which item ``index`` of the JSON list in ``path`` starts (only computed for error messages)."""
     text = path.read_text(encoding="utf-8")
     decoder = json.JSONDecoder()
-    position = 0
+    position = _LIST_OPENING.match(text).end()
     for _ in range(index + 1):
         start = _BETWEEN_LIST_ITEMS.match(text, position).end()
         _, position = decoder.raw_decode(text, start)
@@ -164,6 +173,7 @@ class _HubSource:
     path: str
     config: str | None
     splits: dict[str, str]  # our split name -> the hub's
+    convert: Callable[[TaskSpec, dict], dict | None]  # hub row -> example dict
 
 
 _GLUE_HUB_SPLITS = {"train": "train", "validation": "validation"}
@@ -171,18 +181,20 @@ _MNLI_HUB_SPLITS = {"train": "train", "validation": "validation_matched",
                     "validation_mismatched": "validation_mismatched"}
 # LLM-Adapters' "test" is BoolQ's official dev set and the official test sets of OpenBookQA and ARC.
 _QA_HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
-_HUB_SOURCES = {
-    "boolq": _HubSource("google/boolq", None, {"train": "train", "test": "validation"}),
-    "openbookqa": _HubSource("allenai/openbookqa", "main", _QA_HUB_SPLITS),
-    "arc_easy": _HubSource("allenai/ai2_arc", "ARC-Easy", _QA_HUB_SPLITS),
-    "arc_challenge": _HubSource("allenai/ai2_arc", "ARC-Challenge", _QA_HUB_SPLITS),
+# The hub's two text columns per GLUE task (None: single sentence); local rows call them sentence1/sentence2.
+_GLUE_HUB_COLUMNS = {
+    "cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"), "stsb": ("sentence1", "sentence2"), "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"),
 }
 
 
 def _hub_source(spec: TaskSpec) -> _HubSource:
     if spec.family == "glue":
-        return _HubSource("nyu-mll/glue", spec.name, _MNLI_HUB_SPLITS if spec.name == "mnli" else _GLUE_HUB_SPLITS)
-    return _HUB_SOURCES[spec.name]
+        first, second = _GLUE_HUB_COLUMNS[spec.name]
+        return _HubSource("nyu-mll/glue", spec.name, _MNLI_HUB_SPLITS if spec.name == "mnli" else _GLUE_HUB_SPLITS,
+                          partial(_glue_example, first=first, second=second))
+    return _COMMONSENSE_HUB_SOURCES[spec.name]
 
 
 def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
@@ -201,19 +213,16 @@ def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
 # Row conversion -------------------------------------------------------------------------------------------
 
 
-def _check_split_name(spec: TaskSpec, split: str) -> None:
-    known = {*_local_files(spec), *_hub_source(spec).splits}
-    if split not in known:
-        raise DataSourceError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(sorted(known))}.")
+def _convert_rows(rows: Iterable[tuple[int, dict]], convert: Callable[[dict], dict | None],
+                  locate: Callable[[int], str]) -> list[dict]:
+    """Convert (position, raw row) pairs to example dicts, naming the row's location on any error.
 
-
-def _convert_rows(spec: TaskSpec, rows: Iterable[tuple[int, dict]], locate: Callable[[int], str]) -> list[dict]:
-    """Convert (position, raw row) pairs to example dicts, naming the row's location on any error."""
-    convert = _ROW_CONVERTERS[spec.name]
+    ``convert`` returns None for a row to skip (an unlabelled GLUE row).
+    """
     examples = []
     for position, row in rows:
         try:
-            example = convert(spec, row)
+            example = convert(row)
         except _RowError as err:
             raise DataSourceError(f"{locate(position)}: {err}. Fix or remove that row.") from err
         if example is not None:
@@ -237,7 +246,7 @@ def _text_field(row, key: str) -> str:
 def _glue_example(spec: TaskSpec, row: dict, first: str = "sentence1", second: str | None = "sentence2"):
     """A GLUE example from a row whose two text columns are ``first`` and ``second`` (None: single sentence)."""
     label = _field(row, "label")
-    if label == _UNLABELLED and not spec.is_regression:
+    if label == _UNLABELLED:
         return None
     pair = len(spec.fields) == 2
     return {
@@ -324,35 +333,12 @@ def _hub_choice_example(spec: TaskSpec, row: dict, question_key: str) -> dict:
     return _qa_example(spec, _text_field(row, question_key), "", texts, keys.index(answer_key))
 
 
-def _local_or_hub_glue(first: str, second: str | None):
-    """A GLUE converter for hub rows with columns ``first``/``second``, that also reads local JSONL rows."""
-    def convert(spec: TaskSpec, row: dict):
-        if isinstance(row, dict) and "sentence1" in row and first != "sentence1":
-            return _glue_example(spec, row)
-        return _glue_example(spec, row, first, second)
-    return convert
-
-
-def _local_or_hub_qa(hub_convert: Callable[[TaskSpec, dict], dict]):
-    """A commonsense converter that reads LLM-Adapters rows (they have ``instruction``) or hub rows."""
-    def convert(spec: TaskSpec, row: dict):
-        if isinstance(row, dict) and "instruction" in row:
-            return _llm_adapters_example(spec, row)
-        return hub_convert(spec, row)
-    return convert
-
-
-_ROW_CONVERTERS = {
-    "cola": _local_or_hub_glue("sentence", None),
-    "sst2": _local_or_hub_glue("sentence", None),
-    "mrpc": _local_or_hub_glue("sentence1", "sentence2"),
-    "qqp": _local_or_hub_glue("question1", "question2"),
-    "stsb": _local_or_hub_glue("sentence1", "sentence2"),
-    "mnli": _local_or_hub_glue("premise", "hypothesis"),
-    "qnli": _local_or_hub_glue("question", "sentence"),
-    "rte": _local_or_hub_glue("sentence1", "sentence2"),
-    "boolq": _local_or_hub_qa(_hub_boolq_example),
-    "openbookqa": _local_or_hub_qa(lambda spec, row: _hub_choice_example(spec, row, "question_stem")),
-    "arc_easy": _local_or_hub_qa(lambda spec, row: _hub_choice_example(spec, row, "question")),
-    "arc_challenge": _local_or_hub_qa(lambda spec, row: _hub_choice_example(spec, row, "question")),
+_COMMONSENSE_HUB_SOURCES = {
+    "boolq": _HubSource("google/boolq", None, {"train": "train", "test": "validation"}, _hub_boolq_example),
+    "openbookqa": _HubSource("allenai/openbookqa", "main", _QA_HUB_SPLITS,
+                             partial(_hub_choice_example, question_key="question_stem")),
+    "arc_easy": _HubSource("allenai/ai2_arc", "ARC-Easy", _QA_HUB_SPLITS,
+                           partial(_hub_choice_example, question_key="question")),
+    "arc_challenge": _HubSource("allenai/ai2_arc", "ARC-Challenge", _QA_HUB_SPLITS,
+                                partial(_hub_choice_example, question_key="question")),
 }

@@ -35,21 +35,30 @@ class RoutedLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, route: TaskRoute | None):
         self.base_layer = base_layer
         self.route = route
+        self._aux_state: dict[str, Any] = {}
+        self.module_key = ""
+        self.in_features, self.out_features = self.feature_sizes()
+
+    def feature_sizes(self) -> tuple[int, int]:
+        """(d_in, d_out) of the wrapped module; layers that wrap something other than a linear override this."""
         base = self.get_base_layer()
         if not isinstance(base, nn.Linear):
             raise TypeError(
                 f"{type(self).__name__} adapts nn.Linear layers only, got {type(base).__name__}; "
                 "choose target_modules that name linear layers."
             )
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self._aux_state: dict[str, Any] = {}
-        self.module_key = ""
+        return base.in_features, base.out_features
 
     # -- routing helpers ---------------------------------------------------------------------------------------
     def task_ids_for(self, x: torch.Tensor, required: bool = True) -> torch.Tensor | None:
         """Task id of every row of ``x`` (``x`` is (batch, ..., d_in)); expanded for beam search."""
         batch = x.shape[0] if x.dim() > 1 else 1
         return self.route.task_ids(batch, x.device, required=required)
+
+    def observe_routing(self, weights: torch.Tensor, task_ids: torch.Tensor | None = None) -> None:
+        """Hand this forward's combine weights (batch first, experts last) to a listening analysis."""
+        if self.route is not None:
+            self.route.observe(self.module_key, weights, task_ids)
 
     def record_aux(self, **state: Any) -> None:
         """Keep what an auxiliary loss needs from this forward; skipped during backward recomputation."""
@@ -103,7 +112,7 @@ class RoutedTuner(BaseTuner):
 
     layer_cls: ClassVar[type]
     method_name: ClassVar[str]
-    routes_by_task: ClassVar[bool] = True
+    uses_task_ids: ClassVar[bool] = True  # False for methods whose output never depends on the task
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config

@@ -69,7 +69,7 @@ class TaskSpec:
         """The (prompt, answer) strings for a decoder-only model; the loss later goes on the answer only.
 
         The prompt is the text-to-text source followed by ``"\\nAnswer:"``; the answer is the target with a
-        leading space, so that prompt + answer reads as one line of text.
+        leading space, so that prompt + answer reads "...\\nAnswer: entailment".
         """
         source, target = self.to_text_to_text(example)
         return source + ANSWER_CUE, " " + target

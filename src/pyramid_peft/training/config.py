@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,36 @@ from transformers import Seq2SeqTrainingArguments
 SECTIONS = ("model", "method", "tasks", "data", "sampling", "training")
 # Defaults for training fields whose stock default does not suit a multi-task run.
 TRAINING_DEFAULTS = {"report_to": ["tensorboard"], "metric_for_best_model": "paper_average"}
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML with the 1.2 reading of scalars that configs trip over in YAML 1.1.
+
+    Only ``true``/``false`` are booleans (1.1 also reads ``no``, ``off``, ``yes``, ``on``, which turns
+    ``eval_strategy: no`` into False), and ``3e-4`` is a float (1.1 wants ``3.0e-4``).
+    """
+
+
+_BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+YamlLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?"  # with a decimal point
+        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"  # exponent only: 3e-4
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    """Parse YAML text with :class:`YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(ValueError):
@@ -142,7 +172,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections {SECTIONS}, got {type(raw).__name__}.")
     for key, value in parse_overrides(overrides).items():
@@ -204,9 +234,9 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def _scalar(text: str) -> Any:
-    """Read one override value as YAML (``20`` -> int, ``true`` -> bool, ``[2,4]`` -> list)."""
+    """Read one override value as YAML (``20`` -> int, ``true`` -> bool, ``[2,4]`` -> list, ``no`` -> str)."""
     try:
-        return yaml.safe_load(text)
+        return read_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -222,11 +252,10 @@ def _build_section(name: str, values: dict, source: str):
     cls = _SECTION_CLASSES[name]
     if not isinstance(values, dict):
         raise ConfigError(f"section {name!r} in {source} must be a mapping, got {values!r}.")
-    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         _check_key(key, fields, f"{source} section {name!r}")
-    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+    return cls(**values)
 
 
 def _build_training(values: dict, source: str) -> dict:
@@ -234,29 +263,4 @@ def _build_training(values: dict, source: str) -> dict:
         raise ConfigError(f"section 'training' in {source} must be a mapping, got {values!r}.")
     for key in values:
         _check_key(key, TRAINING_FIELDS, f"{source} section 'training' (Seq2SeqTrainingArguments fields)")
-    return {k: _coerce(v, TRAINING_FIELDS[k].type, f"training.{k}") for k, v in values.items()}
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert strings YAML leaves unparsed (``3e-4`` is a string in YAML 1.1) to the field's numeric type."""
-    if not isinstance(value, str):
-        return value
-    kinds = _type_names(annotation)
-    for kind, convert in (("int", int), ("float", float)):
-        if kind in kinds:
-            try:
-                return convert(value)
-            except ValueError:
-                if kinds == {kind, "None"} or kinds == {kind}:
-                    raise ConfigError(f"{key}={value!r} must be a number ({kind}).") from None
-    return value
-
-
-def _type_names(annotation: Any) -> set[str]:
-    """Names of the types an annotation admits (``int | None`` -> ``{"int", "None"}``); strings are parsed."""
-    if isinstance(annotation, str):
-        return {part.strip() for part in annotation.replace("Optional[", "").replace("]", "").split("|")}
-    args = typing.get_args(annotation)
-    if args:
-        return set().union(*(_type_names(a) for a in args))
-    return {"None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))}
+    return dict(values)

@@ -111,7 +111,7 @@ class MultiTaskClassifier(nn.Module):
         """Per example: the regression score, or the argmax over its own head's labels."""
         return [
             float(row[0]) if self.num_labels[t] == 1 else int(row[: self.num_labels[t]].argmax())
-            for row, t in zip(logits, task_ids.tolist())
+            for row, t in zip(logits.detach(), task_ids.tolist())
         ]
 
     # -- saving -----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...contrastive import pool_features, task_contrastive_loss
 from ...gating import reference_double_softmax, topk_softmax
 from ..base import NotMergeableError, RoutedLayer
 from . import experts
@@ -180,13 +181,18 @@ class EptLayer(RoutedLayer):
         """Combine weights broadcastable to x's rows: (B, 1, .., 1, E) for task routing, (..., E) per token."""
         config = self.ept_config[adapter_name]
         if config.router_input == "token":
-            return self.gate(adapter_name, x)
+            weights = self.gate(adapter_name, x)
+            self.observe_routing(weights, self.task_ids_for(x, required=False))
+            return weights
         ids = self.task_ids_for(x)
         if config.router_input == "task":
             weights = self.task_weights(adapter_name)[ids]
+            self.observe_routing(weights, ids)
             return weights.view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
         task_rows = self.ept_task_embedding[adapter_name][ids].view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
-        return self.gate(adapter_name, x + task_rows.to(x))
+        weights = self.gate(adapter_name, x + task_rows.to(x))
+        self.observe_routing(weights, ids)
+        return weights
 
     # -- factors ------------------------------------------------------------------------------------------------
     def _group_kernel(self, adapter_name: str, group: KernelGroup, weights: torch.Tensor) -> torch.Tensor:
@@ -288,19 +294,8 @@ class EptLayer(RoutedLayer):
         if ids is None:
             self.clear_aux()
             return
-        self.record_aux(features=self._pool(adapter_name, x), task_ids=ids)
-
-    def _pool(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Per-example features: position 0 (as the reference) or the mean over non-pad positions."""
-        if x.dim() == 2:
-            return x
-        if self.ept_config[adapter_name].contrastive_pooling == "first":
-            return x[:, 0]
-        mask = self.route.attention_mask(x.shape[0], x.shape[1])
-        if mask is None:
-            return x.mean(dim=1)
-        mask = mask.to(x.dtype)[..., None]
-        return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        pooling = self.ept_config[adapter_name].contrastive_pooling
+        self.record_aux(features=pool_features(x, pooling, self.route), task_ids=ids)
 
     def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
         if not self._aux_state or adapter_name not in self.ept_task_embedding:
@@ -308,11 +303,9 @@ class EptLayer(RoutedLayer):
         return {"contrastive": self.contrastive_loss(adapter_name, **self._aux_state)}
 
     def contrastive_loss(self, adapter_name: str, features: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of cos(h_i, e_j) / tau over the task embeddings e_j, against each example's own task."""
-        config = self.ept_config[adapter_name]
-        table = self.ept_task_embedding[adapter_name]
-        sims = F.cosine_similarity(features[:, None, :].to(table.dtype), table[None, :, :], dim=-1)
-        return F.cross_entropy(sims / config.contrastive_tau, task_ids)
+        """Eq. 7 for this module: see :func:`pyramid_peft.contrastive.task_contrastive_loss`."""
+        tau = self.ept_config[adapter_name].contrastive_tau
+        return task_contrastive_loss(features, self.ept_task_embedding[adapter_name], task_ids, tau)
 
     def __repr__(self) -> str:
         return "ept." + super().__repr__()

@@ -66,6 +66,7 @@ class HydraLoraLayer(RoutedLayer):
         A = self.hydralora_A[adapter_name]
         x = self._cast_input_dtype(x, A.dtype)
         weights = self.route_weights(adapter_name, x)
+        self.observe_routing(weights, self.task_ids_for(x, required=False))
         hidden = F.linear(self.hydralora_dropout[adapter_name](x), A).unsqueeze(-2)  # (..., 1, r): one A for all
         return self.scaling(adapter_name) * mix_pieces(hidden, weights, self.hydralora_B[adapter_name])
 

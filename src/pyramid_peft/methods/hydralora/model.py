@@ -17,7 +17,6 @@ class HydraLoraModel(RoutedTuner):
     layer_cls = Linear
     target_module_mapping: dict = {}
     method_name = "HydraLoRA"
-    routes_by_task = False
     uses_task_ids = False  # the output never depends on task ids
 
     def _check_merge_allowed(self):

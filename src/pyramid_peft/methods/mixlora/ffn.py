@@ -37,9 +37,13 @@ class FfnRecipe:
     hidden: Callable[[nn.Module, list[torch.Tensor]], torch.Tensor]
     output_in_parent: bool = False
 
+    @property
+    def own_linears(self) -> tuple[str, ...]:
+        """The linears inside the FFN module itself (all but a split FFN's output linear)."""
+        return self.inputs if self.output_in_parent else (*self.inputs, self.output)
+
     def matches(self, module: nn.Module) -> bool:
-        linears = self.inputs if self.output_in_parent else (*self.inputs, self.output)
-        return all(isinstance(getattr(module, n, None), nn.Linear) for n in linears) and all(
+        return all(isinstance(getattr(module, n, None), nn.Linear) for n in self.own_linears) and all(
             hasattr(module, n) for n in self.extras
         )
 

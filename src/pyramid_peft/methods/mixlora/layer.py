@@ -189,8 +189,8 @@ class FeedForward(nn.Module, ExpertLoraLayer):
     """An FFN module turned into a top-k mixture of E LoRA experts (see the module docstring for the maths).
 
     It subclasses :class:`RoutedLayer` (through :class:`MixLoraLayer`) so that the tuner's aux-loss collection and
-    the merge entry points see it like every routed layer, but it wraps a whole FFN module rather than an
-    ``nn.Linear``: ``RoutedLayer.__init__`` accepts linears only, so the routing state it would set is set here.
+    the merge entry points see it like every routed layer; it wraps a whole FFN module rather than an
+    ``nn.Linear``, so it states its own :meth:`feature_sizes`.
 
     For a split FFN (``recipe.output_in_parent``, BERT) it returns the mixed hidden state ``sum_e w_e h_e`` (the
     input the frozen output linear expects) and hands the route and per-expert hidden rows to the
@@ -202,27 +202,26 @@ class FeedForward(nn.Module, ExpertLoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MixLoraConfig, route=None, *, recipe):
         super().__init__()
-        self.base_layer = base_layer
-        self.route = route
-        self._aux_state = {}
-        self.module_key = ""
         self.recipe: FfnRecipe = recipe
-        first = getattr(base_layer, recipe.inputs[0])
-        self.in_features = first.in_features
-        self.out_features = first.out_features if recipe.output_in_parent else self._output_linear().out_features
+        RoutedLayer.__init__(self, base_layer, route)
         self.handoff = ExpertHandoff() if recipe.output_in_parent else None
         self.mixlora_router = nn.ParameterDict()
         self._init_expert_containers()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    def feature_sizes(self) -> tuple[int, int]:
+        """d_in of the first input linear; d_out of the output linear, or of the hidden state for a split FFN."""
+        first = getattr(self.get_base_layer(), self.recipe.inputs[0])
+        out = first.out_features if self.recipe.output_in_parent else self._output_linear().out_features
+        return first.in_features, out
+
     def _output_linear(self) -> nn.Linear:
         return getattr(self.get_base_layer(), self.recipe.output)
 
     def update_layer(self, adapter_name: str, config: MixLoraConfig) -> None:
         ffn = self.get_base_layer()
-        names = self.recipe.inputs if self.recipe.output_in_parent else (*self.recipe.inputs, self.recipe.output)
-        self._add_experts(adapter_name, config, {name: getattr(ffn, name) for name in names})
+        self._add_experts(adapter_name, config, {name: getattr(ffn, name) for name in self.recipe.own_linears})
         router = torch.empty(config.num_experts, self.in_features)
         nn.init.normal_(router, std=config.router_init_range)
         self.mixlora_router[adapter_name] = nn.Parameter(router)
@@ -242,6 +241,7 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         return F.linear(x, router)
 
     def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The Switch balance loss E * sum_i f_i P_i of the last forward, over all its rows (padding included)."""
         if self._aux_state.get("adapter") != adapter_name:
             return {}
         return {"balance": switch_balance_loss(self._aux_state["logits"], self._aux_state["weights"])}
@@ -267,6 +267,7 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         rows = x.reshape(-1, x.shape[-1])
         logits = self.router_logits(adapter_name, rows)
         weights = topk_softmax(logits, self.mixlora_config[adapter_name].top_k)
+        self.observe_routing(weights.view(*x.shape[:-1], -1), self.task_ids_for(x, required=False))
         self.record_aux(adapter=adapter_name, logits=logits, weights=weights)
         groups = group_by_expert(weights)
 

@@ -14,7 +14,7 @@ class MixLoraModel(RoutedTuner):
     """Injects MixLoRA layers: :class:`FeedForward` on every module named by ``ffn_modules`` (plus, for BERT's
     split FFN, :class:`ExpertOutput` on the sibling ``output.dense``) and :class:`Linear` on ``target_modules``.
 
-    Matching works in two passes over PEFT's injection loop: ``_prepare_model`` finds and checks the FFN modules
+    Matching takes two steps inside PEFT's injection: ``_prepare_model`` finds and checks the FFN modules
     (the :class:`~pyramid_peft.methods.mixlora.ffn.FfnPlan`), then ``_check_target_module_exists`` answers for
     each module name from that plan and from ``target_modules``.
     """
@@ -24,7 +24,6 @@ class MixLoraModel(RoutedTuner):
     layer_cls = Linear
     target_module_mapping: dict = {}
     method_name = "MixLoRA"
-    routes_by_task = False
 
     def _prepare_adapter_config(self, peft_config: MixLoraConfig, model_config: dict) -> MixLoraConfig:
         """Fill ``ffn_modules`` and ``target_modules`` from the model type where they are not given."""
@@ -51,7 +50,7 @@ class MixLoraModel(RoutedTuner):
         if plan.inside(key):
             if found:
                 raise ValueError(
-                    f"target_modules={sorted(peft_config.target_modules)!r} matches {key!r}, a linear inside a "
+                    f"target_modules={peft_config.target_modules!r} matches {key!r}, a linear inside a "
                     "MixLoRA FFN: the experts adapt the FFN linears. Keep target_modules to attention projections."
                 )
             return False
@@ -77,6 +76,13 @@ class MixLoraModel(RoutedTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        # Unloading puts a whole FFN module back; PEFT's version would try to re-attach a `weight` it does not have.
+        if isinstance(child, FeedForward) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     def _check_merge_allowed(self):
         raise NotMergeableError(NOT_MERGEABLE)

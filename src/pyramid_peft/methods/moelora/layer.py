@@ -70,8 +70,10 @@ class MoeLoraLayer(RoutedLayer):
         A = self.moelora_A[adapter_name]
         x = self._cast_input_dtype(x, A.dtype)
         ids = self.task_ids_for(x)
+        weights = self.task_weights(adapter_name)[ids]
+        self.observe_routing(weights, ids)
         # one weight vector per example, broadcast over its positions: (batch, 1, ..., 1, E)
-        weights = self.task_weights(adapter_name)[ids].view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
+        weights = weights.view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
         hidden = F.linear(self.moelora_dropout[adapter_name](x), A).unflatten(-1, (config.num_experts, -1))
         return self.scaling(adapter_name) * mix_pieces(hidden, weights, self.moelora_B[adapter_name])
 

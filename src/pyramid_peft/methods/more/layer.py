@@ -27,7 +27,7 @@ from torch import nn
 from ...routing import in_backward_pass
 from ..base import RoutedLayer
 from .config import MoreConfig
-from .contrastive import pool_features, task_contrastive_loss
+from ...contrastive import pool_features, task_contrastive_loss
 
 UNSET = -1  # route-map entry of a task whose expert is not frozen yet (reference mode)
 
@@ -138,6 +138,7 @@ class MoreLayer(RoutedLayer):
         x = self._cast_input_dtype(x, A_s.dtype)
         ids = self.task_ids_for(x)
         choice, straight_through = self._route(adapter_name, ids)
+        self.observe_routing(F.one_hot(choice, self.more_config[adapter_name].num_experts).to(A_s.dtype), ids)
         self._record_contrastive(adapter_name, x, ids)
         # Keep rank components [0, ρ(row)) of each row: mask (rows, r), broadcast over the sequence axes.
         ranks = self.expert_ranks(adapter_name, x.device)[choice]

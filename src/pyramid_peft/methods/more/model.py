@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..base import RoutedTuner
 from .config import MoreConfig
-from .contrastive import contrastive_module_names
+from ...contrastive import contrastive_module_names
 from .layer import Linear, MoreLayer
 
 

@@ -11,8 +11,10 @@ In row form ``x ↦ x (I + alpha Û M̄ Ûᵀ)``, so for a fixed route the weigh
 ``W_eff = W0 + (alpha W0 Û M̄ᵀ) Ûᵀ`` (:meth:`TuckaLayer.route_lora_factors`).
 
 Routing (``router.py``): the routing layer (the configured ``router_module``, or else the first adapted layer to
-run in the call) computes the route from the mean of its input and writes it to the tuner's shared state; every
-other layer reads it. The centroids, their "initialised" flag and the ALB bias live on one owner layer.
+run in the call) computes the route from the mean of its input, padding excluded, and writes it to the tuner's
+shared state; every other layer reads it. The routing layer recomputes the route every time it runs, as in the
+reference: a T5 encoder router routes once per ``generate`` call, a decoder-only model's first layer at every
+decoding step. The centroids, their "initialised" flag and the ALB bias live on one owner layer.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from torch import nn
 
 from ...routing import expand_to_batch, in_backward_pass
 from ..base import NotMergeableError, RoutedLayer
-from ..more.contrastive import token_mean
+from ...contrastive import token_mean
 from .config import TuckaConfig
-from .router import Route, SharedRoute, balance_update, group_weights, routing_scores, select_expert
+from .router import (
+    Route, SharedRoute, balance_update, dense_weights, group_weights, routing_scores, select_expert,
+)
 
 
 class TuckaRoutingError(RuntimeError):
@@ -154,33 +158,31 @@ class TuckaLayer(RoutedLayer):
         mask = self.route.attention_mask(x.shape[0], x.shape[1]) if x.dim() == 3 else None
         features = token_mean(x, mask, per_example=config.routing == "example")
         recomputing = in_backward_pass()
-        if not recomputing:
-            owner.init_centroids_once(adapter_name, token_mean(x, mask, per_example=False))
+        if not recomputing and not bool(owner.tucka_centroids_ready[adapter_name]):
+            batch_mean = features if features.dim() == 1 else token_mean(x, mask, per_example=False)
+            owner.init_centroids(adapter_name, batch_mean)
         scores = routing_scores(owner.tucka_centroids[adapter_name], features, config.k, config.t)
         if recomputing:  # keep the forward's pick (the ALB bias has moved since); rebuild w with its graph
-            group = self.tucka_shared.routes[adapter_name].group
+            expert = self.tucka_shared.routes[adapter_name].expert
         else:
-            picks = select_expert(scores, owner.tucka_alb_bias[adapter_name] if config.balance == "alb" else None)
-            group = picks // config.t
-        route = Route(group, group_weights(scores, group), self)
+            expert = select_expert(scores, owner.tucka_alb_bias[adapter_name] if config.balance == "alb" else None)
+        group = expert // config.t
+        route = Route(group, group_weights(scores, group), expert, self)
         self.tucka_shared.routes[adapter_name] = route
         if config.balance == "alb" and self.training and not recomputing:
             with torch.no_grad():
-                balance_update(owner.tucka_alb_bias[adapter_name], picks, config.alb_gamma)
+                balance_update(owner.tucka_alb_bias[adapter_name], expert, config.alb_gamma)
         return route
 
-    def init_centroids_once(self, adapter_name: str, mean_input: torch.Tensor) -> None:
-        """Data-aware init on the first forward: E_c[0] = x̄, E_c[i] = x̄ + U(-s, s) for i >= 1; then never again."""
-        ready = self.tucka_centroids_ready[adapter_name]
-        if bool(ready):
-            return
+    @torch.no_grad()
+    def init_centroids(self, adapter_name: str, mean_input: torch.Tensor) -> None:
+        """Data-aware init (first forward): E_c[0] = x̄, E_c[i] = x̄ + U(-s, s) for i >= 1; marks them ready."""
         centroids = self.tucka_centroids[adapter_name]
         scale = self.tucka_config[adapter_name].ec_perturb_scale
-        with torch.no_grad():
-            noise = (torch.rand_like(centroids[1:]) * 2 - 1) * scale
-            centroids[0] = mean_input.detach()
-            centroids[1:] = mean_input.detach() + noise
-            ready.fill_(True)
+        noise = (torch.rand_like(centroids[1:]) * 2 - 1) * scale
+        centroids[0] = mean_input
+        centroids[1:] = mean_input + noise
+        self.tucka_centroids_ready[adapter_name].fill_(True)
 
     # -- merging ------------------------------------------------------------------------------------------------
     def route_lora_factors(self, adapter_name: str, group: int, weights: torch.Tensor):
@@ -219,6 +221,8 @@ class Linear(nn.Module, TuckaLayer):
         adapted = x
         for adapter_name in self._active_for_forward():
             group, weights = self.adapter_route(adapter_name, x)
+            k = self.tucka_config[adapter_name].k
+            self.observe_routing(dense_weights(group, weights.detach(), k, x.shape[0] if x.dim() > 1 else 1))
             rows = self._cast_input_dtype(x, self.tucka_factor[adapter_name].dtype)
             adapted = adapted + self.input_update(adapter_name, rows, group, weights).to(x.dtype)
         return self.base_layer(adapted, *args, **kwargs)

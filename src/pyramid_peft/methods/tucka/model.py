@@ -34,6 +34,7 @@ class TuckaModel(RoutedTuner):
     layer_cls = Linear
     target_module_mapping: dict = {}
     method_name = "TuckA"
+    uses_task_ids = False  # routed by its input; task ids are accepted and ignored
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self.__dict__["shared_route"] = SharedRoute()  # layers reference it from injection on

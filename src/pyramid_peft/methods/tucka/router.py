@@ -19,15 +19,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ...routing import expand_to_batch
 
 
 @dataclass
 class Route:
-    """One forward's route: ``group`` () or (batch,), ``weights`` (t,) or (batch, t), and the layer that made it."""
+    """One forward's route: ``group`` () or (batch,), ``weights`` (t,) or (batch, t), the picked expert
+    ``g*t + j`` (what the ALB loads count; ``None`` for a pinned route) and the layer that made it."""
 
     group: torch.Tensor
     weights: torch.Tensor
+    expert: torch.Tensor | None = None
     source: nn.Module | None = None
 
 
@@ -63,6 +68,13 @@ def group_weights(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     if group.dim() == 0:
         return scores[group]
     return scores.gather(1, group.view(-1, 1, 1).expand(-1, 1, scores.shape[-1])).squeeze(1)
+
+
+def dense_weights(group: torch.Tensor, weights: torch.Tensor, k: int, rows: int) -> torch.Tensor:
+    """(rows, k*t) combine weights over all experts: the route's w in its group's t slots, zero elsewhere."""
+    chosen = F.one_hot(group, k).to(weights)  # (k,) or (batch, k)
+    dense = (chosen[..., :, None] * weights[..., None, :]).flatten(-2)
+    return dense.expand(rows, -1) if dense.dim() == 1 else expand_to_batch(dense, rows)
 
 
 def balance_update(bias: torch.Tensor, picks: torch.Tensor, gamma: float) -> None:

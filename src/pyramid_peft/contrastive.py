@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...routing import TaskRoute
+from .routing import TaskRoute
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor | None, per_example: bool = True) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Train / evaluation / test splits of the two published protocols.
+
+* ``"ept"`` (spec 4.1, what the EPT/MoRE code does): full train sets; evaluation on the second half of a seeded
+  permutation of dev (seed 1189) for the small tasks CoLA, STS-B, MRPC and RTE, on the full dev set for the
+  others (MNLI: matched). There is no separate test set: checkpoint selection and reporting share the data.
+* ``"hyperformer"`` (spec 4.4): small tasks split dev in two halves (seed 42), validation and test; large tasks
+  move 1000 training rows to validation and test on dev; MNLI validates on mismatched and tests on matched.
+
+Permutations come from ``torch.randperm`` with a ``torch.Generator`` seeded with the protocol's seed, the
+generator both reference codebases use, so the same rows are selected when dev is in the hub's order.
+
+Commonsense tasks ignore the protocol: they train on train and evaluate on the LLM-Adapters test file, and the
+split is called "test" because that is what it is.
+
+The local data folder has no official dev set for MNLI and QQP, only 1000 rows held out from train. Where a
+protocol needs that dev set, the held-out rows stand in for it, and the split name says "held-out" so that no
+report can mistake them for dev.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..tasks import get_task
+from .sources import load_examples, local_split_path, resolve_data_dir
+
+PROTOCOLS = ("ept", "hyperformer")
+SMALL_GLUE_TASKS = frozenset({"cola", "stsb", "mrpc", "rte"})
+EPT_SEED = 1189
+HYPERFORMER_SEED = 42
+HYPERFORMER_VALIDATION_SIZE = 1000
+# Deliberately free of "dev" and "validation": these rows come from train.
+HELDOUT_SPLIT_NAME = "held-out from train (local stand-in)"
+_DEV_NAMES = {("mnli", "validation"): "validation_matched"}
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    """The examples a run trains on, evaluates on during training, and (HyperFormer only) tests on at the end.
+
+    ``eval_split`` and ``test_split`` are human-readable descriptions of where the rows came from, for logs and
+    reports, e.g. ``"validation[second half, seed 1189]"``.
+    """
+
+    train: list[dict]
+    eval: list[dict]
+    eval_split: str
+    test: list[dict] | None = None
+    test_split: str | None = None
+
+
+def build_splits(task: str, protocol: str = "ept", data_dir: str | os.PathLike | None = None,
+                 seed: int | None = None, max_eval: int | None = None) -> TaskSplits:
+    """The splits of ``task`` under ``protocol`` (``"ept"`` or ``"hyperformer"``).
+
+    ``seed`` overrides the protocol's permutation seed (1189 for EPT, 42 for HyperFormer). ``max_eval`` keeps
+    only the first ``max_eval`` evaluation rows after the protocol's selection, for quick runs.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown split protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}.")
+    if max_eval is not None and max_eval < 1:
+        raise ValueError(f"max_eval must be a positive number of rows or None, got {max_eval}.")
+    spec = get_task(task)
+    if spec.family == "commonsense":
+        splits = TaskSplits(load_examples(spec.name, "train", data_dir), load_examples(spec.name, "test", data_dir),
+                            "test")
+    elif protocol == "ept":
+        splits = _ept_splits(spec.name, data_dir, EPT_SEED if seed is None else seed)
+    else:
+        splits = _hyperformer_splits(spec.name, data_dir, HYPERFORMER_SEED if seed is None else seed)
+    return _cap_eval(splits, max_eval)
+
+
+def _ept_splits(task: str, data_dir, seed: int) -> TaskSplits:
+    train = load_examples(task, "train", data_dir)
+    dev, dev_name = _dev_or_heldout(task, "validation", data_dir)
+    if task not in SMALL_GLUE_TASKS:
+        return TaskSplits(train, dev, dev_name)
+    _, second_half = _halves(dev, seed)
+    return TaskSplits(train, second_half, f"{dev_name}[second half, seed {seed}]")
+
+
+def _hyperformer_splits(task: str, data_dir, seed: int) -> TaskSplits:
+    train = load_examples(task, "train", data_dir)
+    dev, dev_name = _dev_or_heldout(task, "validation", data_dir)
+    if task in SMALL_GLUE_TASKS:
+        first_half, second_half = _halves(dev, seed)
+        return TaskSplits(train, first_half, f"{dev_name}[first half, seed {seed}]",
+                          second_half, f"{dev_name}[second half, seed {seed}]")
+    if task == "mnli" and not _local_dev_missing(task, "validation_mismatched", data_dir):
+        return TaskSplits(train, load_examples(task, "validation_mismatched", data_dir), "validation_mismatched",
+                          dev, dev_name)
+    order = _permutation(len(train), seed)
+    validation = [train[i] for i in order[:HYPERFORMER_VALIDATION_SIZE]]
+    remaining_train = [train[i] for i in order[HYPERFORMER_VALIDATION_SIZE:]]
+    validation_name = f"train[{len(validation)} rows, seed {seed}]"
+    if task == "mnli":
+        validation_name += " (local stand-in for the mismatched split)"
+    return TaskSplits(remaining_train, validation, validation_name, dev, dev_name)
+
+
+def _dev_or_heldout(task: str, split: str, data_dir) -> tuple[list[dict], str]:
+    """The official dev ``split`` and its name, or the local held-out rows (named so) where dev is absent."""
+    if _local_dev_missing(task, split, data_dir):
+        return load_examples(task, "heldout", data_dir), HELDOUT_SPLIT_NAME
+    return load_examples(task, split, data_dir), _DEV_NAMES.get((task, split), split)
+
+
+def _local_dev_missing(task: str, split: str, data_dir) -> bool:
+    """True when a local folder is in use, lacks the dev ``split`` of ``task``, and has held-out rows instead."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return False
+    dev_path = local_split_path(task, split, root)
+    heldout_path = local_split_path(task, "heldout", root)
+    return (dev_path is None or not dev_path.is_file()) and heldout_path is not None and heldout_path.is_file()
+
+
+def _permutation(size: int, seed: int) -> list[int]:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """Rows at the first ``n // 2`` and the remaining positions of a seeded permutation."""
+    order = _permutation(len(rows), seed)
+    middle = len(rows) // 2
+    return [rows[i] for i in order[:middle]], [rows[i] for i in order[middle:]]
+
+
+def _cap_eval(splits: TaskSplits, max_eval: int | None) -> TaskSplits:
+    if max_eval is None or len(splits.eval) <= max_eval:
+        return splits
+    return replace(splits, eval=splits.eval[:max_eval], eval_split=f"{splits.eval_split} (first {max_eval} rows)")

@@ -1,0 +1,170 @@
+"""Per-task evaluation: predictions for each task's evaluation examples, then its metrics.
+
+Text-to-text and causal models are scored on what they *generate* (greedy, a few tokens, as the EPT code does),
+parsed back to a label by ``TaskSpec.parse_prediction``; encoder models with heads are scored on the argmax (or the
+regression output) of each example's head. Under several processes every rank predicts an equal share and the
+predictions are gathered, so all ranks return the same metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..metrics import average_scores, compute_metrics
+from ..tasks import TaskSpec
+from ..tasks.spec import format_stsb_score
+from .heads import MultiTaskClassifier
+
+# STS-B targets are the 26 scores 0.0, 0.2, ..., 5.0.
+STSB_TARGETS = tuple(format_stsb_score(i / 5) for i in range(26))
+
+
+@dataclass
+class EvalSet:
+    """One task's evaluation examples, its task id, and a description of the split they came from."""
+
+    task: TaskSpec
+    task_id: int
+    examples: list[dict]
+    split: str
+
+
+@dataclass
+class Predictor:
+    """What :func:`evaluate_tasks` needs to turn a batch of examples into predictions.
+
+    Args:
+        model: a ``MultiTaskClassifier`` (encoder family) or a PEFT model with ``generate``.
+        family: ``seq2seq``, ``causal`` or ``encoder``.
+        collator: builds model inputs from ``{"task_id", "task", "example"}`` features (for causal models: the
+            generation collator, prompts only, left-padded).
+        tokenizer: decodes generations.
+        batch_size: examples per forward / generate call.
+        route_task_ids: pass ``task_ids`` to the model (methods that route by task, and all heads models).
+        num_beams: beams for generation (1 = greedy, the EPT setting).
+        synced_gpus: keep ranks in step inside ``generate`` (DeepSpeed ZeRO-3, FSDP).
+    """
+
+    model: nn.Module
+    family: str
+    collator: object
+    tokenizer: object
+    batch_size: int = 32
+    route_task_ids: bool = True
+    num_beams: int = 1
+    synced_gpus: bool = False
+
+    @torch.no_grad()
+    def predict(self, eval_set: EvalSet, examples: list[dict]) -> list:
+        """Predictions (label ids, scores, or None for an unparseable generation) for ``examples``."""
+        predictions: list = []
+        for start in range(0, len(examples), self.batch_size):
+            chunk = examples[start : start + self.batch_size]
+            features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
+            batch = {k: v.to(_device(self.model)) for k, v in self.collator(features).items()}
+            if self.family == "encoder":
+                predictions += self._classify(batch)
+            else:
+                predictions += [eval_set.task.parse_prediction(text) for text in self._generate(eval_set.task, batch)]
+        return predictions
+
+    def _classify(self, batch: dict) -> list:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "task_ids") if k in batch}
+        logits = self.model(**inputs).logits
+        return _unwrap(self.model).predict(logits, batch["task_ids"])
+
+    def _generate(self, task: TaskSpec, batch: dict) -> list[str]:
+        kwargs = {"task_ids": batch["task_ids"]} if self.route_task_ids else {}
+        output = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=answer_token_budget(task, self.tokenizer, self.family),
+            num_beams=self.num_beams,
+            do_sample=False,
+            synced_gpus=self.synced_gpus,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **kwargs,
+        )
+        if self.family == "causal":  # the output repeats the (left-padded) prompt
+            output = output[:, batch["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+def answer_token_budget(task: TaskSpec, tokenizer, family: str) -> int:
+    """New tokens enough for the longest answer of ``task``, plus one for the end-of-sequence token."""
+    targets = STSB_TARGETS if task.is_regression else task.label_words
+    prefix = " " if family == "causal" else ""  # causal answers follow the cue after a space
+    longest = max(len(tokenizer(prefix + t, add_special_tokens=False)["input_ids"]) for t in targets)
+    return longest + 1
+
+
+def evaluate_tasks(predictor: Predictor, eval_sets: list[EvalSet], rank: int = 0, world_size: int = 1) -> dict:
+    """``{task: {"split", "num_examples", "metrics"}}`` plus ``"paper_average"`` and ``"full_average"``."""
+    results: dict = {"tasks": {}}
+    for eval_set in eval_sets:
+        predictions, references = _predict_sharded(predictor, eval_set, rank, world_size)
+        results["tasks"][eval_set.task.name] = {
+            "split": eval_set.split,
+            "num_examples": len(references),
+            "metrics": compute_metrics(eval_set.task.name, predictions, references),
+        }
+    results.update(average_scores({name: r["metrics"] for name, r in results["tasks"].items()}))
+    return results
+
+
+def _predict_sharded(predictor: Predictor, eval_set: EvalSet, rank: int, world_size: int) -> tuple[list, list]:
+    """Each rank predicts every ``world_size``-th example; results are gathered in the original order.
+
+    Shards are padded to equal length (repeating an example) so that every rank makes the same number of
+    ``generate`` calls, which synchronised generation requires; the padding is dropped after gathering.
+    """
+    n = len(eval_set.examples)
+    per_rank = math.ceil(n / world_size)
+    indices = list(range(rank, n, world_size))
+    indices += [indices[-1] if indices else 0] * (per_rank - len(indices))
+    predictions = predictor.predict(eval_set, [eval_set.examples[i] for i in indices])
+    pairs = list(zip(indices, predictions))
+    if world_size > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(pairs)
+    by_index = dict(pairs)
+    ordered = sorted(by_index)
+    return [by_index[i] for i in ordered], [eval_set.examples[i]["label"] for i in ordered]
+
+
+def metrics_table(results: dict) -> str:
+    """A plain-text table of per-task metrics, split names and the averages."""
+    rows = [("task", "split", "n", "metrics")]
+    for name, result in results["tasks"].items():
+        metrics = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if isinstance(v, (int, float)))
+        rows.append((name, result["split"], str(result["num_examples"]), metrics))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    lines.append(f"paper average {results['paper_average']:.2f}   full average {results['full_average']:.2f}")
+    return "\n".join(lines)
+
+
+def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """Trainer-style keys: ``eval_<task>_<metric>``, ``eval_paper_average``, ``eval_full_average``."""
+    flat = {
+        f"{prefix}_{task}_{metric}": float(value)
+        for task, result in results["tasks"].items()
+        for metric, value in result["metrics"].items()
+        if isinstance(value, (int, float))
+    }
+    flat[f"{prefix}_paper_average"] = float(results["paper_average"])
+    flat[f"{prefix}_full_average"] = float(results["full_average"])
+    return flat
+
+
+def _unwrap(model: nn.Module) -> MultiTaskClassifier:
+    return model.module if hasattr(model, "module") else model
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

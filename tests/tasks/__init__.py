@@ -1,0 +1,1 @@
+"""Task registry tests (a package, so its test_registry.py can coexist with tests/test_registry.py)."""
