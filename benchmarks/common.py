@@ -78,13 +78,18 @@ def _timed(step: Callable[[], object], name: str, results: dict) -> None:
         results[name] = err
 
 
-def summarize(seconds: list[float], unit: float = 1e3) -> dict:
-    """Median and spread (min, max) of a list of timings, in ``unit`` per second (ms by default)."""
+UNITS = {"s": 1.0, "ms": 1e3}
+
+
+def summarize(seconds: list[float], unit: str = "ms") -> dict:
+    """Median and spread (min, max) of a list of timings, in ``unit`` (``"s"`` or ``"ms"``)."""
+    scale = UNITS[unit]
     return {
-        "median": statistics.median(seconds) * unit,
-        "min": min(seconds) * unit,
-        "max": max(seconds) * unit,
+        "median": statistics.median(seconds) * scale,
+        "min": min(seconds) * scale,
+        "max": max(seconds) * scale,
         "n": len(seconds),
+        "unit": unit,
     }
 
 

@@ -16,8 +16,10 @@ Three parts, written as a Markdown table to stdout and to ``<out>.md``, and in f
 
 Variants are timed interleaved round-robin (ABCABC...) after a warm-up, and reported as medians with their
 spread, so ratios come from one run under the same machine load. Peak RSS is measured in a fresh subprocess per
-method, so no method inherits another's memory. ``--quick`` skips the 4096-wide shapes and takes fewer rounds;
-``--smoke`` is a few-second check (one small shape, MiniLM only, base / LoRA / EPT, 2 rounds) run by CI.
+method, so no method inherits another's memory. ``--quick`` (a few minutes) skips the 4096-wide shapes and SmolLM2
+and takes fewer rounds; ``--smoke`` is a short check (one small shape, MiniLM at batch 8 x 32, base / LoRA / EPT,
+2 rounds) run by CI. On a busy machine two threads per process can be far slower than one (each parallel op waits
+for a descheduled thread): ``--threads 1`` then gives steadier ratios, and the JSON records the thread count.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ TASK = 0  # every example of every batch belongs to this task
 BIG_LAYER = 4096 * 4096  # layers with at least this many weights get the plan's ``big`` round counts
 ROUTES = {"2+8": (0, 6), "8+8": (6, 7)}  # expert indices into KERNELS: two kernel sizes, and a same-size pair
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed.json"
+# Peak RSS is measured twice. With glibc's defaults, freed memory often stays in the heap (the mmap threshold grows
+# as large blocks are freed), so RSS also records fragmentation: what a user sees, but allocation-order dependent.
+# A fixed 128 KiB mmap threshold returns every large block to the OS on free, so RSS tracks live tensors.
+ALLOCATORS = {"glibc_default": {}, "mmap_128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 # Rank 8 and input dropout 0.1 wherever a method has them; everything else is the method's own default.
 METHOD_SETTINGS: dict[str, dict] = {
@@ -122,8 +128,8 @@ PLANS = {
     ),
     "quick": Plan(
         mode="quick", shapes=ALL_SHAPES[:2], tokens=2048, layer_rounds=7, big_rounds=3, literal_big_rounds=2,
-        models=(replace(MINILM, rounds=3), replace(SMOLLM2, rounds=2)), methods=None, inference_model="minilm-l6",
-        inference_rounds=9, rss_steps=1,
+        models=(replace(MINILM, rounds=3),), methods=None, inference_model="minilm-l6", inference_rounds=9,
+        rss_steps=1,
     ),
     "smoke": Plan(
         mode="smoke", shapes=((768, 768),), tokens=512, layer_rounds=2, big_rounds=2, literal_big_rounds=2,
@@ -262,7 +268,8 @@ def bench_layer(d_in: int, d_out: int, plan: Plan) -> dict:
         if "error" not in rows[name]:
             rows[name]["saved_mib"] = saved_mib(model, x)
     add_ratios(rows)
-    return {"d_in": d_in, "d_out": d_out, "tokens": plan.tokens, "variants": rows, "literal_vs_factored": literal_gain(rows)}
+    gain = literal_gain(rows)
+    return {"d_in": d_in, "d_out": d_out, "tokens": plan.tokens, "variants": rows, "literal_vs_factored": gain}
 
 
 def literal_gain(rows: dict) -> dict:
@@ -342,19 +349,24 @@ def bench_training(base: nn.Module, family: str, case: ModelCase, plan: Plan, me
             continue
         fused_rank = rank if rank is not None else fused_rank
     times = interleaved(steps, {m: case.rounds for m in steps}, plan.warmup)
-    rows = {method: rows.get(method) or timing_entry(times[method], unit=1.0) for method in methods}
+    rows = {method: rows.get(method) or timing_entry(times[method], unit="s") for method in methods}
     steps.clear()
     add_ratios(rows)
     for method in methods:
-        rows[method]["rss"] = {} if "error" in rows[method] else rss_in_subprocess(case.alias, method, plan.mode)
+        if "error" not in rows[method]:
+            rows[method]["rss"] = {
+                name: rss_in_subprocess(case.alias, method, plan.mode, env) for name, env in ALLOCATORS.items()
+            }
     add_rss_ratios(rows)
-    return {"batch": case.batch, "seq": case.seq, "targets": case.targets, "ept_fused_rank": fused_rank, "methods": rows}
+    return {"batch": case.batch, "seq": case.seq, "targets": case.targets, "ept_fused_rank": fused_rank,
+            "methods": rows}
 
 
-def rss_in_subprocess(alias: str, method: str, mode: str) -> dict:
-    """Peak RSS of ``method`` training on ``alias``, measured in a fresh interpreter."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", alias, method, "--mode", mode]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+def rss_in_subprocess(alias: str, method: str, mode: str, env: dict[str, str]) -> dict:
+    """Peak RSS of ``method`` training on ``alias``, measured in a fresh interpreter with ``env`` added."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", alias, method, "--mode", mode,
+               "--threads", str(torch.get_num_threads())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ, **env})
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -365,7 +377,6 @@ def rss_child(alias: str, method: str, mode: str) -> None:
     """(In the subprocess.) Load and adapt the model, then train ``plan.rss_steps`` steps; print the RSS once
     loaded and the peak RSS while training (the peak is reset after loading where Linux allows, so that loading's
     transient memory does not count; ``peak_reset`` says whether it was)."""
-    torch.set_num_threads(THREADS)
     plan = PLANS[mode]
     case = next(c for c in plan.models if c.alias == alias)
     base, family = load_case(case)
@@ -392,7 +403,8 @@ def bench_inference(base: nn.Module, family: str, case: ModelCase, plan: Plan) -
         kwargs = task_kwargs(model, case.batch)
         return torch.no_grad()(lambda: model(**inputs, **kwargs))
 
-    times = interleaved({n: forward(m) for n, m in models.items()}, {n: plan.inference_rounds for n in models}, plan.warmup)
+    steps = {name: forward(model) for name, model in models.items()}
+    times = interleaved(steps, {name: plan.inference_rounds for name in models}, plan.warmup)
     rows = {name: timing_entry(times[name]) for name in models}
     add_ratios(rows, reference=None)
     return {"model": case.alias, "batch": case.batch, "seq": case.seq, "variants": rows}
@@ -403,8 +415,8 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def timing_entry(times, unit: float = 1e3) -> dict:
-    """Summary of a list of timings (ms by default), or the error that stopped the variant."""
+def timing_entry(times, unit: str = "ms") -> dict:
+    """Summary of a list of timings in ``unit``, or the error that stopped the variant."""
     return {"error": describe(times)} if isinstance(times, Exception) else summarize(times, unit)
 
 
@@ -417,14 +429,16 @@ def add_ratios(rows: dict, reference: str | None = "lora") -> None:
 
 
 def add_rss_ratios(rows: dict) -> None:
-    """Peak RSS and the memory training adds after loading, both relative to LoRA's."""
-    measured = [row["rss"] for row in rows.values() if "peak_mib" in row["rss"]]
-    for rss in measured:
-        rss["training_mib"] = rss["peak_mib"] - rss["loaded_mib"]
-    lora = rows.get("lora", {}).get("rss", {})
-    for rss in measured:
-        rss["peak_vs_lora"] = ratio(rss["peak_mib"], lora.get("peak_mib"))
-        rss["training_vs_lora"] = ratio(rss["training_mib"], lora.get("training_mib"))
+    """Per allocator setting: the memory training adds after loading, and both it and the peak relative to LoRA's."""
+    for allocator in ALLOCATORS:
+        entries = [row.get("rss", {}).get(allocator, {}) for row in rows.values()]
+        measured = [rss for rss in entries if "peak_mib" in rss]
+        for rss in measured:
+            rss["training_mib"] = rss["peak_mib"] - rss["loaded_mib"]
+        lora = rows.get("lora", {}).get("rss", {}).get(allocator, {})
+        for rss in measured:
+            rss["peak_vs_lora"] = ratio(rss["peak_mib"], lora.get("peak_mib"))
+            rss["training_vs_lora"] = ratio(rss["training_mib"], lora.get("training_mib"))
 
 
 def target(value: float | None, op: str, bound: float) -> dict:
@@ -438,7 +452,9 @@ def check_targets(results: dict) -> dict:
     for alias, model in results["models"].items():
         ept = model.get("methods", {}).get("ept", {})
         checks[f"{alias}: EPT step / LoRA step"] = target(ept.get("vs_lora"), "<=", 1.2)
-        checks[f"{alias}: EPT peak RSS / LoRA peak RSS"] = target(ept.get("rss", {}).get("peak_vs_lora"), "<=", 1.1)
+        for allocator in ALLOCATORS:
+            peak = ept.get("rss", {}).get(allocator, {}).get("peak_vs_lora")
+            checks[f"{alias}: EPT peak RSS / LoRA peak RSS ({allocator})"] = target(peak, "<=", 1.1)
     for layer in results["layers"]:
         if layer["d_in"] * layer["d_out"] >= BIG_LAYER:
             gain = layer["literal_vs_factored"]
@@ -468,7 +484,7 @@ def render(results: dict) -> str:
         ),
         markdown_table(
             ["shape", "literal / factored (layer)", "literal / factored (adapter overhead)"],
-            [[f"{l['d_in']}x{l['d_out']}", l["literal_vs_factored"].get("layer"), l["literal_vs_factored"].get("overhead")]
+            [[f"{l['d_in']}x{l['d_out']}", *(l["literal_vs_factored"].get(key) for key in ("layer", "overhead"))]
              for l in results["layers"]],
         ),
     ]
@@ -477,10 +493,13 @@ def render(results: dict) -> str:
         if "error" in model:
             parts.append(f"error: {model['error']}")
             continue
-        parts.append(f"EPT's route for the task fuses its experts into factors of mean rank {model['ept_fused_rank']}.")
+        if model["ept_fused_rank"] is not None:
+            parts.append(f"EPT's route for the task fuses its experts into factors of mean rank "
+                         f"{model['ept_fused_rank']:.0f}.")
         parts.append(markdown_table(
-            ["method", "s", "min-max", "x base", "x LoRA", "peak RSS MiB", "x LoRA", "training MiB", "x LoRA"],
-            [[name, *timing_cells(v), *rss_cells(v["rss"])] for name, v in model["methods"].items()],
+            ["method", "s", "min-max", "x base", "x LoRA"]
+            + [f"{label} MiB, {allocator} (x LoRA)" for allocator in ALLOCATORS for label in ("peak RSS", "training")],
+            [[name, *timing_cells(v), *rss_cells(v.get("rss", {}))] for name, v in model["methods"].items()],
         ))
     if results["inference"]:
         inference = results["inference"]
@@ -504,9 +523,17 @@ def timing_cells(row: dict) -> list:
 
 
 def rss_cells(rss: dict) -> list:
-    if "peak_mib" not in rss:
-        return [rss.get("error"), None, None, None]
-    return [rss["peak_mib"], rss["peak_vs_lora"], rss["training_mib"], rss["training_vs_lora"]]
+    """Per allocator setting: "peak (x LoRA)" and "training (x LoRA)", or the child's error."""
+    cells = []
+    for allocator in ALLOCATORS:
+        entry = rss.get(allocator, {})
+        if "peak_mib" not in entry:
+            cells += [entry.get("error"), None]
+            continue
+        for key in ("peak", "training"):
+            mib, share = entry[f"{key}_mib"], entry[f"{key}_vs_lora"]
+            cells.append(f"{mib:.0f} ({share:.2f})" if share is not None else f"{mib:.0f}")
+    return cells
 
 
 # -- command -------------------------------------------------------------------------------------------------------
@@ -535,16 +562,17 @@ def run(plan: Plan) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="skip the 4096-wide layers; fewer rounds")
-    parser.add_argument("--smoke", action="store_true", help="a few-second check: one shape, MiniLM, base/LoRA/EPT")
+    parser.add_argument("--quick", action="store_true", help="skip the 4096-wide layers and SmolLM2; fewer rounds")
+    parser.add_argument("--smoke", action="store_true", help="a short check (CI): one shape, MiniLM, base/LoRA/EPT")
     parser.add_argument("--out", type=Path, help=f"JSON result path (default {DEFAULT_OUT}; a temp file for --smoke)")
+    parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
     parser.add_argument("--rss-child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=sorted(PLANS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(*args.rss_child, args.mode)
         return
-    torch.set_num_threads(THREADS)
     plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
     out = args.out or (Path(tempfile.mkdtemp(prefix="speed-")) / "speed.json" if args.smoke else DEFAULT_OUT)
     results = run(plan)

@@ -1,6 +1,6 @@
 """The ``ept`` command line: train, eval, export, params (and ``analyze`` when that module is installed).
 
-    ept train CONFIG [--max_steps 20 --output_dir X --method.r 4 ...]
+    ept train CONFIG [--max_steps 20 --output_dir X --method.r 4 ...] [--resume_from_checkpoint [DIR]]
     ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100] [--output FILE.json]
     ept export RUN_DIR --task NAME (--merged | --lora) [--output DIR]
     ept params CONFIG [overrides]
@@ -8,20 +8,28 @@
 Also runs as ``python -m pyramid_peft.cli``, e.g. under ``accelerate launch -m pyramid_peft.cli train ...``.
 Every subcommand sets ``func`` (a callable taking the parsed arguments and returning an exit code); a module
 ``pyramid_peft.analysis.cli`` may add the ``analyze`` group through ``add_analyze_parser(subparsers)``.
+
+``--resume_from_checkpoint`` alone resumes from the newest valid checkpoint of the output folder (a partial or
+corrupt one is skipped with a warning); with a folder, from that checkpoint. SIGTERM or Ctrl-C during ``ept train``
+saves a checkpoint, prints how to resume, and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 
 def _train(args) -> int:
     from .training import load_config, train
     from .training.evaluate import metrics_table
+    from .training.guards import TrainingInterrupted
 
-    results = train(load_config(args.config, args.overrides))
+    try:
+        results = train(load_config(args.config, args.overrides))
+    except TrainingInterrupted as stop:  # its checkpoint is saved: exit as the signal would, saying how to resume
+        print(f"ept train: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     if _is_main_process():
         print(metrics_table(results))
     return 0
@@ -48,13 +56,9 @@ def _export(args) -> int:
 
 
 def _params(args) -> int:
-    from .training import count_config_parameters, load_config
+    from .analysis.params import params_command
 
-    counts = count_config_parameters(load_config(args.config, args.overrides))
-    width = max(len(k) for k in counts)
-    for key, value in counts.items():
-        shown = f"{value:,.0f}" if isinstance(value, (int, float)) else json.dumps(value)
-        print(f"{key.ljust(width)}  {shown}")
+    print(params_command(args.config, args.overrides), end="")
     return 0
 
 
@@ -70,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train from a YAML config; extra --key value pairs override it")
     train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs=argparse.REMAINDER, help="e.g. --max_steps 20 --method.r 4")
+    train.add_argument("overrides", nargs=argparse.REMAINDER,
+                       help="e.g. --max_steps 20 --method.r 4; --resume_from_checkpoint [DIR] resumes an interrupted "
+                            "run (default: the newest valid checkpoint in output_dir)")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a finished run on its evaluation (or test) split")
@@ -89,9 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", help="output folder (default: RUN_DIR/export/<task>-<kind>)")
     export.set_defaults(func=_export)
 
-    params = commands.add_parser("params", help="count the adapter parameters of a config's model and method")
-    params.add_argument("config")
-    params.add_argument("overrides", nargs=argparse.REMAINDER)
+    params = commands.add_parser(
+        "params", help="the Appendix-C parameter table of a config's model and method (weights are never loaded)"
+    )
+    params.add_argument("config", help="a YAML config, or a model name such as t5-base or meta-llama/Llama-2-7b-hf")
+    params.add_argument("overrides", nargs=argparse.REMAINDER,
+                        help="config overrides; '--methods NAME... | all' tabulates other methods on the same model")
     params.set_defaults(func=_params)
 
     _add_optional_commands(commands)
@@ -120,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .data import DataSourceError
-    from .models import ModelNotAvailableError
+    from .models import ModelNotAvailableError, ModelSpecError
     from .tasks import UnknownTaskError
     from .training import ConfigError
+    from .training.checkpoints import CheckpointError
+    from .training.guards import NonFiniteLossError
+    from .training.run import RunError
 
-    return ConfigError, DataSourceError, ModelNotAvailableError, UnknownTaskError, FileNotFoundError
+    # OSError covers missing files and models that are neither a local folder nor reachable on the hub.
+    return (ConfigError, DataSourceError, ModelNotAvailableError, ModelSpecError, RunError, UnknownTaskError, OSError,
+            CheckpointError, NonFiniteLossError)
 
 
 if __name__ == "__main__":

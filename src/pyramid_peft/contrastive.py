@@ -40,7 +40,7 @@ def pool_features(x: torch.Tensor, pooling: str, route: TaskRoute) -> torch.Tens
     if x.dim() == 2:
         return x
     if pooling == "first":
-        return x[:, 0]
+        return x[:, 0].contiguous()  # a copy: a view would keep the whole input alive until the next forward
     return token_mean(x, route.attention_mask(x.shape[0], x.shape[1]))
 
 

@@ -40,12 +40,16 @@ class ModelNotAvailableError(RuntimeError):
     """Raised when an alias's wheel is not installed or a model cannot be found."""
 
 
+class ModelSpecError(ValueError):
+    """Raised for a model section that names no model, or an unknown family."""
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model lives and how to treat it.
 
     ``path`` is a local folder or hub id for ``from_pretrained``; ``None`` means "build with random weights from
-    ``config_overrides`` alone" (tiny test models). ``config_overrides`` are applied on top of the loaded config.
+    ``config`` alone" (tiny test models, shape-only analyses). ``config`` already holds any overrides.
     """
 
     name: str | None
@@ -165,13 +169,13 @@ def resolve_model(
     path = ALIASES[name]() if name in ALIASES else name
     if path is None:
         if "model_type" not in overrides:
-            raise ValueError("model.name is empty: give a hub id, local path or alias, or model.config.model_type.")
+            raise ModelSpecError("model.name is empty: give a hub id, local path or alias, or model.config.model_type.")
         config = AutoConfig.for_model(**overrides)
     else:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
     family = family or model_family(config)
     if family not in FAMILIES:
-        raise ValueError(f"model.family must be one of {FAMILIES}, got {family!r}.")
+        raise ModelSpecError(f"model.family must be one of {FAMILIES}, got {family!r}.")
     tokenizer_path = ALIASES[tokenizer]() if tokenizer in ALIASES else (tokenizer or path)
     return ResolvedModel(name, path, tokenizer_path, family, config, trust_remote_code)
 
@@ -179,14 +183,16 @@ def resolve_model(
 def load_tokenizer(resolved: ResolvedModel):
     """The model's tokenizer, with a pad token (decoder-only models often lack one: EOS stands in)."""
     if resolved.tokenizer_path is None:
-        raise ValueError("a model built from model.config alone needs model.tokenizer (a hub id, path or alias).")
+        raise ModelSpecError("a model built from model.config alone needs model.tokenizer (a hub id, path or alias).")
     tokenizer = AutoTokenizer.from_pretrained(resolved.tokenizer_path, trust_remote_code=resolved.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(resolved: ResolvedModel, dtype: str | torch.dtype = "float32", random_init: bool = False) -> PreTrainedModel:
+def load_model(
+    resolved: ResolvedModel, dtype: str | torch.dtype = "float32", random_init: bool = False
+) -> PreTrainedModel:
     """Load the weights (or build a random-init model from the config when ``random_init`` or no path is given)."""
     auto = _AUTO_CLASSES[resolved.family]
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype

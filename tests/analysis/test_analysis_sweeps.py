@@ -94,6 +94,14 @@ def test_ablation_summary_has_the_paper_layout(tmp_path):
     assert "1-2 per row" in table[-1]
 
 
+def test_a_params_column_in_the_papers_units(tmp_path):
+    folder = write(tmp_path, [record("EPT-2", 0, {"rte": 80.0}), record("EPT-4", 0, {"rte": 81.0})])
+    sweep = load_sweep(SWEEPS / "table4-pyramid.yaml")
+    sweep.table.params = "per_task_without_router"
+    table = summarize([folder], sweep)
+    assert "| Methods | params/task | MNLI |" in table and "| EPT-2 | 0.41M | – |" in table
+
+
 def test_summary_without_a_sweep_and_from_the_command_line(tmp_path, capsys):
     folder = write(tmp_path, [record("a", 0, {"rte": 60.0, "cola": 40.0}), record("b", 0, {"rte": 70.0})])
     table = summarize(sorted(folder.glob("*.json")))

@@ -242,3 +242,20 @@ def test_golden_tensors_of_the_public_reference_layer():
         torch.testing.assert_close(out, golden[f"y_task{task}"], rtol=0, atol=1e-12)
         loss = layer.aux_terms("default")["contrastive"]
         torch.testing.assert_close(loss, golden[f"cl_loss_task{task}"].reshape(()), rtol=0, atol=1e-12)
+
+
+def test_inference_reuses_factors_until_parameters_or_route_change():
+    layer = make_layer()
+    x = torch.randn(2, 3, 24)
+    ids = torch.tensor([1, 1])
+    with torch.no_grad(), layer.route.call(ids):
+        first = layer(x)
+        torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+        layer.ept_kernels["default"].mul_(2.0)  # an in-place update (as an optimizer step) must invalidate it
+        changed = layer(x)
+    assert not torch.allclose(changed, first)
+    with layer.route.call(ids):
+        torch.testing.assert_close(layer(x), changed, rtol=0, atol=1e-12)  # the grad path agrees
+    with torch.no_grad(), layer.route.call(torch.tensor([2, 2])):
+        expected = layer.base_layer(x) + x @ reference_delta(layer, 2, 32, 24).T
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)

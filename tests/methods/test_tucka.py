@@ -346,4 +346,4 @@ def test_registered_by_name():
     assert isinstance(config, TuckaConfig) and config.peft_type == "TUCKA" and not config.routes_by_task
     assert (config.r, config.k, config.t, config.p, config.alpha) == (8, 3, 3, 2, 1.0)
     # routed by its input: the trainer need not pass task ids (the model accepts and ignores them)
-    assert not pyramid_peft.uses_task_ids(get_peft_model(TwoLinears(), TuckaConfig(target_modules=["first"])))
+    assert not pyramid_peft.uses_task_ids(get_peft_model(TwoLinears(), TuckaConfig(target_modules=["first"], r=4)))

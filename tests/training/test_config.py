@@ -43,13 +43,15 @@ def test_quickstart_is_the_issue_recipe():
     assert config.model.name == "minilm-l6"
     assert config.tasks == ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
     assert config.method.options["kernel_sizes"] == [2, 2, 4, 4, 6, 6, 8, 8]
-    assert (config.method.options["r"], config.method.options["lora_alpha"], config.method.options["top_k"]) == (8, 32, 2)
+    options = config.method.options
+    assert (options["r"], options["lora_alpha"], options["top_k"]) == (8, 32, 2)
 
 
 def test_paper_t5_config_matches_table_2():
     config = load_config(REPO / "configs" / "paper" / "t5-base-glue.yaml")
     training = config.training
-    assert (training["learning_rate"], training["per_device_train_batch_size"], training["warmup_steps"]) == (3e-4, 32, 500)
+    assert training["learning_rate"] == 3e-4 and training["warmup_steps"] == 500
+    assert training["per_device_train_batch_size"] == 32
     assert config.data.max_source_length == 128
     assert config.method.options["target_modules"] == ["q", "k", "v", "o", "wi", "wo"]
 
@@ -107,6 +109,11 @@ def test_unknown_method_option_names_the_closest_field():
     config = from_dict({"method": {"name": "ept", "kernel_size": [2, 4]}, "tasks": ["rte"]})
     with pytest.raises(ConfigError, match="method.kernel_size.*Did you mean 'method.kernel_sizes'"):
         peft_config(config, "seq2seq", 1)
+
+
+def test_unknown_method_is_a_config_error():
+    with pytest.raises(ConfigError, match="method.name.*Did you mean 'ept'"):
+        peft_config(from_dict({"method": {"name": "etp"}, "tasks": ["rte"]}), "encoder", 1)
 
 
 def test_peft_config_fills_task_count_and_type():

@@ -128,6 +128,14 @@ def test_other_families_train_and_evaluate(tiny_experiment, family, tasks, homog
     assert all(r["num_examples"] == 6 for r in results["tasks"].values())
 
 
+def test_heads_model_trains_with_activation_checkpointing(tiny_experiment):
+    trainer = build_trainer(from_dict(tiny_experiment("encoder", max_steps=2, activation_checkpointing=True)))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any(".ept_" in n for n in changed) and any(n.startswith("heads.") for n in changed)
+
+
 def test_max_steps_is_required(tiny_experiment):
     raw = tiny_experiment("seq2seq")
     del raw["training"]["max_steps"]

@@ -223,7 +223,7 @@ def plot_layers(
     """Tasks x layers heatmap of each task's most selected expert."""
     names = short_layer_names(list(layers))
     label_room = 0.07 * max(len(n) for n in names)  # the layer names stand vertically under the grid
-    fig, (ax,) = plots.new_figure(min(40.0, max(8.0, 0.22 * len(names) + 4)), 2.0 + 0.4 * len(task_names) + label_room)
+    fig, (ax,) = plots.new_figure(min(24.0, max(8.0, 0.22 * len(names) + 4)), 2.0 + 0.4 * len(task_names) + label_room)
     plots.category_heatmap(ax, top_experts(layers), task_names, names, expert_labels, title=title,
                            xlabel="adapted layer (execution order)", ylabel="task", colorbar="most selected expert")
     return plots.save(fig, path)

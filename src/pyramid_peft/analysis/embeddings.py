@@ -118,7 +118,8 @@ def analyze_model(model: nn.Module, task_names: list[str], output: str | Path, l
     vectors = task_vectors(tables)
     if vectors.shape[0] != len(task_names):
         raise ValueError(f"the tables have {vectors.shape[0]} task rows but {len(task_names)} task names were given.")
-    where = next(iter(tables)) if len(tables) == 1 else f"mean over {len(tables)} layers"
+    one = next(iter(tables)) if len(tables) == 1 else None
+    where, mean = (one, one) if one else (f"{len(tables)} layers combined", f"mean over {len(tables)} layers")
     out = Path(output)
     points, ratios = pca_2d(vectors)
     similarity = cosine_similarity(vectors)
@@ -129,7 +130,7 @@ def analyze_model(model: nn.Module, task_names: list[str], output: str | Path, l
         "pca_csv": write_matrix_csv(points, task_names, ["pc1", "pc2"], out / "task_embeddings_pca.csv"),
         "cosine_csv": write_matrix_csv(similarity, task_names, task_names, out / "task_embeddings_cosine.csv"),
         "cosine_png": plot_cosine(similarity, task_names, out / "task_embeddings_cosine.png",
-                                  f"{prefix}task-embedding cosine similarity ({where})"),
+                                  f"{prefix}task-embedding cosine similarity ({mean})"),
     }
 
 

@@ -93,9 +93,12 @@ def _experiment_setting(path: str, overrides, num_tasks: int | None) -> Setting:
     resolved = resolve_model(name, section.tokenizer, section.config, section.family, section.trust_remote_code)
     tasks = num_tasks or len(config.tasks) or DEFAULT_NUM_TASKS
     own = peft_config(config, resolved.family, tasks)
+    method = config.method.name.lower()
     targets = config.method.options.get("target_modules", own.target_modules)  # as written, not PEFT's set
+    if method in OWN_TARGETS:  # its targets are attention only: the other methods get the paper's
+        targets = DEFAULT_TARGETS.get(resolved.config.model_type, targets)
     return Setting(f"{path} ({section.name or resolved.config.model_type})", resolved.config, resolved.family,
-                   targets, tasks, config.method.name.lower(), own)
+                   targets, getattr(own, "num_tasks", None) or tasks, method, own)
 
 
 def method_config(setting: Setting, method: str) -> PeftConfig:
@@ -219,4 +222,9 @@ def _total_rows(results: dict) -> list[str]:
 
 
 def _per_task(value: float) -> str:
-    return f"{value:,.0f} ({value / 1e6:.2f}M)"
+    return f"{value:,.0f} ({paper_units(value)})"
+
+
+def paper_units(value: float) -> str:
+    """A count as the paper's tables print it: ``0.41M``, ``9.6K``."""
+    return f"{value / 1e6:.2f}M" if value >= 1e5 else f"{value / 1e3:.1f}K"

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..training.config import SECTIONS, ExperimentConfig, from_dict, read_yaml, set_dotted
+from .params import paper_units
 
 # How the paper's tables name the tasks.
 TASK_TITLES = {
@@ -79,7 +80,7 @@ class Sweep:
         if variant not in self.variants:
             raise KeyError(f"sweep {self.name!r} has no variant {variant!r}; it has {list(self.variants)}.")
         raw = json.loads(json.dumps(self.base))  # a deep copy of plain YAML data
-        for key, value in {**self.shared, **self.variants[variant]}.items():
+        for key, value in [*self.shared.items(), *self.variants[variant].items()]:
             apply_override(raw, key, value)
         seed = self.seeds[0] if seed is None else seed
         output_dir = f"{SWEEP_RUNS_DIR}/{self.name}/{variant}-seed{seed}"
@@ -169,7 +170,7 @@ def _labels(variant: str, records: list[dict], sweep: Sweep | None, layout: Tabl
     cells = list(sweep.cells[variant]) if sweep and layout.columns and variant in sweep.cells else [variant]
     if layout.params:
         count = records[0].get("params", {}).get(layout.params)
-        cells.append(f"{count / 1e6:.2f}M" if count is not None else "–")
+        cells.append(paper_units(count) if count is not None else "–")
     return cells
 
 

@@ -109,14 +109,18 @@ class MultiTaskBatchSampler:
         prefetches pulls batches ahead of training, so the sampler's own count can run ahead. Any settings in
         ``state`` must equal this sampler's; ``rank`` is not among them, so every rank can load rank 0's state.
         """
+        self.check_compatible(state)
+        self._reset()
+        for _ in range(int(state["step"])):
+            self._next_batch()
+
+    def check_compatible(self, state: dict) -> None:
+        """Raise ``ValueError`` unless the settings in ``state`` (all but ``"step"``) equal this sampler's."""
         mismatched = {key: value for key, value in state.items()
                       if key != "step" and self._settings().get(key) != value}
         if mismatched:
             raise ValueError(f"Sampler state was saved with different settings {mismatched}; build the sampler "
                              f"with the saved settings to resume (current: {self._settings()}).")
-        self._reset()
-        for _ in range(int(state["step"])):
-            self._next_batch()
 
     def _settings(self) -> dict:
         return {"task_sizes": list(self.task_sizes), "batch_size": self.batch_size, "strategy": self.strategy,

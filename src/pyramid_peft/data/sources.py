@@ -63,7 +63,7 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
     root = resolve_data_dir(data_dir)
     path = local_split_path(spec.name, split, root) if root is not None else None
     if path is not None and path.is_file():
-        return _read_local_file(spec, path)
+        return _non_empty(_read_local_file(spec, path), spec, split, str(path))
     local_problem = _describe_local_problem(spec, split, root, path)
     try:
         hub_rows, hub_location = _fetch_hub_rows(spec, split)
@@ -74,7 +74,18 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
             f"  Hugging Face hub: {type(err).__name__}: {err}\n{_FIX_HINT}"
         ) from err
     convert = _hub_source(spec).convert
-    return _convert_rows(enumerate(hub_rows), partial(convert, spec), lambda index: f"{hub_location}, row {index}")
+    examples = _convert_rows(enumerate(hub_rows), partial(convert, spec), lambda index: f"{hub_location}, row {index}")
+    return _non_empty(examples, spec, split, hub_location)
+
+
+def _non_empty(examples: list[dict], spec: TaskSpec, split: str, source: str) -> list[dict]:
+    """``examples``, unless there are none: an empty split would only fail later, far from its cause."""
+    if not examples:
+        raise DataSourceError(
+            f"{source}: {spec.name} split {split!r} has no labelled examples (the file is empty, or every row has "
+            f"label {_UNLABELLED}). Fix: restore a complete copy of the data, or remove {spec.name} from the tasks."
+        )
+    return examples
 
 
 def local_split_path(task: str, split: str, data_dir: Path) -> Path | None:

@@ -49,6 +49,13 @@ class RoutedLayer(BaseTunerLayer):
             )
         return base.in_features, base.out_features
 
+    def rank_limit(self) -> int | None:
+        """The largest useful ``r`` here: a rank-r change of a d_in -> d_out map has rank at most min(d_in, d_out).
+
+        None where the layer checks its rank itself.
+        """
+        return min(self.in_features, self.out_features)
+
     # -- routing helpers ---------------------------------------------------------------------------------------
     def task_ids_for(self, x: torch.Tensor, required: bool = True) -> torch.Tensor | None:
         """Task id of every row of ``x`` (``x`` is (batch, ..., d_in)); expanded for beam search."""
@@ -119,6 +126,7 @@ class RoutedTuner(BaseTuner):
         # The route must exist before injection creates layers that hold it.
         self.__dict__["route"] = TaskRoute(getattr(config, "num_tasks", 1), self.method_name)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        self._check_rank(config)
         wrapper = find_enclosing_peft_model()
         if wrapper is not None:
             attach_to_peft_model(wrapper, self.route)
@@ -141,6 +149,17 @@ class RoutedTuner(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_rank(self, config) -> None:
+        """Refuse an ``r`` above an adapted layer's :meth:`RoutedLayer.rank_limit`: that rank could not be used."""
+        rank = getattr(config, "r", None)
+        for name, layer in self.routed_layers():
+            limit = layer.rank_limit()
+            if rank is not None and limit is not None and rank > limit:
+                raise ValueError(
+                    f"r={rank} is larger than {name} ({layer.in_features} -> {layer.out_features}) allows: a change "
+                    f"of that layer has rank at most {limit}. Use r <= {limit}, or leave it out of target_modules."
+                )
 
     def _check_merge_allowed(self):
         raise NotMergeableError(

@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 from transformers import Seq2SeqTrainingArguments
 
+from ..atomic import atomic_write_text
+
 SECTIONS = ("model", "method", "tasks", "data", "sampling", "training")
 # Defaults for training fields whose stock default does not suit a multi-task run.
 TRAINING_DEFAULTS = {"report_to": ["tensorboard"], "metric_for_best_model": "paper_average"}
@@ -159,8 +161,8 @@ class ExperimentConfig:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the config as YAML (the run folder's record of what ran)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the config as YAML (the run folder's record of what ran), atomically."""
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "sampling": SamplingSection}

@@ -58,10 +58,17 @@ class Predictor:
     num_beams: int = 1
     synced_gpus: bool = False
 
+    @classmethod
+    def for_run(cls, model, family: str, collator, tokenizer, args, route_task_ids: bool, synced_gpus: bool = False):
+        """A predictor with the evaluation settings of the training arguments ``args``."""
+        return cls(model, family, collator, tokenizer, batch_size=args.per_device_eval_batch_size,
+                   route_task_ids=route_task_ids, num_beams=args.generation_num_beams or 1, synced_gpus=synced_gpus)
+
     @torch.no_grad()
     def predict(self, eval_set: EvalSet, examples: list[dict]) -> list:
         """Predictions (label ids, scores, or None for an unparseable generation) for ``examples``."""
         predictions: list = []
+        budget = answer_token_budget(eval_set.task, self.tokenizer, self.family) if self.family != "encoder" else 0
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start : start + self.batch_size]
             features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
@@ -69,7 +76,7 @@ class Predictor:
             if self.family == "encoder":
                 predictions += self._classify(batch)
             else:
-                predictions += [eval_set.task.parse_prediction(text) for text in self._generate(eval_set.task, batch)]
+                predictions += [eval_set.task.parse_prediction(text) for text in self._generate(batch, budget)]
         return predictions
 
     def _classify(self, batch: dict) -> list:
@@ -77,12 +84,12 @@ class Predictor:
         logits = self.model(**inputs).logits
         return _unwrap(self.model).predict(logits, batch["task_ids"])
 
-    def _generate(self, task: TaskSpec, batch: dict) -> list[str]:
+    def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
         kwargs = {"task_ids": batch["task_ids"]} if self.route_task_ids else {}
         output = self.model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            max_new_tokens=answer_token_budget(task, self.tokenizer, self.family),
+            max_new_tokens=max_new_tokens,
             num_beams=self.num_beams,
             do_sample=False,
             synced_gpus=self.synced_gpus,
@@ -163,6 +170,7 @@ def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
 
 
 def _unwrap(model: nn.Module) -> MultiTaskClassifier:
+    """The heads model inside a wrapper (under FSDP, the Trainer's ``model`` is the wrapped one)."""
     return model.module if hasattr(model, "module") else model
 
 

@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .. import uses_task_ids
+
 HEADS_FILE = "heads.safetensors"
 
 
@@ -26,6 +28,12 @@ class MultiTaskOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+
+
+def needs_task_ids(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``task_ids``: always for heads (they pick the head), else if the method
+    routes by task (stock LoRA's forward would reject them)."""
+    return isinstance(model, MultiTaskClassifier) or uses_task_ids(model)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -69,8 +77,9 @@ class MultiTaskClassifier(nn.Module):
         """The encoder's model config (the Trainer and its callbacks read ``model.config``)."""
         return self.encoder.config
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.encoder.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Checkpoint the encoder's layers (the Trainer calls this for ``activation_checkpointing: true``)."""
+        self.encoder.activation_checkpointing_enable(**kwargs)
 
     def forward(
         self,

@@ -15,27 +15,36 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 from transformers import set_seed
 
 from .. import count_parameters, export_lora, make_peft_config, merge_for_task, uses_task_ids
+from ..atomic import atomic_write_text
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from ..registry import METHODS
 from ..tasks import TaskSpec, get_task
+from .checkpoints import checkpoint_problem
 from .config import ConfigError, ExperimentConfig, load_config
-from .evaluate import EvalSet, Predictor, answer_token_budget, evaluate_tasks, metrics_table
-from .heads import HEADS_FILE, MultiTaskClassifier
+from .evaluate import EvalSet, Predictor, answer_token_budget, evaluate_tasks
+from .heads import MultiTaskClassifier, needs_task_ids
 from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 EXPORT_DIR = "export"
+class RunError(ValueError):
+    """A run folder cannot do what was asked (a task it did not train, a split its protocol lacks)."""
+
+
 _TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM", "encoder": None}
 
 
@@ -68,7 +77,7 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
     resolved = resolve_model(section.name, section.tokenizer, section.config, section.family, section.trust_remote_code)
     tokenizer = load_tokenizer(resolved)
     base = load_model(resolved, section.dtype, random_init=random_init)
-    peft_model = get_peft_model(base, peft_config(config, resolved.family, len(tasks)))
+    peft_model = _adapt(base, peft_config(config, resolved.family, len(tasks)), config.method.name)
     model = peft_model
     if resolved.family == "encoder":
         model = MultiTaskClassifier(
@@ -77,8 +86,27 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
             [t.num_labels for t in tasks],
             hidden_size=base.config.hidden_size,
             route_task_ids=uses_task_ids(peft_model),
+            **_head_dropout(base.config),
         )
     return Experiment(config, resolved, tokenizer, tasks, model)
+
+
+def _adapt(base: nn.Module, method_config, method: str) -> PeftModel:
+    """``get_peft_model``, with its complaints about the config (targets, ranks) raised as :class:`ConfigError`."""
+    try:
+        return get_peft_model(base, method_config)
+    except ValueError as err:
+        linears = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"method {method!r} cannot adapt this model: {err} (Its linear layers are named: "
+                          f"{', '.join(linears)}; method.target_modules picks among them.)") from err
+
+
+def _head_dropout(model_config) -> dict:
+    """The heads' ``dropout`` as transformers' sequence classifiers read it from the model config, if it has one."""
+    for key in ("classifier_dropout", "hidden_dropout_prob"):
+        if getattr(model_config, key, None) is not None:
+            return {"dropout": getattr(model_config, key)}
+    return {}
 
 
 def peft_config(config: ExperimentConfig, family: str, num_tasks: int):
@@ -93,16 +121,28 @@ def peft_config(config: ExperimentConfig, family: str, num_tasks: int):
             raise ConfigError(f"unknown key 'method.{key}' for method {method.name!r}.{extra}")
     if "num_tasks" in valid:
         options.setdefault("num_tasks", num_tasks)
+        if isinstance(options["num_tasks"], int) and options["num_tasks"] < num_tasks:
+            raise ConfigError(
+                f"method.num_tasks={options['num_tasks']} is smaller than the {num_tasks} tasks configured "
+                f"{config.tasks}, whose ids run up to {num_tasks - 1}: remove method.num_tasks (it defaults to the "
+                f"number of tasks) or set it to at least {num_tasks}."
+            )
     if _TASK_TYPES[family] is not None:
         options.setdefault("task_type", _TASK_TYPES[family])
-    return make_peft_config(method.name, **options)
+    try:
+        return make_peft_config(method.name, **options)
+    except ValueError as err:  # a value out of range: the method's message names it and the fix
+        raise ConfigError(f"method {method.name!r}: {err}") from err
 
 
 def _method_fields(name: str) -> list[str]:
     """Keyword arguments the method's config class accepts (an unknown method is reported by the registry)."""
     key = name.lower()
     if key != "lora" and key not in METHODS:
-        make_peft_config(name)  # raises the registry's "unknown method" error, with the valid names
+        try:
+            make_peft_config(name)
+        except ValueError as err:  # the registry's message lists the methods and the closest name
+            raise ConfigError(f"method.name: {err}") from None
     cls = LoraConfig if key == "lora" else METHODS[key][0]
     return [f.name for f in fields(cls) if f.init]
 
@@ -138,7 +178,7 @@ def eval_sets(experiment: Experiment, splits: list, use_test: bool = False) -> l
     sets = []
     for task_id, (task, split) in enumerate(zip(experiment.tasks, splits)):
         if use_test and split.test is None:
-            raise ValueError(f"protocol {experiment.config.data.protocol!r} has no test split for {task.name}.")
+            raise RunError(f"protocol {experiment.config.data.protocol!r} has no test split for {task.name}.")
         examples, name = (split.test, split.test_split) if use_test else (split.eval, split.eval_split)
         sets.append(EvalSet(task, task_id, examples, name))
     return sets
@@ -149,6 +189,7 @@ def build_trainer(config: ExperimentConfig) -> MultiTaskTrainer:
     """The model, data and :class:`MultiTaskTrainer` of a config, ready to ``train()``."""
     args = config.training_arguments(**_training_defaults(config))
     _check_steps(args)
+    _check_processes(args)
     set_seed(args.seed)
     experiment = build_experiment(config)
     splits = load_splits(experiment)
@@ -170,7 +211,7 @@ def train(config: ExperimentConfig) -> dict:
     trainer = build_trainer(config)
     args = trainer.args
     run_dir = Path(args.output_dir)
-    config.training["output_dir"] = str(run_dir)
+    config = replace(config, training={**config.training, "output_dir": str(run_dir)})  # record the default too
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / CONFIG_FILE)
@@ -178,22 +219,41 @@ def train(config: ExperimentConfig) -> dict:
     trainer.evaluate()
     results = {"model": config.model.name, "method": config.method.name, "step": trainer.state.global_step,
                **trainer.last_eval_results}
+    trainer.save_model_atomically(run_dir / ADAPTER_DIR)  # on every rank: FSDP and DeepSpeed gather the weights
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(run_dir / ADAPTER_DIR)
         write_metrics(run_dir / METRICS_FILE, results)
     return results
 
 
 def _training_defaults(config: ExperimentConfig) -> dict:
-    """Defaults that depend on the experiment: the run folder, and DDP's unused-parameter search.
+    """Defaults that depend on the experiment and the machine: the run folder, DDP's unused-parameter search, and
+    the CPU where there is no accelerator.
 
     Top-k routing leaves some experts without gradient in a step, and a heads model uses one head per batch:
-    DDP must then look for unused parameters or it waits forever for their gradients.
+    DDP must then look for unused parameters or it waits forever for their gradients. Without ``use_cpu`` the
+    Trainer does not join a multi-process CPU launch (DDP over gloo): each process would train alone.
     """
+    model = config.model.name or config.model.config.get("model_type", "model")
     return {
-        "output_dir": f"runs/{'-'.join(config.tasks[:3]) or 'run'}",
+        "output_dir": f"runs/{config.method.name}-{model.rstrip('/').rsplit('/', 1)[-1]}",
         "ddp_find_unused_parameters": True,
+        "use_cpu": not _has_accelerator(),
     }
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every backend, not only CUDA
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def _check_processes(args) -> None:
+    """Refuse a launch of several processes that the Trainer would run as independent single-process runs."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size == 1:
+        raise ConfigError(
+            f"{launched} processes were launched but the Trainer runs each alone: they would train the same run "
+            "side by side and overwrite each other's checkpoints. On a machine without a GPU, pass --use_cpu true."
+        )
 
 
 def _check_steps(args) -> None:
@@ -205,8 +265,8 @@ def _check_steps(args) -> None:
 
 
 def write_metrics(path: str | Path, results: dict) -> None:
-    """Write results as indented JSON."""
-    Path(path).write_text(json.dumps(results, indent=2) + "\n")
+    """Write results as indented JSON (atomically: a reader never sees half a file)."""
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 # -- after training -------------------------------------------------------------------------------------------
@@ -220,7 +280,9 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Experiment:
     weights = Path(checkpoint) if checkpoint else run_dir / ADAPTER_DIR
     if not weights.is_dir():
         raise FileNotFoundError(f"{weights} does not exist: the run has not finished (pass --checkpoint DIR).")
-    set_seed(config.training.get("seed", 42))  # a base built from model.config alone is then the same one
+    if checkpoint and (problem := checkpoint_problem(weights)):
+        raise RunError(f"checkpoint {weights} is unusable: {problem}. Pass an older checkpoint-<step> folder.")
+    set_seed(config.training_arguments().seed)  # a base built from model.config alone is then the same one
     experiment = build_experiment(config)
     load_trained(experiment.model, weights)
     experiment.model.eval()
@@ -228,13 +290,45 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Experiment:
 
 
 def load_trained(model: nn.Module, folder: Path) -> None:
-    """Load adapter (and heads) weights written by ``save_pretrained`` into a model built from the same config."""
-    if isinstance(model, MultiTaskClassifier):
-        model.load_trained(folder)
-        return
-    adapter = model.active_adapter
-    model.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
-    model.set_adapter(adapter)
+    """Load adapter (and heads) weights written by ``save_pretrained`` into a model built from the same config.
+
+    A folder written for another method or base model is refused with both named: PEFT would otherwise load
+    only the keys that happen to match, or fail on the first shape that does not.
+    """
+    folder = Path(folder)
+    peft_model = model.encoder if isinstance(model, MultiTaskClassifier) else model
+    _check_adapter_folder(peft_model, folder)
+    try:
+        if isinstance(model, MultiTaskClassifier):
+            model.load_trained(folder)
+            return
+        adapter = model.active_adapter
+        model.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
+        model.set_adapter(adapter)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        raise RunError(f"{folder} does not fit this run's model, so it was trained on another base model or "
+                       f"model.config: {str(err).strip().splitlines()[-1].strip()}") from err
+
+
+def _check_adapter_folder(peft_model: PeftModel, folder: Path) -> None:
+    """Refuse an adapter folder whose method or base model differs from the model's, naming both."""
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise RunError(f"{folder} has no adapter_config.json: it is not an adapter folder written by `ept train`.")
+    saved = json.loads(config_path.read_text())
+    expected = peft_model.peft_config[peft_model.active_adapter]
+    saved_type, expected_type = saved.get("peft_type"), getattr(expected.peft_type, "value", expected.peft_type)
+    if saved_type != expected_type:
+        raise RunError(f"{folder} holds a {saved_type} adapter, but this run's config builds {expected_type}: load "
+                       "it with the config of the run that trained it.")
+    # Compare model names, not paths: the same model may live in another folder on another machine.
+    saved_base, expected_base = (Path(name or "").name for name in (saved.get("base_model_name_or_path"),
+                                                                     expected.base_model_name_or_path))
+    if saved_base != expected_base:
+        raise RunError(f"{folder} was trained on base model {saved_base or '(built from model.config)'!r}, but "
+                       f"this run's model is {expected_base or '(built from model.config)'!r}.")
 
 
 def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | None = None) -> dict:
@@ -242,16 +336,8 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | Non
     experiment = load_run(run_dir, checkpoint)
     splits = load_splits(experiment)
     _, eval_collator = collators(experiment)
-    args = experiment.config.training_arguments()
-    predictor = Predictor(
-        model=experiment.model,
-        family=experiment.family,
-        collator=eval_collator,
-        tokenizer=experiment.tokenizer,
-        batch_size=args.per_device_eval_batch_size,
-        route_task_ids=isinstance(experiment.model, MultiTaskClassifier) or uses_task_ids(experiment.model),
-        num_beams=args.generation_num_beams or 1,
-    )
+    predictor = Predictor.for_run(experiment.model, experiment.family, eval_collator, experiment.tokenizer,
+                                  experiment.config.training_arguments(), needs_task_ids(experiment.model))
     results = evaluate_tasks(predictor, eval_sets(experiment, splits, use_test=split == "test"))
     return {"model": experiment.config.model.name, "method": experiment.config.method.name,
             "weights": str(checkpoint or Path(run_dir) / ADAPTER_DIR), **results}
@@ -264,7 +350,7 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
     """
     experiment = load_run(run_dir)
     if task not in experiment.config.tasks:
-        raise ValueError(f"task {task!r} was not trained in {run_dir}; it has {experiment.config.tasks}.")
+        raise RunError(f"task {task!r} was not trained in {run_dir}; it has {experiment.config.tasks}.")
     task_id = experiment.config.tasks.index(task)
     out = Path(output) if output else Path(run_dir) / EXPORT_DIR / f"{task}-{mode}"
     peft_model = experiment.peft_model
@@ -278,15 +364,13 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
         merged.save_pretrained(out)
         experiment.tokenizer.save_pretrained(out)
     else:
-        raise ValueError(f"export mode must be 'lora' or 'merged', got {mode!r}.")
+        raise RunError(f"export mode must be 'lora' or 'merged', got {mode!r}.")
     if isinstance(experiment.model, MultiTaskClassifier):
         _save_head(experiment.model, task_id, out / "head.safetensors")
     return out
 
 
 def _save_head(model: MultiTaskClassifier, task_id: int, path: Path) -> None:
-    from safetensors.torch import save_file
-
     head = model.heads[task_id]
     save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(path))
 

@@ -23,6 +23,8 @@ of same-size experts is one expert with the weighted sum of their kernels.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -48,11 +50,15 @@ def kron2d_factors(A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int
 
     With batched ``K`` (..., k, k) the up factor is batched too: (..., d_out, rk).
     """
-    k = K.shape[-1]
-    eye = torch.eye(k, dtype=A.dtype, device=A.device)
-    down = torch.kron(A, eye)[:, :d_in]
+    down = torch.kron(A, identity(K.shape[-1], A.dtype, A.device))[:, :d_in]
     up = batched_kron(B, K)[..., :d_out, :]
     return up, down
+
+
+@lru_cache(maxsize=64)
+def identity(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """I_k, built once per size, dtype and device (it is rebuilt in every forward otherwise)."""
+    return torch.eye(k, dtype=dtype, device=device)
 
 
 def batched_kron(B: torch.Tensor, K: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,10 @@ class EptLayer(RoutedLayer):
         self.ept_contrastive: dict[str, bool] = {}
         self._plans: dict[str, tuple] = {}
 
+    def rank_limit(self) -> None:
+        """None: ``r`` is the rank of the seed, which :meth:`update_layer` checks against the kernel sizes."""
+        return None
+
     # -- construction -------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: EptConfig) -> None:
         d_out, d_in = self.out_features, self.in_features
@@ -102,16 +106,19 @@ class EptLayer(RoutedLayer):
         self.set_adapter(self.active_adapters)
 
     def _scales(self, config: EptConfig, groups, m_total: int, n_total: int):
-        """ALP's dimension-aware scaling (spec §1.6, reconstructed): (rank scale, B-row scale, A-column scale)."""
-        r = config.r
-        rank = torch.arange(1, r + 1, dtype=torch.float32) / r
+        """ALP's dimension-aware scaling (spec §1.6, reconstructed) as (A-row scale, A-column scale, B-row scale).
+
+        ``rank_sq`` scales rank component ρ by ρ/r on both factors, i.e. (ρ/r)² on A alone; ``rank_lin`` by ρ/r
+        once; ``coord_lin`` scales seed coordinates by tier on both sides.
+        """
+        rank = torch.arange(1, config.r + 1, dtype=torch.float32) / config.r
         if not config.alp or config.dim_scale == "none":
             return None
         if config.dim_scale == "rank_sq":
-            return (rank, None, None)
+            return (rank**2, None, None)
         if config.dim_scale == "rank_lin":
-            return (rank.sqrt(), None, None)  # applied on both factors, so rank component ρ is scaled by ρ/r once
-        return (None, tier_scale([g.m for g in groups], m_total), tier_scale([g.n for g in groups], n_total))
+            return (rank, None, None)
+        return (None, tier_scale([g.n for g in groups], n_total), tier_scale([g.m for g in groups], m_total))
 
     def reset_parameters(self, adapter_name: str) -> None:
         config = self.ept_config[adapter_name]
@@ -145,20 +152,22 @@ class EptLayer(RoutedLayer):
         flat = self.ept_kernels[adapter_name]
         return flat[offsets[expert] : offsets[expert] + rows * k].view(rows, k)
 
-    def _seed_factors(self, adapter_name: str, group: KernelGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_k, B_k): the group's seed slice with the dimension-aware scaling applied."""
-        A = self.ept_A[adapter_name][:, group.a_offset : group.a_offset + group.n]
-        B = self.ept_B[adapter_name][group.b_offset : group.b_offset + group.m]
+    def _scaled_seed(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole seed factors (A, B) with the dimension-aware scaling applied (once per forward)."""
+        A, B = self.ept_A[adapter_name], self.ept_B[adapter_name]
         scales = self._plans[adapter_name][2]
-        if scales is not None:
-            rank, rows, cols = scales
-            if rank is not None:
-                rank = rank.to(A)
-                A, B = A * rank[:, None], B * rank[None, :]
-            else:
-                A = A * cols[: group.n].to(A)[None, :]
-                B = B * rows[: group.m].to(B)[:, None]
-        return A, B
+        if scales is None:
+            return A, B
+        a_rows, a_cols, b_rows = scales
+        if a_rows is not None:
+            return A * a_rows.to(A)[:, None], B
+        return A * a_cols.to(A)[None, :], B * b_rows.to(B)[:, None]
+
+    @staticmethod
+    def _slice_seed(seed: tuple[torch.Tensor, torch.Tensor], group: KernelGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_k, B_k): the group's slice of the (scaled) seed factors."""
+        A, B = seed
+        return A[:, group.a_offset : group.a_offset + group.n], B[group.b_offset : group.b_offset + group.m]
 
     def scaling(self, adapter_name: str) -> float:
         config = self.ept_config[adapter_name]
@@ -196,13 +205,18 @@ class EptLayer(RoutedLayer):
 
     # -- factors ------------------------------------------------------------------------------------------------
     def _group_kernel(self, adapter_name: str, group: KernelGroup, weights: torch.Tensor) -> torch.Tensor:
-        """Gate-weighted sum of the group's kernels; weights (..., E) give kernels (..., rows, k)."""
+        """Gate-weighted sum of the group's kernels; per-row weights (..., E) give kernels (..., rows, k)."""
         stacked = torch.stack([self._kernel(adapter_name, e) for e in group.experts])  # (G, rows, k)
         return torch.einsum("...g,gij->...ij", weights[..., list(group.experts)], stacked.to(weights))
 
-    def _group_factors(self, adapter_name: str, group: KernelGroup, kernel: torch.Tensor):
+    def _mixed_kernel(self, adapter_name: str, group: KernelGroup, weights: torch.Tensor, used: list[bool]):
+        """Gate-weighted sum of the group's kernels for one weight vector (E,), over the chosen experts only."""
+        chosen = [e for e in group.experts if used[e]]
+        return sum(weights[e] * self._kernel(adapter_name, e) for e in chosen)
+
+    def _group_factors(self, adapter_name: str, seed, group: KernelGroup, kernel: torch.Tensor):
         """(up, down) LoRA factors of one group with a (possibly batched) kernel."""
-        A, B = self._seed_factors(adapter_name, group)
+        A, B = self._slice_seed(seed, group)
         form = self.ept_config[adapter_name].expert_form
         build = experts.kron2d_factors if form == "kron2d" else experts.code1d_factors
         return build(A, B, kernel, self.out_features, self.in_features)
@@ -218,19 +232,40 @@ class EptLayer(RoutedLayer):
         ups, downs = self._fused_factors(adapter_name, weights)
         return self.scaling(adapter_name) * ups, downs
 
-    def _active_groups(self, adapter_name: str, weights: torch.Tensor) -> list[KernelGroup]:
-        used = (weights.reshape(-1, weights.shape[-1]) != 0).any(dim=0)
+    def _used_experts(self, weights: torch.Tensor) -> list[bool]:
+        """Which experts any row of ``weights`` (..., E) uses (one host sync)."""
+        return (weights.reshape(-1, weights.shape[-1]) != 0).any(dim=0).tolist()
+
+    def _active_groups(self, adapter_name: str, used: list[bool]) -> list[KernelGroup]:
         groups, _, _ = self._plans[adapter_name]
-        return [g for g in groups if bool(used[list(g.experts)].any())]
+        return [g for g in groups if any(used[e] for e in g.experts)]
 
     def _fused_factors(self, adapter_name: str, weights: torch.Tensor):
         """One LoRA pair for one weight vector (E,): the used groups' factors concatenated along the rank."""
+        used = self._used_experts(weights)
+        seed = self._scaled_seed(adapter_name)
         ups, downs = [], []
-        for group in self._active_groups(adapter_name, weights):
-            up, down = self._group_factors(adapter_name, group, self._group_kernel(adapter_name, group, weights))
+        for group in self._active_groups(adapter_name, used):
+            kernel = self._mixed_kernel(adapter_name, group, weights, used)
+            up, down = self._group_factors(adapter_name, seed, group, kernel)
             ups.append(up)
             downs.append(down)
         return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+    def _cached_fused_factors(self, adapter_name: str, weights: torch.Tensor):
+        """:meth:`_fused_factors`, reused across no-grad calls with the same route and unchanged parameters.
+
+        Inference with a task-routed adapter otherwise rebuilds the same factors in every layer for every batch.
+        """
+        if torch.is_grad_enabled():
+            return self._fused_factors(adapter_name, weights)
+        params = (self.ept_A[adapter_name], self.ept_B[adapter_name], self.ept_kernels[adapter_name])
+        key = (adapter_name, tuple(weights.tolist()), tuple((id(p), p._version) for p in params))
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._fused_factors(adapter_name, weights))
+            self._factor_cache = cached
+        return cached[1]
 
     def delta_weight(self, adapter_name: str, task_id: int) -> torch.Tensor:
         """Dense (alpha/r) sum_e g_e ΔW_e built literally, expert by expert, with transposed convolutions."""
@@ -241,9 +276,10 @@ class EptLayer(RoutedLayer):
         config = self.ept_config[adapter_name]
         literal = experts.literal_kron2d if config.expert_form == "kron2d" else experts.literal_code1d
         groups, _, _ = self._plans[adapter_name]
+        seed = self._scaled_seed(adapter_name)
         delta = self.ept_A[adapter_name].new_zeros(self.out_features, self.in_features)
         for group in groups:
-            A, B = self._seed_factors(adapter_name, group)
+            A, B = self._slice_seed(seed, group)
             for e in group.experts:
                 if weights[e] != 0:
                     delta = delta + weights[e] * literal(B @ A, self._kernel(adapter_name, e), *delta.shape)
@@ -259,19 +295,20 @@ class EptLayer(RoutedLayer):
         if config.materialize:
             return self._materialized_output(adapter_name, dropped, weights)
         if weights.shape[:-1].numel() == 1 or bool((weights == weights.reshape(-1, weights.shape[-1])[0]).all()):
-            up, down = self._fused_factors(adapter_name, weights.reshape(-1, weights.shape[-1])[0])
+            up, down = self._cached_fused_factors(adapter_name, weights.reshape(-1, weights.shape[-1])[0])
             return self.scaling(adapter_name) * F.linear(F.linear(dropped, down), up)
         return self.scaling(adapter_name) * self._mixed_output(adapter_name, dropped, weights)
 
     def _mixed_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Rows with different combine weights (mixed tasks, token routing): per-row kernels between the factors."""
         config = self.ept_config[adapter_name]
+        seed = self._scaled_seed(adapter_name)
         out = None
-        for group in self._active_groups(adapter_name, weights):
+        for group in self._active_groups(adapter_name, self._used_experts(weights)):
             kernel = self._group_kernel(adapter_name, group, weights)
-            A, B = self._seed_factors(adapter_name, group)
+            A, B = self._slice_seed(seed, group)
             if config.expert_form == "kron2d":
-                eye = torch.eye(group.k, dtype=A.dtype, device=A.device)
+                eye = experts.identity(group.k, A.dtype, A.device)
                 up, down = experts.kron2d_factors(A, B, eye, self.out_features, self.in_features)
                 hidden = F.linear(x, down).unflatten(-1, (config.r, group.k))  # (..., r, k)
                 part = F.linear(torch.matmul(hidden, kernel.transpose(-1, -2)).flatten(-2), up)

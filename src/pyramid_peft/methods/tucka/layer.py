@@ -56,6 +56,10 @@ class TuckaLayer(RoutedLayer):
         self.tucka_config: dict[str, TuckaConfig] = {}
         self.tucka_shared: SharedRoute | None = None  # set by the tuner after injection
 
+    def rank_limit(self) -> int:
+        """``d_in``: TuckA changes the input side only (U is d_in x r)."""
+        return self.in_features
+
     # -- construction -------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: TuckaConfig) -> None:
         self.tucka_config[adapter_name] = config

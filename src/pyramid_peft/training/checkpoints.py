@@ -1,0 +1,126 @@
+"""Checkpoints that are complete or absent, and resuming from the newest good one.
+
+A checkpoint ``checkpoint-<step>`` is written under a temporary name (``.partial/checkpoint-<step>``, which the
+Trainer's checkpoint search does not look into) and renamed once complete, so a run killed while saving leaves no
+folder under a checkpoint name. The last file written before the rename is ``checkpoint_manifest.json``, the size
+and SHA-256 of every other file: a folder without one, or whose files differ from it (truncated, edited, a bad
+disk), is not a valid checkpoint, and resuming skips it for the newest valid one before it, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+MANIFEST_FILE = "checkpoint_manifest.json"
+SAMPLER_STATE_FILE = "sampler_state.json"
+STAGING_DIR = ".partial"
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+_HASH_CHUNK = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """There is no checkpoint to resume from, or none of the candidates is complete and intact."""
+
+
+class CheckpointWarning(UserWarning):
+    """A partial or corrupt checkpoint was skipped in favour of an older, valid one."""
+
+
+def staging_folder(checkpoint: Path) -> Path:
+    """Where ``checkpoint`` is written before it is renamed into place (the same path on every process)."""
+    return checkpoint.parent / STAGING_DIR / checkpoint.name
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Record the size and SHA-256 of every file in ``folder``; written last, it marks the folder complete."""
+    files = {path.relative_to(folder).as_posix(): _fingerprint(path)
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a usable checkpoint, or None when every file matches its manifest."""
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE}, so its save never finished"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST_FILE} is unreadable ({err})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = _fingerprint(path)
+        if actual["size"] != expected["size"]:
+            return f"{name} has {actual['size']} bytes instead of {expected['size']} (truncated or overwritten)"
+        if actual != expected:
+            return f"{name} does not match its SHA-256 in {MANIFEST_FILE} (corrupt)"
+    return None
+
+
+def newest_valid_checkpoint(run_dir: str | Path) -> Path | None:
+    """The valid checkpoint of ``run_dir`` with the highest step, or None."""
+    return next((path for path in _newest_first(Path(run_dir)) if checkpoint_problem(path) is None), None)
+
+
+def resolve_resume(request: str | bool | None, run_dir: str | Path) -> str | None:
+    """The checkpoint to resume from for ``resume_from_checkpoint=request``.
+
+    ``True`` means the newest checkpoint in ``run_dir``; a path means that checkpoint. A partial or corrupt one is
+    skipped (with a :class:`CheckpointWarning`) for the newest valid checkpoint before it in the same folder.
+    Raises :class:`CheckpointError` when there is nothing valid to resume from.
+    """
+    if request is None or request is False:
+        return None
+    if request is True:
+        candidates = _newest_first(Path(run_dir))
+        if not candidates:
+            raise CheckpointError(
+                f"resume_from_checkpoint is set but {run_dir} holds no checkpoint-<step> folder: train without "
+                "--resume_from_checkpoint, or set --output_dir to the folder of the run to resume."
+            )
+    else:
+        named = Path(request)
+        if not named.is_dir():
+            raise CheckpointError(f"resume_from_checkpoint={request}: no such folder.")
+        step = _step(named)
+        older = [path for path in _newest_first(named.parent) if step is not None and _step(path) < step]
+        candidates = [named, *older]
+    skipped = []
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            for path, why in skipped:
+                warnings.warn(f"checkpoint {path} is unusable: {why}. Resuming from {candidate} instead.",
+                              CheckpointWarning, stacklevel=2)
+            return str(candidate)
+        skipped.append((candidate, problem))
+    reasons = "; ".join(f"{path}: {why}" for path, why in skipped)
+    raise CheckpointError(f"no valid checkpoint to resume from ({reasons}). Train again without "
+                          "--resume_from_checkpoint.")
+
+
+def _newest_first(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    found = [path for path in run_dir.iterdir() if path.is_dir() and _step(path) is not None]
+    return sorted(found, key=_step, reverse=True)
+
+
+def _step(path: Path) -> int | None:
+    match = _CHECKPOINT_NAME.match(path.name)
+    return int(match[1]) if match else None
+
+
+def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
