@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,9 +32,9 @@ from pyramid_peft.training.checkpoints import (
     resolve_resume,
     write_manifest,
 )
-from pyramid_peft.training.config import ModelSection, from_dict
+from pyramid_peft.training.config import ConfigError, ModelSection, from_dict
 from pyramid_peft.training.guards import NonFiniteLossError, StopSignals, TrainingInterrupted
-from pyramid_peft.training.run import RunError, build_trainer, load_run, load_trained, train
+from pyramid_peft.training.run import RunError, _check_processes, build_trainer, load_run, load_trained, train
 from pyramid_peft.training.trainer import MultiTaskTrainer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -93,7 +94,7 @@ def test_partial_and_corrupt_checkpoints_are_named_and_skipped_for_the_previous_
 
 
 def test_checkpoints_hold_the_whole_training_state_and_appear_only_complete(tiny_experiment, monkeypatch):
-    raw = tiny_experiment("seq2seq", max_steps=4)
+    raw = tiny_experiment("seq2seq", max_steps=4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True)
     run = Path(raw["training"]["output_dir"])
 
     def fail_at_step_4(self, output_dir):
@@ -116,6 +117,8 @@ def test_checkpoints_hold_the_whole_training_state_and_appear_only_complete(tiny
     monkeypatch.setattr(MultiTaskTrainer, "_save_rng_state", original)
     train(from_dict({**raw, "training": {**raw["training"], "resume_from_checkpoint": True}}))
     assert checkpoint_problem(run / "checkpoint-4") is None and not (run / STAGING_DIR).exists()
+    best = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert best in (str(run / "checkpoint-2"), str(run / "checkpoint-4"))  # the published name, not the staging one
 
 
 def test_resuming_past_a_corrupt_checkpoint_replays_the_sampler_and_matches_the_straight_run(tiny_experiment, tmp_path):
@@ -313,6 +316,16 @@ def test_resuming_refuses_a_pickle_that_runs_code(tiny_experiment, tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         trainer._load_rng_state(str(tmp_path))  # the stock resume path: torch.load(weights_only=True)
     assert not marker.exists()
+
+
+# 4. Distributed: the two-process run is in test_reliability_slow.py ----------------------------------------------
+
+
+def test_a_multi_process_launch_that_the_trainer_would_not_join_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 processes were launched but the Trainer runs each alone.*--use_cpu"):
+        _check_processes(SimpleNamespace(world_size=1))
+    _check_processes(SimpleNamespace(world_size=2))
 
 
 # 5. Determinism -------------------------------------------------------------------------------------------------

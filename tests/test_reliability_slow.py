@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 30
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # Two processes add the same numbers in another order (the gradient all-reduce, per-process padding and matmul
-# shapes): the losses and weights agree to float32 rounding, far inside this tolerance.
-TWO_PROCESS_RTOL = 1e-5
+# shapes): measured, the losses agree to 1.2e-7 (relative) and the weights to 2.1e-7 (absolute) after 4 steps.
+TWO_PROCESS_RTOL, TWO_PROCESS_ATOL = 1e-5, 1e-6
 
 
 def tiny_encoder_config(data_dir: Path, output_dir: Path, folder: Path, **training) -> Path:
@@ -147,4 +147,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ept_data_dir, t
     for name in ("adapter_model.safetensors", "heads.safetensors"):
         two_weights, one_weights = (load_file(tmp_path / run / "adapter" / name) for run in ("two", "one"))
         for key in one_weights:
-            torch.testing.assert_close(two_weights[key], one_weights[key], rtol=TWO_PROCESS_RTOL, atol=1e-7)
+            torch.testing.assert_close(two_weights[key], one_weights[key], rtol=TWO_PROCESS_RTOL,
+                                       atol=TWO_PROCESS_ATOL)
+    two_metrics, one_metrics = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("two", "one"))
+    assert two_metrics["paper_average"] == pytest.approx(one_metrics["paper_average"], rel=TWO_PROCESS_RTOL)

@@ -114,6 +114,27 @@ class RoutedLayer(BaseTunerLayer):
         return set(container.keys())
 
 
+class AdaptedLinear(nn.Module):
+    """First base of each method's concrete ``Linear``: ``class Linear(AdaptedLinear, XLayer)``.
+
+    It builds the layer mixin around ``base_layer``, adds the first adapter, and computes
+    y = base(x) + sum over active adapters of ``_adapter_output(adapter_name, x)``. Listed first, its ``forward``
+    (not ``nn.Module``'s placeholder) is the one called; methods that adapt differently override ``forward``.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, route: TaskRoute | None = None):
+        nn.Module.__init__(self)
+        super(nn.Module, self).__init__(base_layer, route)  # the method's layer mixin: next after nn.Module
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in self._active_for_forward():
+            result = result + self._adapter_output(adapter_name, x).to(result.dtype)
+        return result
+
+
 class RoutedTuner(BaseTuner):
     """Base tuner: builds layers of ``layer_cls`` around targeted linears and routes them by ``task_ids``."""
 

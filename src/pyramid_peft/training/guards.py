@@ -18,7 +18,7 @@ class NonFiniteLossError(RuntimeError):
         if checkpoint is None:
             where = "There is no checkpoint yet: train again"
         else:
-            where = f"The last good checkpoint is {checkpoint}: resume from it with --resume_from_checkpoint {checkpoint}"
+            where = f"The last good checkpoint is {checkpoint}: resume with --resume_from_checkpoint {checkpoint}"
         super().__init__(
             f"the training loss is {loss} at step {step}; training stopped before that step's optimizer update, "
             f"and nothing was saved from it. {where} after lowering learning_rate (or setting max_grad_norm), or "

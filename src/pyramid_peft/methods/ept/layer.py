@@ -20,7 +20,7 @@ from torch import nn
 
 from ...contrastive import pool_features, task_contrastive_loss
 from ...gating import reference_double_softmax, topk_softmax
-from ..base import NotMergeableError, RoutedLayer
+from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
 from . import experts
 from .config import EptConfig
 
@@ -360,17 +360,5 @@ def tier_scale(prefix_lengths: list[int], total: int) -> torch.Tensor:
     return scale
 
 
-class Linear(nn.Module, EptLayer):
+class Linear(AdaptedLinear, EptLayer):
     """An ``nn.Linear`` adapted with EPT."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: EptConfig, route=None):
-        super().__init__()
-        EptLayer.__init__(self, base_layer, route)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter_name in self._active_for_forward():
-            result = result + self._adapter_output(adapter_name, x).to(result.dtype)
-        return result

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import NotMergeableError, RoutedLayer
-from ..multilora.mixture import AdapterSum, mix_pieces
+from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
+from ..multilora.mixture import mix_pieces
 from .config import HydraLoraConfig
 
 
@@ -81,11 +81,5 @@ class HydraLoraLayer(RoutedLayer):
         return "hydralora." + super().__repr__()
 
 
-class Linear(AdapterSum, HydraLoraLayer):
+class Linear(AdaptedLinear, HydraLoraLayer):
     """An ``nn.Linear`` adapted with HydraLoRA."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: HydraLoraConfig, route=None):
-        super().__init__()
-        HydraLoraLayer.__init__(self, base_layer, route)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)

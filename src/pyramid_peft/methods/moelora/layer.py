@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import RoutedLayer
-from ..multilora.mixture import AdapterSum, fold_weights, mix_pieces
+from ..base import AdaptedLinear, RoutedLayer
+from ..multilora.mixture import fold_weights, mix_pieces
 from .config import MoeLoraConfig
 
 
@@ -86,11 +86,5 @@ class MoeLoraLayer(RoutedLayer):
         return "moelora." + super().__repr__()
 
 
-class Linear(AdapterSum, MoeLoraLayer):
+class Linear(AdaptedLinear, MoeLoraLayer):
     """An ``nn.Linear`` adapted with MOELoRA."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoeLoraConfig, route=None):
-        super().__init__()
-        MoeLoraLayer.__init__(self, base_layer, route)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)

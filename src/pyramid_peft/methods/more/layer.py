@@ -25,7 +25,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...routing import in_backward_pass
-from ..base import RoutedLayer
+from ..base import AdaptedLinear, RoutedLayer
 from .config import MoreConfig
 from ...contrastive import pool_features, task_contrastive_loss
 
@@ -168,17 +168,5 @@ class MoreLayer(RoutedLayer):
         return "more." + super().__repr__()
 
 
-class Linear(nn.Module, MoreLayer):
+class Linear(AdaptedLinear, MoreLayer):
     """An ``nn.Linear`` adapted with MoRE."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MoreConfig, route=None):
-        super().__init__()
-        MoreLayer.__init__(self, base_layer, route)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter_name in self._active_for_forward():
-            result = result + self._adapter_output(adapter_name, x).to(result.dtype)
-        return result

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import RoutedLayer
+from ..base import AdaptedLinear, RoutedLayer
 from .config import MultiLoraConfig
-from .mixture import AdapterSum, fold_weights, mix_pieces
+from .mixture import fold_weights, mix_pieces
 
 
 class MultiLoraLayer(RoutedLayer):
@@ -76,11 +76,5 @@ class MultiLoraLayer(RoutedLayer):
         return "multilora." + super().__repr__()
 
 
-class Linear(AdapterSum, MultiLoraLayer):
+class Linear(AdaptedLinear, MultiLoraLayer):
     """An ``nn.Linear`` adapted with MultiLoRA."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: MultiLoraConfig, route=None):
-        super().__init__()
-        MultiLoraLayer.__init__(self, base_layer, route)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)

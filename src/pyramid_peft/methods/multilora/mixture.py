@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def mix_pieces(hidden: torch.Tensor, weights: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -33,17 +32,3 @@ def fold_weights(up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``up`` with piece i's columns scaled by ``weights[i]``, so ``fold_weights(up, w) @ down = sum_i w_i B_i A_i``."""
     piece_rank = up.shape[1] // weights.shape[0]
     return up * weights.repeat_interleave(piece_rank)[None, :]
-
-
-class AdapterSum(nn.Module):
-    """First base of each method's concrete ``Linear``: y = base(x) + sum over active adapters of their output.
-
-    It must come before the layer mixin so that this ``forward``, not ``nn.Module``'s placeholder, is the one
-    called; the layer mixin supplies ``_adapter_output(adapter_name, x)``.
-    """
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter_name in self._active_for_forward():
-            result = result + self._adapter_output(adapter_name, x).to(result.dtype)
-        return result

@@ -26,7 +26,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...routing import expand_to_batch, in_backward_pass
-from ..base import NotMergeableError, RoutedLayer
+from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
 from ...contrastive import token_mean
 from .config import TuckaConfig
 from .router import (
@@ -212,14 +212,8 @@ class TuckaLayer(RoutedLayer):
         return "tucka." + super().__repr__()
 
 
-class Linear(nn.Module, TuckaLayer):
+class Linear(AdaptedLinear, TuckaLayer):
     """An ``nn.Linear`` adapted with TuckA."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: TuckaConfig, route=None):
-        super().__init__()
-        TuckaLayer.__init__(self, base_layer, route)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         adapted = x
