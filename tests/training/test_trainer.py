@@ -188,5 +188,5 @@ def test_quickstart_under_two_process_accelerate_launch(ept_data_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["tasks"]) == 8 and all(r["num_examples"] == 8 for r in metrics["tasks"].values())
-    assert (run / "checkpoint-2").is_dir() and (run / "adapter" / "heads.safetensors").is_file()
+    assert list(run.glob("checkpoint-*")) and (run / "adapter" / "heads.safetensors").is_file()
     assert done.stdout.count("paper average") == 1  # the table is printed by the main process only

@@ -15,6 +15,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from ..contrastive import contrastive_module_names
 from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
 
 
@@ -141,6 +142,9 @@ class RoutedTuner(BaseTuner):
     layer_cls: ClassVar[type]
     method_name: ClassVar[str]
     uses_task_ids: ClassVar[bool] = True  # False for methods whose output never depends on the task
+    # For methods with the contrastive task-embedding loss: the per-adapter dict on each layer saying whether that
+    # layer's input feeds the loss (config fields contrastive_weight and contrastive_modules).
+    contrastive_flags: ClassVar[str | None] = None
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
@@ -187,6 +191,15 @@ class RoutedTuner(BaseTuner):
             f"{self.method_name} cannot be merged with merge_and_unload(): its weights depend on the task. "
             "Use pyramid_peft.merge_for_task(model, task_id) or pyramid_peft.export_lora(model, task_id, out_dir)."
         )
+
+    def _post_injection_hook(self, model, config, adapter_name: str) -> None:
+        """Choose the modules whose inputs feed the contrastive loss: the encoder's, where the model has one."""
+        if self.contrastive_flags is None:
+            return
+        layers = {n: m for n, m in self.routed_layers() if adapter_name in getattr(m, self.contrastive_flags)}
+        chosen = contrastive_module_names(list(layers), config.contrastive_modules)
+        for name, layer in layers.items():
+            getattr(layer, self.contrastive_flags)[adapter_name] = config.contrastive_weight > 0 and name in chosen
 
     # -- routing entry points -----------------------------------------------------------------------------------
     def forward(self, *args: Any, task_ids=None, **kwargs: Any):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ...contrastive import contrastive_module_names
 from ..base import RoutedTuner
-from .config import EptConfig
 from .layer import EptLayer, Linear
 
 
@@ -15,11 +13,5 @@ class EptModel(RoutedTuner):
     tuner_layer_cls = EptLayer
     layer_cls = Linear
     target_module_mapping: dict = {}
+    contrastive_flags = "ept_contrastive"
     method_name = "EPT"
-
-    def _post_injection_hook(self, model, config: EptConfig, adapter_name: str) -> None:
-        """Choose the modules whose inputs feed the contrastive loss: the encoder's, where the model has one."""
-        layers = {name: layer for name, layer in self.routed_layers() if adapter_name in layer.ept_config}
-        chosen = contrastive_module_names(list(layers), config.contrastive_modules)
-        for name, layer in layers.items():
-            layer.ept_contrastive[adapter_name] = config.contrastive_weight > 0 and name in chosen

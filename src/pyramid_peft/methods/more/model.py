@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from ..base import RoutedTuner
-from .config import MoreConfig
-from ...contrastive import contrastive_module_names
 from .layer import Linear, MoreLayer
 
 
@@ -15,11 +13,5 @@ class MoreModel(RoutedTuner):
     tuner_layer_cls = MoreLayer
     layer_cls = Linear
     target_module_mapping: dict = {}
+    contrastive_flags = "more_contrastive"
     method_name = "MoRE"
-
-    def _post_injection_hook(self, model, config: MoreConfig, adapter_name: str) -> None:
-        """Choose the modules whose inputs feed the contrastive loss: the encoder's, where the model has one."""
-        layers = {name: layer for name, layer in self.routed_layers() if adapter_name in layer.more_config}
-        chosen = contrastive_module_names(list(layers), config.contrastive_modules)
-        for name, layer in layers.items():
-            layer.more_contrastive[adapter_name] = config.contrastive_weight > 0 and name in chosen
