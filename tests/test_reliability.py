@@ -82,7 +82,7 @@ def test_partial_and_corrupt_checkpoints_are_named_and_skipped_for_the_previous_
     assert "no checkpoint_manifest.json, so its save never finished" in checkpoint_problem(newest)
 
     for request in (True, str(newest)):  # the newest, or that one by name: the previous good one is used
-        with pytest.warns(CheckpointWarning, match=rf"checkpoint-4 is unusable: .* Resuming from .*checkpoint-2"):
+        with pytest.warns(CheckpointWarning, match=r"checkpoint-4 is unusable: .* Resuming from .*checkpoint-2"):
             assert resolve_resume(request, tmp_path) == str(good)
 
     (good / "trainer_state.json").unlink()

@@ -2,7 +2,7 @@
 
 from .config import ConfigError, ExperimentConfig, load_config
 from .heads import MultiTaskClassifier
-from .run import build_experiment, count_config_parameters, evaluate_run, export_run, load_run, train
+from .run import build_experiment, evaluate_run, export_run, load_run, train
 from .trainer import MultiTaskTrainer
 
 __all__ = [
@@ -11,7 +11,6 @@ __all__ = [
     "MultiTaskClassifier",
     "MultiTaskTrainer",
     "build_experiment",
-    "count_config_parameters",
     "evaluate_run",
     "export_run",
     "load_config",

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import set_seed
 
-from .. import count_parameters, export_lora, make_peft_config, merge_for_task, uses_task_ids
+from .. import export_lora, make_peft_config, merge_for_task, uses_task_ids
 from ..atomic import atomic_write_text
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
@@ -373,16 +373,3 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
 def _save_head(model: MultiTaskClassifier, task_id: int, path: Path) -> None:
     head = model.heads[task_id]
     save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()}, str(path))
-
-
-def count_config_parameters(config: ExperimentConfig) -> dict:
-    """``count_parameters`` of the config's model and method, built with random weights (no download needed).
-
-    A heads model also reports its heads, as ``heads``.
-    """
-    experiment = build_experiment(config, random_init=True)
-    counts = count_parameters(experiment.peft_model)
-    if isinstance(experiment.model, MultiTaskClassifier):
-        counts["heads"] = sum(p.numel() for p in experiment.model.heads.parameters())
-    return counts
-
