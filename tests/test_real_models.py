@@ -16,6 +16,8 @@ SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj
 
 
 def perturb(model, scale=0.05):
+    """Move every adapter weight off its initial value (seeded), as training would."""
+    torch.manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
@@ -48,10 +50,13 @@ def test_minilm_train_step_merge_export_and_reload(minilm, tmp_path):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model = perturb(model, 0.02).eval()
     routed = model(**batch, task_ids=torch.full((3,), 5)).last_hidden_state
-    assert (merge_for_task(model, 5)(**batch).last_hidden_state - routed).abs().max() <= 1e-5
+    # Float32 rounding accumulates over 6 layers of activations up to ~10 in size: the tolerance is relative to the
+    # output's scale (the 1e-5 absolute bound is checked on the tiny models, tests/test_merge.py).
+    tolerance = 1e-5 * routed.abs().max()
+    assert (merge_for_task(model, 5)(**batch).last_hidden_state - routed).abs().max() <= tolerance
     export_lora(model, 5, tmp_path / "lora")
     lora = PeftModel.from_pretrained(AutoModel.from_pretrained(path), tmp_path / "lora").eval()
-    assert (lora(**batch).last_hidden_state - routed).abs().max() <= 1e-5
+    assert (lora(**batch).last_hidden_state - routed).abs().max() <= tolerance
     model.save_pretrained(tmp_path / "ept")
     reloaded = PeftModel.from_pretrained(AutoModel.from_pretrained(path), tmp_path / "ept").eval()
     torch.testing.assert_close(reloaded(**batch, task_ids=torch.full((3,), 5)).last_hidden_state, routed, rtol=0, atol=0)
