@@ -128,3 +128,12 @@ def tiny_experiment(tmp_path, ept_data_dir):
         }
 
     return make
+
+
+@pytest.fixture
+def float64_default():
+    """Run a test with float64 as the default dtype (numerical identities), restoring the previous default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -6,14 +6,10 @@ from torch import nn
 
 from pyramid_peft.methods.ept import experts
 
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 identities (conftest)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+
 
 
 def reference_kron(S, K):

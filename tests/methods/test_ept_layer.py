@@ -12,15 +12,11 @@ from pyramid_peft import EptConfig, TaskRoutingError
 from pyramid_peft.methods.ept.layer import Linear
 from pyramid_peft.routing import TaskRoute
 
+pytestmark = pytest.mark.usefixtures("float64_default")  # float64 identities (conftest)
+
 KERNELS = [2, 2, 4, 4, 6, 6, 8, 8]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def make_layer(d_in=24, d_out=32, seed=0, randomize=True, **overrides):

