@@ -91,3 +91,14 @@ def adapter_grads(model, container: str) -> list[torch.Tensor]:
         params = [entry] if isinstance(entry, torch.nn.Parameter) else list(entry.parameters())
         grads.extend(p.grad if p.grad is not None else torch.zeros_like(p) for p in params)
     return grads
+
+
+def assert_equals_base(model, batch: dict, **call) -> None:
+    """The adapted output equals the same model with its adapters disabled, exactly.
+
+    Compared on the same weights: freezing alone can change which attention kernel runs, and two copies of a model
+    can differ by an ulp in their BLAS sums.
+    """
+    with model.disable_adapter():
+        expected = main_output(model, batch)
+    torch.testing.assert_close(main_output(model, batch, **call), expected, rtol=0, atol=0)

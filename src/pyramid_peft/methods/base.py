@@ -140,6 +140,7 @@ class RoutedTuner(BaseTuner):
     """Base tuner: builds layers of ``layer_cls`` around targeted linears and routes them by ``task_ids``."""
 
     layer_cls: ClassVar[type]
+    target_module_mapping: ClassVar[dict] = {}  # no default targets: configs must name them
     method_name: ClassVar[str]
     uses_task_ids: ClassVar[bool] = True  # False for methods whose output never depends on the task
     # For methods with the contrastive task-embedding loss: the per-adapter dict on each layer saying whether that

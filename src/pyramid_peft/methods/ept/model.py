@@ -12,6 +12,5 @@ class EptModel(RoutedTuner):
     prefix = "ept_"
     tuner_layer_cls = EptLayer
     layer_cls = Linear
-    target_module_mapping: dict = {}
     contrastive_flags = "ept_contrastive"
     method_name = "EPT"

@@ -15,7 +15,6 @@ class HydraLoraModel(RoutedTuner):
     prefix = "hydralora_"
     tuner_layer_cls = HydraLoraLayer
     layer_cls = Linear
-    target_module_mapping: dict = {}
     method_name = "HydraLoRA"
     uses_task_ids = False  # the output never depends on task ids
 

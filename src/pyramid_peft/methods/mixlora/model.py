@@ -22,7 +22,6 @@ class MixLoraModel(RoutedTuner):
     prefix = "mixlora_"
     tuner_layer_cls = MixLoraLayer
     layer_cls = Linear
-    target_module_mapping: dict = {}
     method_name = "MixLoRA"
 
     def _prepare_adapter_config(self, peft_config: MixLoraConfig, model_config: dict) -> MixLoraConfig:

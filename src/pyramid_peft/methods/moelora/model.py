@@ -12,5 +12,4 @@ class MoeLoraModel(RoutedTuner):
     prefix = "moelora_"
     tuner_layer_cls = MoeLoraLayer
     layer_cls = Linear
-    target_module_mapping: dict = {}
     method_name = "MOELoRA"

@@ -12,6 +12,5 @@ class MoreModel(RoutedTuner):
     prefix = "more_"
     tuner_layer_cls = MoreLayer
     layer_cls = Linear
-    target_module_mapping: dict = {}
     contrastive_flags = "more_contrastive"
     method_name = "MoRE"

@@ -15,7 +15,6 @@ class MultiLoraModel(RoutedTuner):
     prefix = "multilora_"
     tuner_layer_cls = MultiLoraLayer
     layer_cls = Linear
-    target_module_mapping: dict = {}
     method_name = "MultiLoRA"
     uses_task_ids = False  # the output never depends on task ids
 

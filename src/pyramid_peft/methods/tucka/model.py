@@ -32,7 +32,6 @@ class TuckaModel(RoutedTuner):
     prefix = "tucka_"
     tuner_layer_cls = TuckaLayer
     layer_cls = Linear
-    target_module_mapping: dict = {}
     method_name = "TuckA"
     uses_task_ids = False  # routed by its input; task ids are accepted and ignored
 
