@@ -44,6 +44,7 @@ from pyramid_peft.analysis.sweeps import Sweep, TableLayout, load_results, resul
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import Predictor, evaluate_tasks
+from pyramid_peft.training.full import FULL, full_parameter_count
 from pyramid_peft.training.heads import needs_task_ids
 from pyramid_peft.training.run import collators, eval_sets, load_splits
 
@@ -72,7 +73,7 @@ class Suite:
 
     def runnable(self, variant: str) -> bool:
         """Whether this package has the variant's method (a zero-shot floor always runs)."""
-        return not self.trained[variant] or self.sweep.config(variant).method.name in method_names()
+        return not self.trained[variant] or self.sweep.config(variant).method.name in (*method_names(), FULL)
 
     def config(self, variant: str, seed: int, runs_dir: Path) -> ExperimentConfig:
         """The variant's experiment config for ``seed``, running in ``runs_dir/<suite>/<variant>-seed<seed>``."""
@@ -162,15 +163,19 @@ def zero_shot(config: ExperimentConfig) -> dict:
     experiment.model.eval()
     _, collator = collators(experiment)
     predictor = Predictor.for_run(experiment.model, experiment.family, collator, experiment.tokenizer,
-                                  config.training_arguments(), needs_task_ids(experiment.model))
+                                  config.training_arguments(), needs_task_ids(experiment.model),
+                                  answer_scoring=config.data.answer_scoring)
     with experiment.peft_model.disable_adapter():
         results = evaluate_tasks(predictor, eval_sets(experiment, load_splits(experiment)))
     return {"model": config.model.name, "method": "none", **results}
 
 
 def adapter_parameters(config: ExperimentConfig) -> dict:
-    """``count_parameters`` of the config's adapter (random weights), per task = total / number of tasks."""
+    """``count_parameters`` of the config's adapter (random weights), per task = total / number of tasks; for full
+    fine-tuning, every weight of the model (heads left out, as for the adapters)."""
     experiment = build_experiment(config, random_init=True)
+    if experiment.full:
+        return full_parameter_count(experiment.peft_model, num_tasks=len(config.tasks))
     return count_parameters(experiment.peft_model, num_tasks=len(config.tasks))
 
 

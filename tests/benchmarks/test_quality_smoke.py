@@ -32,25 +32,30 @@ def quality():
 
 
 def shared_settings(config) -> str:
-    """What every method of a suite must share: tasks, data, sampling, and training but the seed and run folder."""
-    training = {k: v for k, v in config.training.items() if k not in ("seed", "output_dir")}
+    """What every method of a suite must share: tasks, data, sampling, and training but the seed and run folder (and
+    the peak learning rate, which full fine-tuning sets apart)."""
+    training = {k: v for k, v in config.training.items() if k not in ("seed", "output_dir", "learning_rate")}
     return json.dumps([config.tasks, asdict(config.data), asdict(config.sampling), training], sort_keys=True)
 
 
 @pytest.mark.parametrize("suite", sorted(TASKS))
 def test_suite_configs_are_valid(quality, suite):
-    """Every variant's config builds, with one budget for all and method options its method accepts."""
+    """Every variant's config builds, with one budget for all, one learning rate for every adapter, and method
+    options its method accepts."""
+    from pyramid_peft.training.full import is_full
     from pyramid_peft.training.run import peft_config
 
     loaded = quality.load_suite(suite)
-    budgets = set()
+    budgets, adapter_rates = set(), set()
     for variant in loaded.sweep.variants:
         config = loaded.config(variant, loaded.seeds[variant][0], Path("runs"))
         assert set(config.tasks) == TASKS[suite]
         budgets.add(shared_settings(config))
-        if loaded.runnable(variant):
+        assert loaded.runnable(variant)
+        if not is_full(config.method.name):
+            adapter_rates.add(config.training["learning_rate"])
             peft_config(config, "encoder" if suite == "glue8" else "causal", len(config.tasks))
-    assert len(budgets) == 1
+    assert len(budgets) == 1 and len(adapter_rates) == 1
 
 
 def run_smoke(suite: str, tmp_path: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from _models import (
     T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_merge_and_export_match, assert_save_reload_exact,
     generate_with_beams, main_output, peft_tiny, perturb, t5_base_skeleton, training_loss,
 )
-from conftest import TINY_BUILDERS, tiny_batch
+from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
 from pyramid_peft import NotMergeableError, count_parameters, make_peft_config
 from pyramid_peft.methods.more import MoreConfig
 from pyramid_peft.methods.more.layer import Linear
@@ -178,6 +178,16 @@ def test_contrastive_loss_equals_reference(family, expect_encoder_only):
     assert len(terms) == 12  # 2 blocks x 6 targets: T5's encoder only, every LLaMA module
     expected = 0.3 * torch.stack(terms).mean()
     torch.testing.assert_close(pyramid_peft.aux_loss(model).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_adapter_gets_the_same_contrastive_modules_as_the_first():
+    model = tiny("t5", contrastive_weight=0.3)
+    model.add_adapter("second", MoreConfig(num_tasks=3, r=R, contrastive_weight=0.3,
+                                           target_modules=set(TINY_TARGETS["t5"])))
+    layers = dict(model.base_model.routed_layers())
+    flags = {adapter: {n for n, layer in layers.items() if layer.more_contrastive[adapter]}
+             for adapter in ("default", "second")}
+    assert flags["default"] == flags["second"] == {n for n in layers if ".encoder." in f".{n}"}
 
 
 # -- the common contract --------------------------------------------------------------------------------------

@@ -124,6 +124,8 @@ def test_parse_prediction_is_strict():
     assert rte.parse_prediction("entailment, I think") is None
     arc = get_task("arc_easy")
     assert arc.parse_prediction("(B)") == 1
+    assert arc.parse_prediction("(B") == arc.parse_prediction("B)") == 1  # a 2-token budget cuts "(B)" to "(B"
+    assert arc.parse_prediction("(BB)") is None and arc.parse_prediction("((B") is None
     assert arc.parse_prediction("b:") == 1
     # The reference's quirk took the first of a/b/c/d anywhere in the text; here such text is unparseable.
     assert arc.parse_prediction("The answer is B") is None

@@ -28,6 +28,10 @@ class TextToTextCollator:
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
 
+    def for_scoring(self) -> "TextToTextCollator":
+        """The collator for scoring answers by likelihood: this one (its batches carry the targets)."""
+        return self
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         sources, targets = zip(*(get_task(f["task"]).to_text_to_text(f["example"]) for f in features))
         source_ids = _encode(self.tokenizer, sources, self.max_source_length)
@@ -55,6 +59,10 @@ class CausalLMCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.for_generation = for_generation
+
+    def for_scoring(self) -> "CausalLMCollator":
+        """The collator for scoring answers by likelihood: prompt then answer, as in training."""
+        return CausalLMCollator(self.tokenizer, self.max_length)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         prompts, answers = zip(*(get_task(f["task"]).to_causal_lm(f["example"]) for f in features))

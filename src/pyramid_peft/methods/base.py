@@ -193,6 +193,12 @@ class RoutedTuner(BaseTuner):
             "Use pyramid_peft.merge_for_task(model, task_id) or pyramid_peft.export_lora(model, task_id, out_dir)."
         )
 
+    def inject_adapter(self, model, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection, then :meth:`_post_injection_hook`: ``PeftModel.add_adapter`` injects a second adapter
+        without the hook the constructor runs, which would leave it the contrastive loss on every module."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._post_injection_hook(model, self.peft_config[adapter_name], adapter_name)
+
     def _post_injection_hook(self, model, config, adapter_name: str) -> None:
         """Choose the modules whose inputs feed the contrastive loss: the encoder's, where the model has one."""
         if self.contrastive_flags is None:

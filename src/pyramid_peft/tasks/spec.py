@@ -92,15 +92,15 @@ class TaskSpec:
         """Map a generated string back to a label id (a float for STS-B), or None when it matches nothing.
 
         Only the first line counts (a causal LM may keep generating); it is stripped, lowercased and loses
-        trailing ``.!,?:;``. It must then *be* a label word (a letter, optionally in parentheses, for
-        multiple choice), or a finite number for STS-B. Nothing is searched for inside longer text.
+        trailing ``.!,?:;``. It must then *be* a label word (a letter, optionally with an opening and / or closing
+        parenthesis, for multiple choice), or a finite number for STS-B. Nothing is searched for inside longer text.
         """
         lines = text.strip().splitlines()
         answer = lines[0].strip().lower().rstrip(_TRAILING_PUNCTUATION).strip() if lines else ""
         if self.is_regression:
             return _parse_finite_float(answer)
-        if self.multiple_choice and answer.startswith("(") and answer.endswith(")"):
-            answer = answer[1:-1].strip()
+        if self.multiple_choice:  # "(b)", and "(b" / "b)" cut by the token budget or written so
+            answer = answer.removeprefix("(").removesuffix(")").strip()
         label_ids = {word.lower(): label_id for label_id, word in enumerate(self.label_words)}
         return label_ids.get(answer)
 

@@ -63,6 +63,9 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+ANSWER_SCORING = ("generate", "likelihood")
+
+
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong kind."""
 
@@ -110,6 +113,9 @@ class DataSection:
         max_source_length: tokens of the input (the whole prompt for causal models).
         max_target_length: tokens of the target; empty means the longest label word.
         max_eval_examples: cap on evaluation examples per task (empty: all).
+        answer_scoring: how text-to-text and causal models answer in evaluation: ``generate`` (greedy, parsed, as
+            the EPT code does) or ``likelihood`` (the label word the model finds most likely after the prompt, as
+            zero-shot multiple-choice evaluation does; STS-B is still generated).
     """
 
     data_dir: str | None = None
@@ -117,6 +123,11 @@ class DataSection:
     max_source_length: int = 128
     max_target_length: int | None = None
     max_eval_examples: int | None = None
+    answer_scoring: str = "generate"
+
+    def __post_init__(self) -> None:
+        if self.answer_scoring not in ANSWER_SCORING:
+            raise ConfigError(f"data.answer_scoring must be one of {ANSWER_SCORING}, got {self.answer_scoring!r}.")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Per-task evaluation: predictions for each task's evaluation examples, then its metrics.
 
 Text-to-text and causal models are scored on what they *generate* (greedy, a few tokens, as the EPT code does),
-parsed back to a label by ``TaskSpec.parse_prediction``; encoder models with heads are scored on the argmax (or the
-regression output) of each example's head. Under several processes every rank predicts an equal share and the
+parsed back to a label by ``TaskSpec.parse_prediction``, or (``answer_scoring="likelihood"``) on which label word
+they find most likely after the prompt; encoder models with heads are scored on the argmax (or the regression
+output) of each example's head. Under several processes every rank predicts an equal share and the
 predictions are gathered, so all ranks return the same metrics.
 """
 
@@ -47,6 +48,8 @@ class Predictor:
         route_task_ids: pass ``task_ids`` to the model (methods that route by task, and all heads models).
         num_beams: beams for generation (1 = greedy, the EPT setting).
         synced_gpus: keep ranks in step inside ``generate`` (DeepSpeed ZeRO-3, FSDP).
+        answer_scoring: ``generate`` or ``likelihood`` (classification tasks of generative models; see
+            :meth:`_most_likely_labels`).
     """
 
     model: nn.Module
@@ -57,12 +60,15 @@ class Predictor:
     route_task_ids: bool = True
     num_beams: int = 1
     synced_gpus: bool = False
+    answer_scoring: str = "generate"
 
     @classmethod
-    def for_run(cls, model, family: str, collator, tokenizer, args, route_task_ids: bool, synced_gpus: bool = False):
+    def for_run(cls, model, family: str, collator, tokenizer, args, route_task_ids: bool, synced_gpus: bool = False,
+                answer_scoring: str = "generate"):
         """A predictor with the evaluation settings of the training arguments ``args``."""
         return cls(model, family, collator, tokenizer, batch_size=args.per_device_eval_batch_size,
-                   route_task_ids=route_task_ids, num_beams=args.generation_num_beams or 1, synced_gpus=synced_gpus)
+                   route_task_ids=route_task_ids, num_beams=args.generation_num_beams or 1, synced_gpus=synced_gpus,
+                   answer_scoring=answer_scoring)
 
     @torch.no_grad()
     def predict(self, eval_set: EvalSet, examples: list[dict]) -> list:
@@ -72,6 +78,9 @@ class Predictor:
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start : start + self.batch_size]
             features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
+            if self.family != "encoder" and self.answer_scoring == "likelihood" and not eval_set.task.is_regression:
+                predictions += self._most_likely_labels(features, len(eval_set.task.label_words))
+                continue
             batch = {k: v.to(_device(self.model)) for k, v in self.collator(features).items()}
             if self.family == "encoder":
                 predictions += self._classify(batch)
@@ -83,6 +92,24 @@ class Predictor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "task_ids") if k in batch}
         logits = self.model(**inputs).logits
         return _unwrap(self.model).predict(logits, batch["task_ids"])
+
+    def _most_likely_labels(self, features: list[dict], num_labels: int) -> list[int]:
+        """Per example, the label whose answer tokens have the highest summed log-probability after the prompt.
+
+        Each example is repeated once per label with that label's answer, batched as for training (the collator's
+        ``for_scoring`` form), so prompt and answer are tokenized exactly as the model was trained on them. The
+        end-of-sequence token after the answer is not scored: only the label words compete.
+        """
+        candidates = [{**f, "example": {**f["example"], "label": label}} for f in features for label in range(num_labels)]
+        batch = {k: v.to(_device(self.model)) for k, v in self.collator.for_scoring()(candidates).items()}
+        if not self.route_task_ids:
+            batch.pop("task_ids")
+        logits = self.model(**batch).logits.float()
+        labels = batch["labels"]
+        if self.family == "causal":  # position t predicts token t + 1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        scores = answer_log_likelihood(logits, labels, self.tokenizer.eos_token_id)
+        return scores.view(len(features), num_labels).argmax(-1).tolist()
 
     def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
         kwargs = {"task_ids": batch["task_ids"]} if self.route_task_ids else {}
@@ -99,6 +126,20 @@ class Predictor:
         if self.family == "causal":  # the output repeats the (left-padded) prompt
             output = output[:, batch["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """Per row, the summed log-probability of the labelled tokens (labels -100 are ignored), leaving out each row's
+    last labelled token when it is ``eos_token_id``."""
+    labels = labels.clone()
+    scored = labels != -100
+    last = scored.long().cumsum(-1).argmax(-1)  # first position holding the row's final count = its last label
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    if eos_token_id is not None:
+        labels[rows, last] = torch.where(labels[rows, last] == eos_token_id, -100, labels[rows, last])
+    scored = labels != -100
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (log_probs * scored).sum(-1)
 
 
 def answer_token_budget(task: TaskSpec, tokenizer, family: str) -> int:

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from peft import PeftModel
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .. import uses_task_ids
+from .full import load_full_weights
 
 HEADS_FILE = "heads.safetensors"
 
@@ -125,7 +127,8 @@ class MultiTaskClassifier(nn.Module):
 
     # -- saving -----------------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None, is_main_process: bool = True) -> None:
-        """Write the adapter (PEFT ``save_pretrained``) and the heads (``heads.safetensors``) into ``folder``.
+        """Write the adapter (PEFT ``save_pretrained``; the whole encoder for full fine-tuning) and the heads
+        (``heads.safetensors``) into ``folder``.
 
         ``state_dict`` is a full state dict of this module, as the Trainer gathers it under FSDP / DeepSpeed.
         """
@@ -138,9 +141,13 @@ class MultiTaskClassifier(nn.Module):
             save_file(heads, str(Path(folder) / HEADS_FILE), metadata=meta)
 
     def load_trained(self, folder: str | Path) -> None:
-        """Load adapter and heads written by :meth:`save_pretrained` into this (already built) model."""
+        """Load adapter (or, for full fine-tuning, the whole encoder) and heads written by :meth:`save_pretrained`
+        into this (already built) model."""
         folder = Path(folder)
         self.load_heads(folder / HEADS_FILE)
+        if not isinstance(self.encoder, PeftModel):
+            load_full_weights(self.encoder, folder)
+            return
         adapter = self.encoder.active_adapter
         self.encoder.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
         self.encoder.set_adapter(adapter)

@@ -34,6 +34,7 @@ from ..tasks import TaskSpec, get_task
 from .checkpoints import checkpoint_problem
 from .config import ConfigError, ExperimentConfig, load_config
 from .evaluate import EvalSet, Predictor, answer_token_budget, evaluate_tasks
+from .full import check_full_options, is_full, load_full_weights
 from .heads import MultiTaskClassifier, needs_task_ids
 from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
 
@@ -56,14 +57,20 @@ class Experiment:
     resolved: ResolvedModel
     tokenizer: object
     tasks: list[TaskSpec]
-    model: nn.Module  # a MultiTaskClassifier (encoder family) or a PeftModel
+    model: nn.Module  # a MultiTaskClassifier (encoder family) or a PeftModel (the bare model for `full`)
 
     @property
     def family(self) -> str:
         return self.resolved.family
 
     @property
+    def full(self) -> bool:
+        """Full fine-tuning: no adapter, every weight trains."""
+        return is_full(self.config.method.name)
+
+    @property
     def peft_model(self) -> PeftModel:
+        """The adapted model inside the heads (for full fine-tuning, the bare model)."""
         return self.model.encoder if isinstance(self.model, MultiTaskClassifier) else self.model
 
 
@@ -77,15 +84,22 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
     resolved = resolve_model(section.name, section.tokenizer, section.config, section.family, section.trust_remote_code)
     tokenizer = load_tokenizer(resolved)
     base = load_model(resolved, section.dtype, random_init=random_init)
-    peft_model = _adapt(base, peft_config(config, resolved.family, len(tasks)), config.method.name)
-    model = peft_model
+    if is_full(config.method.name):
+        try:
+            check_full_options(config.method.options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        adapted = base  # every weight trains
+    else:
+        adapted = _adapt(base, peft_config(config, resolved.family, len(tasks)), config.method.name)
+    model = adapted
     if resolved.family == "encoder":
         model = MultiTaskClassifier(
-            peft_model,
+            adapted,
             [t.name for t in tasks],
             [t.num_labels for t in tasks],
             hidden_size=base.config.hidden_size,
-            route_task_ids=uses_task_ids(peft_model),
+            route_task_ids=uses_task_ids(adapted),
             **_head_dropout(base.config),
         )
     return Experiment(config, resolved, tokenizer, tasks, model)
@@ -200,7 +214,8 @@ def build_trainer(config: ExperimentConfig) -> MultiTaskTrainer:
         train_dataset=MultiTaskDataset(config.tasks, [s.train for s in splits]),
         data_collator=train_collator,
         processing_class=experiment.tokenizer,
-        eval_setup=EvalSetup(eval_sets(experiment, splits), eval_collator, experiment.family),
+        eval_setup=EvalSetup(eval_sets(experiment, splits), eval_collator, experiment.family,
+                             config.data.answer_scoring),
         sampling=config.sampling,
         head_learning_rate=config.model.head_learning_rate,
     )
@@ -290,21 +305,28 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Experiment:
 
 
 def load_trained(model: nn.Module, folder: Path) -> None:
-    """Load adapter (and heads) weights written by ``save_pretrained`` into a model built from the same config.
+    """Load adapter (and heads) weights written by ``save_pretrained`` into a model built from the same config
+    (for full fine-tuning, the whole model's weights).
 
     A folder written for another method or base model is refused with both named: PEFT would otherwise load
     only the keys that happen to match, or fail on the first shape that does not.
     """
     folder = Path(folder)
-    peft_model = model.encoder if isinstance(model, MultiTaskClassifier) else model
-    _check_adapter_folder(peft_model, folder)
+    adapted = model.encoder if isinstance(model, MultiTaskClassifier) else model
+    if isinstance(adapted, PeftModel):
+        _check_adapter_folder(adapted, folder)
     try:
         if isinstance(model, MultiTaskClassifier):
             model.load_trained(folder)
             return
+        if not isinstance(model, PeftModel):
+            load_full_weights(model, folder)
+            return
         adapter = model.active_adapter
         model.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
         model.set_adapter(adapter)
+    except ValueError as err:  # heads for other tasks, a full fine-tuning folder of another model
+        raise RunError(str(err)) from err
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
@@ -337,7 +359,8 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | Non
     splits = load_splits(experiment)
     _, eval_collator = collators(experiment)
     predictor = Predictor.for_run(experiment.model, experiment.family, eval_collator, experiment.tokenizer,
-                                  experiment.config.training_arguments(), needs_task_ids(experiment.model))
+                                  experiment.config.training_arguments(), needs_task_ids(experiment.model),
+                                  answer_scoring=experiment.config.data.answer_scoring)
     results = evaluate_tasks(predictor, eval_sets(experiment, splits, use_test=split == "test"))
     return {"model": experiment.config.model.name, "method": experiment.config.method.name,
             "weights": str(checkpoint or Path(run_dir) / ADAPTER_DIR), **results}
@@ -355,7 +378,13 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
     out = Path(output) if output else Path(run_dir) / EXPORT_DIR / f"{task}-{mode}"
     peft_model = experiment.peft_model
     routed = uses_task_ids(peft_model)  # stock LoRA is the same for every task: export it as it is
-    if mode == "lora" and routed:
+    if experiment.full and mode == "lora":
+        raise RunError(f"{run_dir} is a full fine-tuning run: it has no adapter to export as LoRA. Use --mode merged "
+                       "for the fine-tuned model itself.")
+    if experiment.full and mode == "merged":
+        peft_model.save_pretrained(out)
+        experiment.tokenizer.save_pretrained(out)
+    elif mode == "lora" and routed:
         export_lora(peft_model, task_id, out)
     elif mode == "lora":
         peft_model.save_pretrained(out)

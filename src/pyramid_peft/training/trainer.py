@@ -76,6 +76,7 @@ class EvalSetup:
     sets: list[EvalSet]
     collator: object
     family: str
+    answer_scoring: str = "generate"  # see DataSection
 
 
 class MultiTaskTrainer(Seq2SeqTrainer):
@@ -256,7 +257,8 @@ class MultiTaskTrainer(Seq2SeqTrainer):
     def _predictor(self) -> Predictor:
         setup = self.eval_setup
         return Predictor.for_run(self.model, setup.family, setup.collator, self.processing_class, self.args,
-                                 self.keeps_task_ids, synced_gpus=is_deepspeed_zero3_enabled() or self.is_fsdp_enabled)
+                                 self.keeps_task_ids, synced_gpus=is_deepspeed_zero3_enabled() or self.is_fsdp_enabled,
+                                 answer_scoring=setup.answer_scoring)
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _get_output_dir(self, trial) -> str:

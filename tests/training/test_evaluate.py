@@ -1,0 +1,81 @@
+"""Answer scoring by likelihood: the label word a generative model finds most likely, against a reference computed
+one prompt and one answer at a time."""
+
+import pytest
+import torch
+
+from pyramid_peft.tasks import get_task
+from pyramid_peft.training.config import ConfigError, from_dict
+from pyramid_peft.training.evaluate import EvalSet, Predictor, answer_log_likelihood
+from pyramid_peft.training.run import build_experiment, collators, load_splits
+
+
+def test_log_likelihood_sums_labelled_tokens_and_drops_the_final_eos():
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[-100, 3, 5, 2], [-100, -100, 4, -100]])  # row 0 ends in EOS (2); row 1 does not
+    log_probs = torch.log_softmax(logits, -1)
+    expected = torch.stack([log_probs[0, 1, 3] + log_probs[0, 2, 5], log_probs[1, 2, 4]])
+    torch.testing.assert_close(answer_log_likelihood(logits, labels, eos_token_id=2), expected)
+    torch.testing.assert_close(answer_log_likelihood(logits, labels, eos_token_id=None)[0],
+                               expected[0] + log_probs[0, 3, 2])
+
+
+def reference_scores(model, tokenizer, family, task, example, task_id, route):
+    """Summed log-probability of each label's answer tokens, one unpadded sequence per label."""
+    scores = []
+    for label in range(len(task.label_words)):
+        candidate = {**example, "label": label}
+        kwargs = {"task_ids": torch.tensor([task_id])} if route else {}
+        if family == "causal":
+            prompt, answer = task.to_causal_lm(candidate)
+            prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([prompt_ids + answer_ids]), **kwargs).logits[0]
+            positions = range(len(prompt_ids) - 1, len(prompt_ids) + len(answer_ids) - 1)
+        else:
+            source, target = task.to_text_to_text(candidate)
+            answer_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+            labels = torch.tensor([answer_ids])
+            logits = model(input_ids=torch.tensor([tokenizer(source)["input_ids"]]), labels=labels, **kwargs).logits[0]
+            positions = range(len(answer_ids))
+        log_probs = torch.log_softmax(logits.float(), -1)
+        scores.append(sum(log_probs[p, t] for p, t in zip(positions, answer_ids)).item())
+    return scores
+
+
+@pytest.mark.parametrize(("family", "tasks"), [("causal", ("arc_easy", "boolq")), ("seq2seq", ("rte", "sst2"))])
+def test_likelihood_scoring_picks_the_reference_argmax(tiny_experiment, family, tasks):
+    raw = tiny_experiment(family, tasks=tasks)
+    raw["data"].update(answer_scoring="likelihood", max_source_length=1024)  # no truncation: compare whole prompts
+    experiment = build_experiment(from_dict(raw))
+    model = experiment.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a random adapter, so routing by task changes the answer
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    _, collator = collators(experiment)
+    predictor = Predictor(model, family, collator, experiment.tokenizer, batch_size=4, answer_scoring="likelihood")
+    tokenizer = experiment.tokenizer
+    for task_id, (task, split) in enumerate(zip(experiment.tasks, load_splits(experiment))):
+        examples = split.eval[:6]
+        with torch.no_grad():
+            predicted = predictor.predict(EvalSet(task, task_id, examples, "eval"), examples)
+            expected = [max(range(len(task.label_words)), key=scores.__getitem__) for scores in
+                        (reference_scores(model, tokenizer, family, task, ex, task_id, True) for ex in examples)]
+        assert predicted == expected
+
+
+def test_regression_is_still_generated_and_unknown_scoring_is_refused(tiny_experiment):
+    raw = tiny_experiment("seq2seq", tasks=("stsb",))
+    raw["data"]["answer_scoring"] = "likelihood"
+    experiment = build_experiment(from_dict(raw))
+    _, collator = collators(experiment)
+    predictor = Predictor(experiment.model.eval(), "seq2seq", collator, experiment.tokenizer,
+                          answer_scoring="likelihood")
+    examples = load_splits(experiment)[0].eval[:2]
+    predictions = predictor.predict(EvalSet(get_task("stsb"), 0, examples, "eval"), examples)
+    assert all(p is None or isinstance(p, float) for p in predictions)
+    raw["data"]["answer_scoring"] = "logprob"
+    with pytest.raises(ConfigError, match=r"data.answer_scoring must be one of \('generate', 'likelihood'\)"):
+        from_dict(raw)
