@@ -45,6 +45,7 @@ from pyramid_peft.training import ExperimentConfig, build_experiment, train
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import Predictor, evaluate_tasks
 from pyramid_peft.training.full import FULL, full_parameter_count
+from pyramid_peft.training.guards import TrainingInterrupted
 from pyramid_peft.training.heads import needs_task_ids
 from pyramid_peft.training.run import collators, eval_sets, load_splits
 
@@ -109,7 +110,7 @@ def plan_runs(suite: Suite, variants: list[str], seeds: list[int] | None) -> lis
 
 def run_suite(suite: Suite, runs: list[tuple[str, int]], results_dir: Path, runs_dir: Path) -> None:
     """Run every (variant, seed) whose result file is missing; variants without a method, and runs that fail, are
-    reported and skipped."""
+    reported and skipped. A run stopped by SIGTERM / Ctrl-C (after saving its checkpoint) stops the suite."""
     for variant, seed in runs:
         path = result_path(results_dir, suite, variant, seed)
         if path.exists():
@@ -121,6 +122,8 @@ def run_suite(suite: Suite, runs: list[tuple[str, int]], results_dir: Path, runs
             print(f"[quality] {suite.key} {variant} seed {seed}: running", flush=True)
             try:
                 record = run_one(suite, variant, seed, runs_dir)
+            except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: the run saved a checkpoint; stop the suite too
+                raise SystemExit(f"[quality] stopped: {stop}") from None
             except Exception:  # noqa: BLE001 - one failing run is reported; the suite goes on with the others
                 print(f"[quality] {variant} seed {seed} FAILED:\n{traceback.format_exc()}", flush=True)
                 continue

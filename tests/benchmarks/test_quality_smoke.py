@@ -58,6 +58,27 @@ def test_suite_configs_are_valid(quality, suite):
     assert len(budgets) == 1 and len(adapter_rates) == 1
 
 
+def test_an_interrupted_run_stops_the_suite(quality, tmp_path, monkeypatch):
+    """SIGTERM / Ctrl-C during a run (it saves a checkpoint and raises) stops the suite; a failure goes on."""
+    import signal
+
+    from pyramid_peft.training.guards import TrainingInterrupted
+
+    started = []
+
+    def run_one(suite, variant, seed, runs_dir):
+        started.append(variant)
+        if variant == "lora":
+            raise RuntimeError("a failing run")
+        raise TrainingInterrupted(signal.SIGTERM, 7, tmp_path / "checkpoint-7")
+
+    monkeypatch.setattr(quality, "run_one", run_one)
+    suite = quality.load_suite("glue8")
+    with pytest.raises(SystemExit, match="stopped"):
+        quality.run_suite(suite, [("lora", 0), ("more", 0), ("tucka", 0)], tmp_path, tmp_path / "runs")
+    assert started == ["lora", "more"] and not list(tmp_path.rglob("*.json"))
+
+
 def run_smoke(suite: str, tmp_path: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(SCRIPT), suite, "--smoke", "--threads", "1",
                "--results-dir", str(tmp_path / "quality"), "--runs-dir", str(tmp_path / "runs"), *extra]

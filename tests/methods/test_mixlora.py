@@ -16,6 +16,7 @@ from _models import assert_save_reload_exact, generate_with_beams, main_output, 
 from conftest import TINY_BUILDERS, tiny_batch
 from pyramid_peft import NotMergeableError, count_parameters, export_lora, merge_for_task
 from pyramid_peft.methods.mixlora import ExpertOutput, FeedForward, MixLoraConfig
+from pyramid_peft.gating import switch_balance_loss, topk_softmax
 from pyramid_peft.registry import make_peft_config, method_names
 
 E, R, ALPHA, K = 4, 4, 8, 2  # experts, rank, alpha (scale 2), top-k
@@ -264,6 +265,25 @@ def test_balance_loss_planted_routing_and_uniform():
         layer.mixlora_router["default"].zero_()
     layer(hidden_rows())
     assert layer.aux_terms("default")["balance"].item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_balance_loss_leaves_padding_out():
+    model = trained(mixlora("llama"))
+    batch = tiny_batch("llama")
+    batch["attention_mask"][0, 5:] = 0  # right padding in the first row
+    layers = ffn_layers(model)
+    rows = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: rows.__setitem__(i, args[0].detach()))
+             for i, layer in enumerate(layers)]
+    model(**batch)
+    for hook in hooks:
+        hook.remove()
+    real = batch["attention_mask"].reshape(-1).bool()
+    for i, layer in enumerate(layers):
+        x = rows[i].reshape(-1, rows[i].shape[-1])[real]
+        logits = layer.router_logits("default", x)
+        expected = switch_balance_loss(logits, topk_softmax(logits, layer.mixlora_config["default"].top_k))
+        torch.testing.assert_close(layer.aux_terms("default")["balance"], expected)
 
 
 def test_aux_loss_is_the_weighted_mean_over_ffn_blocks():

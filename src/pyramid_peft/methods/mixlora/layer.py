@@ -241,10 +241,14 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         return F.linear(x, router)
 
     def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The Switch balance loss E * sum_i f_i P_i of the last forward, over all its rows (padding included)."""
+        """The Switch balance loss E * sum_i f_i P_i of the last forward, over its real tokens: padding (attention
+        mask 0) is routed like any token but left out, so it cannot pull the experts' load toward itself."""
         if self._aux_state.get("adapter") != adapter_name:
             return {}
-        return {"balance": switch_balance_loss(self._aux_state["logits"], self._aux_state["weights"])}
+        logits, weights, real = (self._aux_state[k] for k in ("logits", "weights", "real"))
+        if real is not None:
+            logits, weights = logits[real], weights[real]
+        return {"balance": switch_balance_loss(logits, weights)}
 
     # -- forward ------------------------------------------------------------------------------------------------
     def expert_hidden(self, adapter_name: str, expert: int, u: torch.Tensor, frozen: list[torch.Tensor]):
@@ -268,7 +272,9 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         logits = self.router_logits(adapter_name, rows)
         weights = topk_softmax(logits, self.mixlora_config[adapter_name].top_k)
         self.observe_routing(weights.view(*x.shape[:-1], -1), self.task_ids_for(x, required=False))
-        self.record_aux(adapter=adapter_name, logits=logits, weights=weights)
+        mask = self.route.attention_mask(x.shape[0], x.shape[1]) if x.dim() == 3 else None
+        real = None if mask is None else mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
+        self.record_aux(adapter=adapter_name, logits=logits, weights=weights, real=real)
         groups = group_by_expert(weights)
 
         frozen = [getattr(ffn, name)(rows) for name in self.recipe.inputs]  # once for all rows and experts
