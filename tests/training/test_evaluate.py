@@ -6,18 +6,23 @@ import torch
 
 from pyramid_peft.tasks import get_task
 from pyramid_peft.training.config import ConfigError, from_dict
-from pyramid_peft.training.evaluate import EvalSet, Predictor, answer_log_likelihood
+from pyramid_peft.training.evaluate import EvalSet, Predictor, answer_log_likelihood, answer_targets
 from pyramid_peft.training.run import build_experiment, collators, load_splits
 
 
-def test_log_likelihood_sums_labelled_tokens_and_drops_the_final_eos():
-    logits = torch.randn(2, 4, 7)
+def test_targets_shift_for_causal_models_and_drop_the_final_eos():
     labels = torch.tensor([[-100, 3, 5, 2], [-100, -100, 4, -100]])  # row 0 ends in EOS (2); row 1 does not
+    assert answer_targets(labels, "seq2seq", eos_token_id=2).tolist() == [[-100, 3, 5, -100], [-100, -100, 4, -100]]
+    assert answer_targets(labels, "causal", eos_token_id=2).tolist() == [[3, 5, -100], [-100, 4, -100]]
+    assert answer_targets(labels, "seq2seq", eos_token_id=None).tolist() == labels.tolist()
+
+
+def test_log_likelihood_sums_the_target_tokens():
+    logits = torch.randn(2, 3, 7)
+    targets = torch.tensor([[3, 5, -100], [-100, 4, -100]])
     log_probs = torch.log_softmax(logits, -1)
-    expected = torch.stack([log_probs[0, 1, 3] + log_probs[0, 2, 5], log_probs[1, 2, 4]])
-    torch.testing.assert_close(answer_log_likelihood(logits, labels, eos_token_id=2), expected)
-    torch.testing.assert_close(answer_log_likelihood(logits, labels, eos_token_id=None)[0],
-                               expected[0] + log_probs[0, 3, 2])
+    expected = torch.stack([log_probs[0, 0, 3] + log_probs[0, 1, 5], log_probs[1, 1, 4]])
+    torch.testing.assert_close(answer_log_likelihood(logits, targets), expected)
 
 
 def reference_scores(model, tokenizer, family, task, example, task_id, route):

@@ -98,18 +98,29 @@ class Predictor:
 
         Each example is repeated once per label with that label's answer, batched as for training (the collator's
         ``for_scoring`` form), so prompt and answer are tokenized exactly as the model was trained on them. The
-        end-of-sequence token after the answer is not scored: only the label words compete.
+        end-of-sequence token after the answer is not scored: only the label words compete. When every answer is
+        one token (letters, yes / no), the first label's pass scores them all: the distribution at the answer
+        position does not depend on the answer.
         """
         candidates = [{**f, "example": {**f["example"], "label": label}} for f in features for label in range(num_labels)]
         batch = {k: v.to(_device(self.model)) for k, v in self.collator.for_scoring()(candidates).items()}
         if not self.route_task_ids:
             batch.pop("task_ids")
-        logits = self.model(**batch).logits.float()
-        labels = batch["labels"]
-        if self.family == "causal":  # position t predicts token t + 1
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        scores = answer_log_likelihood(logits, labels, self.tokenizer.eos_token_id)
+        targets = answer_targets(batch["labels"], self.family, self.tokenizer.eos_token_id)
+        scored = targets != -100
+        if (scored.sum(-1) == 1).all():
+            position = scored.float().argmax(-1).view(len(features), num_labels)[:, 0]
+            tokens = targets.gather(-1, scored.float().argmax(-1, keepdim=True)).view(len(features), num_labels)
+            logits = self._aligned_logits({k: v[::num_labels] for k, v in batch.items()})
+            first = logits[torch.arange(len(features), device=logits.device), position]
+            return torch.log_softmax(first, -1).gather(-1, tokens).argmax(-1).tolist()
+        scores = answer_log_likelihood(self._aligned_logits(batch), targets)
         return scores.view(len(features), num_labels).argmax(-1).tolist()
+
+    def _aligned_logits(self, batch: dict) -> torch.Tensor:
+        """Logits whose position t scores target t of :func:`answer_targets` (float32)."""
+        logits = self.model(**batch).logits.float()
+        return logits[:, :-1] if self.family == "causal" else logits  # causal: position t predicts token t + 1
 
     def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
         kwargs = {"task_ids": batch["task_ids"]} if self.route_task_ids else {}
@@ -128,18 +139,21 @@ class Predictor:
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
-def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """Per row, the summed log-probability of the labelled tokens (labels -100 are ignored), leaving out each row's
-    last labelled token when it is ``eos_token_id``."""
-    labels = labels.clone()
-    scored = labels != -100
-    last = scored.long().cumsum(-1).argmax(-1)  # first position holding the row's final count = its last label
-    rows = torch.arange(labels.shape[0], device=labels.device)
+def answer_targets(labels: torch.Tensor, family: str, eos_token_id: int | None) -> torch.Tensor:
+    """The answer tokens to score, aligned with :meth:`Predictor._aligned_logits`: ``labels`` (-100 elsewhere)
+    shifted left by one for causal models, without each row's final end-of-sequence token."""
+    targets = (labels[:, 1:] if family == "causal" else labels).clone()
+    last = (targets != -100).long().cumsum(-1).argmax(-1)  # first position holding the final count: the last label
+    rows = torch.arange(targets.shape[0], device=targets.device)
     if eos_token_id is not None:
-        labels[rows, last] = torch.where(labels[rows, last] == eos_token_id, -100, labels[rows, last])
-    scored = labels != -100
-    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (log_probs * scored).sum(-1)
+        targets[rows, last] = torch.where(targets[rows, last] == eos_token_id, -100, targets[rows, last])
+    return targets
+
+
+def answer_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed log-probability of the target tokens (-100 ignored)."""
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (log_probs * (targets != -100)).sum(-1)
 
 
 def answer_token_budget(task: TaskSpec, tokenizer, family: str) -> int:
