@@ -26,9 +26,10 @@ def test_log_likelihood_sums_the_target_tokens():
 
 
 def reference_scores(model, tokenizer, family, task, example, task_id, route):
-    """Summed log-probability of each label's answer tokens, one unpadded sequence per label."""
+    """Summed log-probability of each label's answer tokens, one unpadded sequence per label (for multiple choice,
+    per option the example has)."""
     scores = []
-    for label in range(len(task.label_words)):
+    for label in range(len(example["choices"]) if task.multiple_choice else len(task.label_words)):
         candidate = {**example, "label": label}
         kwargs = {"task_ids": torch.tensor([task_id])} if route else {}
         if family == "causal":
@@ -64,9 +65,11 @@ def test_likelihood_scoring_picks_the_reference_argmax(tiny_experiment, family, 
     tokenizer = experiment.tokenizer
     for task_id, (task, split) in enumerate(zip(experiment.tasks, load_splits(experiment))):
         examples = split.eval[:6]
+        if task.multiple_choice:  # options the label words cover but this example lacks are never chosen
+            examples = [{**ex, "choices": ex["choices"][:2], "label": ex["label"] % 2} for ex in examples]
         with torch.no_grad():
             predicted = predictor.predict(EvalSet(task, task_id, examples, "eval"), examples)
-            expected = [max(range(len(task.label_words)), key=scores.__getitem__) for scores in
+            expected = [max(range(len(scores)), key=scores.__getitem__) for scores in
                         (reference_scores(model, tokenizer, family, task, ex, task_id, True) for ex in examples)]
         assert predicted == expected
 

@@ -79,7 +79,7 @@ class Predictor:
             chunk = examples[start : start + self.batch_size]
             features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
             if self.family != "encoder" and self.answer_scoring == "likelihood" and not eval_set.task.is_regression:
-                predictions += self._most_likely_labels(features, len(eval_set.task.label_words))
+                predictions += self._most_likely_labels(features, eval_set.task)
                 continue
             batch = {k: v.to(_device(self.model)) for k, v in self.collator(features).items()}
             if self.family == "encoder":
@@ -93,8 +93,9 @@ class Predictor:
         logits = self.model(**inputs).logits
         return _unwrap(self.model).predict(logits, batch["task_ids"])
 
-    def _most_likely_labels(self, features: list[dict], num_labels: int) -> list[int]:
-        """Per example, the label whose answer tokens have the highest summed log-probability after the prompt.
+    def _most_likely_labels(self, features: list[dict], task: TaskSpec) -> list[int]:
+        """Per example, the label whose answer tokens have the highest summed log-probability after the prompt
+        (for multiple choice, among the letters of the example's own options: ARC has 3 to 5).
 
         Each example is repeated once per label with that label's answer, batched as for training (the collator's
         ``for_scoring`` form), so prompt and answer are tokenized exactly as the model was trained on them. The
@@ -102,7 +103,9 @@ class Predictor:
         one token (letters, yes / no), the first label's pass scores them all: the distribution at the answer
         position does not depend on the answer.
         """
+        num_labels = len(task.label_words)
         candidates = [{**f, "example": {**f["example"], "label": label}} for f in features for label in range(num_labels)]
+        options = [len(f["example"]["choices"]) if task.multiple_choice else num_labels for f in features]
         batch = {k: v.to(_device(self.model)) for k, v in self.collator.for_scoring()(candidates).items()}
         if not self.route_task_ids:
             batch.pop("task_ids")
@@ -113,9 +116,11 @@ class Predictor:
             tokens = targets.gather(-1, scored.float().argmax(-1, keepdim=True)).view(len(features), num_labels)
             logits = self._aligned_logits({k: v[::num_labels] for k, v in batch.items()})
             first = logits[torch.arange(len(features), device=logits.device), position]
-            return torch.log_softmax(first, -1).gather(-1, tokens).argmax(-1).tolist()
-        scores = answer_log_likelihood(self._aligned_logits(batch), targets)
-        return scores.view(len(features), num_labels).argmax(-1).tolist()
+            scores = torch.log_softmax(first, -1).gather(-1, tokens)
+        else:
+            scores = answer_log_likelihood(self._aligned_logits(batch), targets).view(len(features), num_labels)
+        offered = torch.arange(num_labels, device=scores.device) < torch.tensor(options, device=scores.device)[:, None]
+        return scores.masked_fill(~offered, float("-inf")).argmax(-1).tolist()
 
     def _aligned_logits(self, batch: dict) -> torch.Tensor:
         """Logits whose position t scores target t of :func:`answer_targets` (float32)."""
