@@ -136,24 +136,30 @@ def run_one(suite: Suite, variant: str, seed: int, runs_dir: Path) -> dict:
     """Train (or, for the floor, only evaluate) one variant-seed; its result record with timing and machine."""
     config = suite.config(variant, seed, runs_dir)
     machine = machine_info()
+    checkpoint = last_checkpoint(config) if suite.trained[variant] else None
     start = time.perf_counter()
-    results = train_resumable(config) if suite.trained[variant] else zero_shot(config)
+    results = train_resumable(config, checkpoint) if suite.trained[variant] else zero_shot(config)
     wall = time.perf_counter() - start
     params = adapter_parameters(config) if suite.trained[variant] else {}
     return {
         **result_record(variant, seed, results, params),
         "suite": suite.key,
         "steps": results.get("step", 0),
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(wall, 1),  # this sitting only, when resumed
+        "resumed_from": checkpoint,
         "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
         "config": config.to_dict(),
     }
 
 
-def train_resumable(config: ExperimentConfig) -> dict:
-    """``train(config)``, restarting from the last checkpoint in the run folder if an earlier sitting left one."""
+def last_checkpoint(config: ExperimentConfig) -> str | None:
+    """The newest checkpoint an earlier sitting left in the run folder, if any."""
     run_dir = Path(config.training["output_dir"])
-    checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+
+def train_resumable(config: ExperimentConfig, checkpoint: str | None) -> dict:
+    """``train(config)``, restarting from ``checkpoint`` (an earlier sitting's) when given."""
     if checkpoint:
         print(f"[quality] resuming from {checkpoint}", flush=True)
         config = replace(config, training={**config.training, "resume_from_checkpoint": checkpoint})
@@ -225,6 +231,7 @@ def _aggregate_variant(records: list[dict], tasks: list[str]) -> dict:
         "metrics": {t: _spread([r["metrics"][t]["paper"] for r in records if t in r["metrics"]]) for t in tasks},
         "average": _spread([r["average"]["paper_average"] for r in records]),
         "wall_seconds": [r.get("wall_seconds") for r in records],
+        "resumed": [bool(r.get("resumed_from")) for r in records],
     }
 
 
@@ -266,8 +273,14 @@ def claim_check(rows: dict[str, dict]) -> str:
 
 
 def wall_note(rows: dict[str, dict]) -> str:
-    parts = [f"{v} {', '.join(f'{s / 60:.1f}' for s in r['wall_seconds'] if s is not None)}" for v, r in rows.items()]
-    return "Wall-clock minutes per run (training + evaluation): " + "; ".join(parts) + "."
+    def minutes(row: dict) -> str:
+        resumed = row.get("resumed", [False] * len(row["wall_seconds"]))
+        return ", ".join(f"{s / 60:.1f}{'*' if again else ''}" for s, again in zip(row["wall_seconds"], resumed)
+                         if s is not None)
+
+    parts = [f"{v} {minutes(r)}" for v, r in rows.items()]
+    return ("Wall-clock minutes per run (training + evaluation; * resumed from a checkpoint: the last sitting only): "
+            + "; ".join(parts) + ".")
 
 
 def budget(suite: Suite) -> dict:
