@@ -39,6 +39,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from common import machine_info
 from pyramid_peft import count_parameters, method_names
+from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.analysis.params import paper_units
 from pyramid_peft.analysis.sweeps import Sweep, TableLayout, load_results, result_record, summarize
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
@@ -127,7 +128,8 @@ def run_suite(suite: Suite, runs: list[tuple[str, int]], results_dir: Path, runs
             except Exception:  # noqa: BLE001 - one failing run is reported; the suite goes on with the others
                 print(f"[quality] {variant} seed {seed} FAILED:\n{traceback.format_exc()}", flush=True)
                 continue
-            write_atomic(path, json.dumps(record, indent=2) + "\n")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
             print(f"[quality] {path}: average {record['average']['paper_average']:.2f}, "
                   f"{record['wall_seconds']:.0f} s", flush=True)
 
@@ -186,15 +188,6 @@ def adapter_parameters(config: ExperimentConfig) -> dict:
     if experiment.full:
         return full_parameter_count(experiment.peft_model, num_tasks=len(config.tasks))
     return count_parameters(experiment.peft_model, num_tasks=len(config.tasks))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it: a reader sees all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-    os.replace(temp, path)
 
 
 # -- the table ------------------------------------------------------------------------------------------------
@@ -296,8 +289,8 @@ def write_summary(suite: Suite, results_dir: Path) -> str:
     markdown, summary = summarize_suite(suite, results_dir)
     budget_line = ", ".join(f"{k} {v}" for k, v in summary["budget"].items())
     markdown = f"<!-- written by benchmarks/quality.py {suite.key} -->\n\nBudget: {budget_line}.\n\n" + markdown
-    write_atomic(results_dir.parent / f"quality-{suite.key}.md", markdown)
-    write_atomic(results_dir.parent / f"quality-{suite.key}.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(results_dir.parent / f"quality-{suite.key}.md", markdown)
+    atomic_write_text(results_dir.parent / f"quality-{suite.key}.json", json.dumps(summary, indent=2) + "\n")
     return markdown
 
 

@@ -41,7 +41,7 @@ def pool_features(x: torch.Tensor, pooling: str, route: TaskRoute) -> torch.Tens
         return x
     if pooling == "first":
         return x[:, 0].contiguous()  # a copy: a view would keep the whole input alive until the next forward
-    return token_mean(x, route.attention_mask(x.shape[0], x.shape[1]))
+    return token_mean(x, route.token_mask(x))
 
 
 def task_contrastive_loss(

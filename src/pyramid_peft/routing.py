@@ -134,6 +134,11 @@ class TaskRoute:
             return None
         return expand_to_batch(mask, batch_size)
 
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The call's attention mask for token states ``x`` (batch, seq, features); None for rows without a
+        sequence axis, or when no mask matches."""
+        return self.attention_mask(x.shape[0], x.shape[1]) if x.dim() == 3 else None
+
 
 def expand_to_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Repeat each row ``batch_size / len(values)`` times, as ``generate`` expands inputs for beams."""

@@ -74,11 +74,14 @@ class Predictor:
     def predict(self, eval_set: EvalSet, examples: list[dict]) -> list:
         """Predictions (label ids, scores, or None for an unparseable generation) for ``examples``."""
         predictions: list = []
-        budget = answer_token_budget(eval_set.task, self.tokenizer, self.family) if self.family != "encoder" else 0
+        generative = self.family != "encoder"
+        by_likelihood = generative and self.answer_scoring == "likelihood" and not eval_set.task.is_regression
+        generating = generative and not by_likelihood
+        budget = answer_token_budget(eval_set.task, self.tokenizer, self.family) if generating else 0
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start : start + self.batch_size]
             features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
-            if self.family != "encoder" and self.answer_scoring == "likelihood" and not eval_set.task.is_regression:
+            if by_likelihood:
                 predictions += self._most_likely_labels(features, eval_set.task)
                 continue
             batch = {k: v.to(_device(self.model)) for k, v in self.collator(features).items()}
@@ -112,10 +115,10 @@ class Predictor:
         targets = answer_targets(batch["labels"], self.family, self.tokenizer.eos_token_id)
         scored = targets != -100
         if (scored.sum(-1) == 1).all():
-            position = scored.float().argmax(-1).view(len(features), num_labels)[:, 0]
-            tokens = targets.gather(-1, scored.float().argmax(-1, keepdim=True)).view(len(features), num_labels)
+            answer_at = scored.float().argmax(-1)  # each row's one scored position
+            tokens = targets.gather(-1, answer_at[:, None]).view(len(features), num_labels)
             logits = self._aligned_logits({k: v[::num_labels] for k, v in batch.items()})
-            first = logits[torch.arange(len(features), device=logits.device), position]
+            first = logits[torch.arange(len(features), device=logits.device), answer_at[::num_labels]]
             scores = torch.log_softmax(first, -1).gather(-1, tokens)
         else:
             scores = answer_log_likelihood(self._aligned_logits(batch), targets).view(len(features), num_labels)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
@@ -33,6 +34,17 @@ def full_parameter_count(model: nn.Module, num_tasks: int) -> dict:
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"adapter": total, "router": 0, "task_embedding": 0, "total": total, "num_tasks": num_tasks,
             "per_task": total / num_tasks, "per_task_without_router": total / num_tasks}
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load what a run saved into ``model``: an adapter folder into a ``PeftModel`` (as its active adapter,
+    trainable), or the whole model's weights into a bare model (full fine-tuning)."""
+    if not isinstance(model, PeftModel):
+        load_full_weights(model, folder)
+        return
+    adapter = model.active_adapter
+    model.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
+    model.set_adapter(adapter)
 
 
 def load_full_weights(model: nn.Module, folder: str | Path) -> None:

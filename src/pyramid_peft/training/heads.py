@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from peft import PeftModel
 from torch import nn
 from transformers.utils import ModelOutput
 
 from .. import uses_task_ids
-from .full import load_full_weights
+from .full import load_weights
 
 HEADS_FILE = "heads.safetensors"
 
@@ -145,12 +144,7 @@ class MultiTaskClassifier(nn.Module):
         into this (already built) model."""
         folder = Path(folder)
         self.load_heads(folder / HEADS_FILE)
-        if not isinstance(self.encoder, PeftModel):
-            load_full_weights(self.encoder, folder)
-            return
-        adapter = self.encoder.active_adapter
-        self.encoder.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
-        self.encoder.set_adapter(adapter)
+        load_weights(self.encoder, folder)
 
     def load_heads(self, path: str | Path) -> None:
         """Load ``heads.safetensors``; refuses a file written for other tasks."""

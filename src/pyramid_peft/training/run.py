@@ -34,7 +34,7 @@ from ..tasks import TaskSpec, get_task
 from .checkpoints import checkpoint_problem
 from .config import ConfigError, ExperimentConfig, load_config
 from .evaluate import EvalSet, Predictor, answer_token_budget, evaluate_tasks
-from .full import check_full_options, is_full, load_full_weights
+from .full import check_full_options, is_full, load_weights
 from .heads import MultiTaskClassifier, needs_task_ids
 from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
 
@@ -318,13 +318,8 @@ def load_trained(model: nn.Module, folder: Path) -> None:
     try:
         if isinstance(model, MultiTaskClassifier):
             model.load_trained(folder)
-            return
-        if not isinstance(model, PeftModel):
-            load_full_weights(model, folder)
-            return
-        adapter = model.active_adapter
-        model.load_adapter(str(folder), adapter_name=adapter, is_trainable=True)
-        model.set_adapter(adapter)
+        else:
+            load_weights(model, folder)
     except ValueError as err:  # heads for other tasks, a full fine-tuning folder of another model
         raise RunError(str(err)) from err
     except RuntimeError as err:

@@ -272,7 +272,7 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         logits = self.router_logits(adapter_name, rows)
         weights = topk_softmax(logits, self.mixlora_config[adapter_name].top_k)
         self.observe_routing(weights.view(*x.shape[:-1], -1), self.task_ids_for(x, required=False))
-        mask = self.route.attention_mask(x.shape[0], x.shape[1]) if x.dim() == 3 else None
+        mask = self.route.token_mask(x)
         real = None if mask is None else mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
         self.record_aux(adapter=adapter_name, logits=logits, weights=weights, real=real)
         groups = group_by_expert(weights)

@@ -159,7 +159,7 @@ class TuckaLayer(RoutedLayer):
                 f"{owner.module_key!r} expect width {owner.in_features}; set router_module={owner.module_key!r}."
             )
         x = self._cast_input_dtype(x, owner.tucka_centroids[adapter_name].dtype)
-        mask = self.route.attention_mask(x.shape[0], x.shape[1]) if x.dim() == 3 else None
+        mask = self.route.token_mask(x)
         features = token_mean(x, mask, per_example=config.routing == "example")
         recomputing = in_backward_pass()
         if not recomputing and not bool(owner.tucka_centroids_ready[adapter_name]):
