@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 from pyramid_peft.cli import build_parser, main
-from pyramid_peft.training.run import load_run
+from pyramid_peft.training.loading import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pyramid_peft.training.config import (
     parse_overrides,
     read_yaml,
 )
-from pyramid_peft.training.run import peft_config
+from pyramid_peft.training.experiment import peft_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT_CONFIGS = [

@@ -134,7 +134,9 @@ def _task_problems(tasks: list[str], for_training: bool) -> list[str]:
 
 
 def _training_problems(training: dict, for_training: bool) -> list[str]:
-    problems = field_problems(Seq2SeqTrainingArguments, training, "training.")
+    # resume_from_checkpoint is annotated str, but the Trainer (and --resume_from_checkpoint alone) also take True.
+    typed = {k: v for k, v in training.items() if k != "resume_from_checkpoint" or not isinstance(v, bool)}
+    problems = field_problems(Seq2SeqTrainingArguments, typed, "training.")
     if problems:
         return problems
     for key in _POSITIVE_TRAINING:
@@ -145,8 +147,9 @@ def _training_problems(training: dict, for_training: bool) -> list[str]:
             problems.append(f"training.{key}={value!r} must not be negative.")
     steps = training.get("max_steps")
     if (steps is not None and steps <= 0) or (steps is None and for_training):
-        problems.append(f"training.max_steps={steps!r}: set a positive number of steps (e.g. --max_steps 300): "
-                        "multi-task sampling draws batches without end, so a run is measured in steps, not epochs.")
+        problems.append(f"training.max_steps must be set to a positive number of steps, got {steps!r} (e.g. "
+                        "--max_steps 300): multi-task sampling draws batches without end, so a run is measured in "
+                        "steps, not epochs.")
     return problems
 
 
