@@ -249,7 +249,8 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
         main(["train", str(write_config(raw, tmp_path))])
     err = capsys.readouterr().err.replace("\n", " ")
     assert exit_info.value.code == 2
-    assert "the training loss is nan at step 3" in err and f"last good checkpoint (finite weights and losses) is {run / 'checkpoint-2'}" in err
+    assert "the training loss is nan at step 3" in err
+    assert f"last good checkpoint (finite weights and losses) is {run / 'checkpoint-2'}" in err
     assert checkpoint_problem(run / "checkpoint-2") is None
     assert not (run / "checkpoint-4").exists() and not (run / "adapter").exists()
 

@@ -5,7 +5,6 @@ Each test reproduces one case of the issue through ``ept`` (``pyramid_peft.cli.m
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -148,7 +148,8 @@ def model_name_problem(name: str) -> str | None:
     if _HUB_ID.match(name) and not (_hub_offline() and not _in_hub_cache(name)):
         return None
     why = "is not a hub id" if not _HUB_ID.match(name) else "is not in the local hub cache and HF_HUB_OFFLINE is set"
-    return f"model.name {name!r} is not an offline alias or a local folder, and {why}. {_MODEL_NAME_FIX}{_alias_hint(name)}"
+    return (f"model.name {name!r} is not an offline alias or a local folder, and {why}. "
+            f"{_MODEL_NAME_FIX}{_alias_hint(name)}")
 
 
 _MODEL_NAME_FIX = (f"Give an offline alias ({', '.join(ALIASES)}), a local model folder, or {HUB_ID_FORM} (with the "

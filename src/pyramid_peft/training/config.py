@@ -17,7 +17,6 @@ does not exist is an error naming the closest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -27,6 +27,7 @@ from .run_folder import (
     claim_run_folder,
     config_text,
     finish_run,
+    move_aside,
     recorded_config,
 )
 from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
@@ -68,11 +69,10 @@ def train(config: ExperimentConfig, overwrite: bool = False) -> dict:
     check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
     run_dir = Path(args.output_dir)
-    with args.main_process_first(local=False, desc="checking the run folder"):
-        if args.should_save:
-            moved = claim_run_folder(run_dir, bool(args.resume_from_checkpoint), overwrite)
-            if moved is not None:
-                print(f"ept: moved the run that was in {run_dir} to {moved}", file=sys.stderr)
+    must_move = claim_run_folder(run_dir, bool(args.resume_from_checkpoint), overwrite)  # every process alike
+    with args.main_process_first(local=False, desc="moving the earlier run aside"):
+        if must_move and args.should_save and run_dir.is_dir():
+            print(f"ept: moved the run that was in {run_dir} to {move_aside(run_dir)}", file=sys.stderr)
     trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     trainer.evaluate()

@@ -49,19 +49,20 @@ def holds_a_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in _RUN_MARKERS) or any(run_dir.glob("checkpoint-*"))
 
 
-def claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Check that a new ``ept train`` may write into ``run_dir``; with ``overwrite``, move a run there aside first.
+def claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Check that a new ``ept train`` may write into ``run_dir``; True when a run there must first be moved aside
+    (``overwrite``, see :func:`move_aside`). Only reads, so every process can check and fail alike.
 
-    Returns where the old run went (``overwrite``), or None. Raises :class:`RunError` naming the fixes when the
-    folder holds a finished run (any rerun), or an unfinished one without ``resume`` or ``overwrite``.
+    Raises :class:`RunError` naming the fixes when the folder holds a finished run (any rerun), or an unfinished
+    one without ``resume`` or ``overwrite``.
     """
     if resume and overwrite:
         raise RunError("--overwrite and --resume_from_checkpoint exclude each other: resume continues the run in "
                        f"{run_dir}, --overwrite moves it aside to start afresh. Pass one of them.")
     if not run_dir.is_dir() or not holds_a_run(run_dir):
-        return None
+        return False
     if overwrite:
-        return move_aside(run_dir)
+        return True
     if is_finished(run_dir):
         checkpoint = newest_valid_checkpoint(run_dir)
         further = (f" To train it further, start a new run from its checkpoint: --output_dir NEW "
@@ -72,7 +73,7 @@ def claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> Path | Non
     if not resume:
         raise RunError(f"{run_dir} holds an unfinished run: continue it with --resume_from_checkpoint, train into a "
                        "new --output_dir, or pass --overwrite to move it aside (it is never deleted).")
-    return None
+    return False
 
 
 def move_aside(run_dir: Path) -> Path:
