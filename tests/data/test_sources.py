@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pyramid_peft.data import DataSourceError, load_examples, resolve_data_dir
-from pyramid_peft.data import sources
+from pyramid_peft.data import DataSourceError, load_examples, resolve_data_dir, sources
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from .. import make_peft_config, uses_task_ids
+from ..aux import uses_task_ids
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
+from ..registry import make_peft_config
 from ..tasks import TaskSpec, get_task
 from .config import ConfigError, ExperimentConfig
 from .evaluate import EvalSet, answer_token_budget

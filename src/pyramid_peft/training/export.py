@@ -7,7 +7,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .. import export_lora, merge_for_task, uses_task_ids
+from ..aux import uses_task_ids
+from ..merge import export_lora, merge_for_task
 from .experiment import RunError
 from .heads import MultiTaskClassifier
 from .loading import load_run

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import aux_loss
+from ...aux import aux_loss
 
 
 class AuxiliaryLoss:
