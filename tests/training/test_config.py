@@ -134,3 +134,15 @@ def test_config_round_trips_through_yaml(tmp_path):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_field_problems_checks_any_config_dataclass_by_its_annotations():
+    from pyramid_peft.methods.config_base import field_problems
+    from pyramid_peft.training.config import DataSection
+
+    assert field_problems(DataSection, {"max_source_length": 64, "data_dir": None}, "data.") == []
+    assert field_problems(DataSection, {"max_source_length": "64", "max_eval_exampels": 3}, "data.") == [
+        "data.max_source_length='64' is a str; expected int.",
+        "unknown key 'data.max_eval_exampels'. Did you mean 'max_eval_examples'? Valid keys: answer_scoring, "
+        "data_dir, max_eval_examples, max_source_length, max_target_length, protocol.",
+    ]
