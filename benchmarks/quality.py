@@ -48,7 +48,7 @@ from pyramid_peft.training.evaluate import Predictor, evaluate_tasks
 from pyramid_peft.training.full import FULL, full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
 from pyramid_peft.training.heads import needs_task_ids
-from pyramid_peft.training.run import collators, eval_sets, load_splits
+from pyramid_peft.training.experiment import collators, eval_sets, load_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {

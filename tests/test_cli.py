@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 from pyramid_peft.cli import build_parser, main
-from pyramid_peft.training.run import load_run
+from pyramid_peft.training.loading import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +122,40 @@ def test_quickstart_for_20_steps_then_eval_and_export_to_stock_peft(ept_data_dir
     torch.testing.assert_close(stock(**tokens).last_hidden_state, routed, atol=1e-4, rtol=1e-4)
     head = load_file(exported / "head.safetensors")
     assert head["weight"].shape == (2, 384)
+
+
+def test_unknown_names_get_did_you_mean_and_the_valid_choices(tiny_experiment, tmp_path, capsys):
+    raw = tiny_experiment("seq2seq", tasks=("rte", "sst2"), max_steps=1)
+    path = str(write_config(raw, tmp_path))
+    for argv, expected in (
+        (["--method.name", "loraa"], "method.name='loraa' is not one of: lora, ept, hydralora, mixlora, moelora, more, "
+                                     "multilora, tucka, full. Did you mean 'lora'?"),
+        (["--method.rank", "4"], "unknown key 'method.rank'. Did you mean 'r'? Valid keys: alp, "),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", path, *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in err, err
+    assert "kernel_sizes, lora_alpha, lora_dropout" in err and "peft_type" not in err  # EPT's own keys only
+
+    assert main(["train", path]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", raw["training"]["output_dir"], "--task", "sst-2", "--lora"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "task 'sst-2' was not trained in" in err
+    assert "Did you mean 'sst2'? Its tasks: rte, sst2." in err
+
+
+def test_eval_finds_the_data_the_run_recorded_with_no_environment_set(tiny_experiment, tmp_path, monkeypatch,
+                                                                       capsys):
+    raw = tiny_experiment("encoder", max_steps=1)
+    data_dir = raw["data"].pop("data_dir")
+    monkeypatch.setenv("EPT_DATA_DIR", data_dir)  # how the scripts (and a checkout beside ../shared) find it
+    run = Path(raw["training"]["output_dir"])
+    assert main(["train", str(write_config(raw, tmp_path))]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["data_dir"] == str(Path(data_dir).resolve())
+
+    monkeypatch.delenv("EPT_DATA_DIR")
+    monkeypatch.setattr("pyramid_peft.data.sources.shared_data_dir", lambda: None)  # only the record knows
+    assert main(["eval", str(run)]) == 0
+    assert main(["export", str(run), "--task", "rte", "--lora"]) == 0

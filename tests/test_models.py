@@ -102,3 +102,16 @@ def test_smollm2_is_converted_once_into_the_cache(monkeypatch, tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt", add_special_tokens=False)
     top = model(**ids).logits[0, -1].topk(5).indices
     assert " Paris" in [tokenizer.decode(int(i)) for i in top]
+
+
+def test_model_name_problem_accepts_aliases_folders_and_reachable_hub_ids(tmp_path, monkeypatch):
+    from pyramid_peft.models import model_name_problem
+
+    assert model_name_problem("minilm-l6") is None and model_name_problem(str(tmp_path)) is None
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert model_name_problem("org/some-model") is None  # online: the hub decides when the config is read
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = model_name_problem("org/some-model")
+    assert "is not in the local hub cache and HF_HUB_OFFLINE is set" in offline and "minilm-l6" in offline
+    assert "is not a hub id" in model_name_problem("not a/model/name") and "Did you mean 'smollm2-135m'?" in \
+        model_name_problem("smollm2")

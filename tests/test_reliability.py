@@ -34,7 +34,9 @@ from pyramid_peft.training.checkpoints import (
 )
 from pyramid_peft.training.config import ConfigError, ModelSection, from_dict
 from pyramid_peft.training.guards import NonFiniteLossError, StopSignals, TrainingInterrupted
-from pyramid_peft.training.run import RunError, _check_processes, build_trainer, load_run, load_trained, train
+from pyramid_peft.training import RunError, build_experiment, load_run, train
+from pyramid_peft.training.loading import load_trained
+from pyramid_peft.training.run import _check_processes, build_trainer
 from pyramid_peft.training.trainer import MultiTaskTrainer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -141,10 +143,12 @@ def test_resuming_past_a_corrupt_checkpoint_replays_the_sampler_and_matches_the_
     assert checkpoint_problem(run / "checkpoint-4") is None  # rewritten whole
 
 
-def test_resuming_with_other_sampling_settings_is_refused(tiny_experiment):
+def test_resuming_with_other_sampling_settings_is_refused(tiny_experiment, tmp_path):
     raw = tiny_experiment("seq2seq", max_steps=2)
     train(from_dict(raw))
-    raw["training"].update(resume_from_checkpoint=True, per_device_train_batch_size=2)
+    checkpoint = Path(raw["training"]["output_dir"]) / "checkpoint-2"  # a finished run: continued in a new folder
+    raw["training"].update(output_dir=str(tmp_path / "next"), resume_from_checkpoint=str(checkpoint),
+                           per_device_train_batch_size=2)
     with pytest.raises(CheckpointError, match=r"checkpoint-2: .*'batch_size': 4.*original tasks, batch size"):
         train(from_dict(raw))
 
@@ -197,7 +201,7 @@ def test_a_second_ctrl_c_stops_at_once():
     ("change", "message"),
     [
         ({"tasks": ["rte", "sst-2"]}, r"Unknown task 'sst-2'.*Did you mean 'sst2'"),
-        ({"method": {"name": "etp"}}, r"Unknown method 'etp'.*Did you mean 'ept'"),
+        ({"method": {"name": "etp"}}, r"method.name='etp' is not one of: lora, ept, .*full. Did you mean 'ept'"),
         ({"method": {"kernel_sizes": [2, -4]}}, r"kernel_sizes must be positive integers, got \[-4\]"),
         ({"method": {"top_k": 3}}, r"top_k=3 must be between 1 and the number of experts \(2\)"),
         ({"method": {"num_tasks": 1}}, r"method.num_tasks=1 is smaller than the 2 tasks .* at least 2"),
@@ -245,7 +249,8 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
         main(["train", str(write_config(raw, tmp_path))])
     err = capsys.readouterr().err.replace("\n", " ")
     assert exit_info.value.code == 2
-    assert "the training loss is nan at step 3" in err and f"last good checkpoint is {run / 'checkpoint-2'}" in err
+    assert "the training loss is nan at step 3" in err
+    assert f"last good checkpoint (finite weights and losses) is {run / 'checkpoint-2'}" in err
     assert checkpoint_problem(run / "checkpoint-2") is None
     assert not (run / "checkpoint-4").exists() and not (run / "adapter").exists()
 
@@ -261,19 +266,14 @@ def test_adapter_folders_of_another_method_or_base_model_are_refused(tiny_experi
     ept_run = Path(ept_raw["training"]["output_dir"])
     train(from_dict(ept_raw))
 
-    lora_run = tmp_path / "lora-run"
-    lora_run.mkdir()
-    lora_raw = tiny_experiment("encoder", method="lora")
-    from_dict(lora_raw).save(lora_run / "config.yaml")
+    lora = build_experiment(from_dict(tiny_experiment("encoder", method="lora"))).model
     with pytest.raises(RunError, match=r"holds a EPT adapter, but this run's config builds LORA"):
-        load_run(lora_run, checkpoint=str(ept_run / "checkpoint-2"))
+        load_trained(lora, ept_run / "checkpoint-2")
 
-    wider_run = tmp_path / "wider-run"
-    wider_run.mkdir()
     ept_raw["model"]["config"].update(hidden_size=48, intermediate_size=96)
-    from_dict(ept_raw).save(wider_run / "config.yaml")
+    wider = build_experiment(from_dict(ept_raw)).model
     with pytest.raises(RunError, match=r"does not fit this run's model.*another base model.*size mismatch"):
-        load_run(wider_run, checkpoint=str(ept_run / "checkpoint-2"))
+        load_trained(wider, ept_run / "checkpoint-2")
 
     renamed = tmp_path / "renamed"
     shutil.copytree(ept_run / "adapter", renamed)

@@ -10,14 +10,21 @@ Every subcommand sets ``func`` (a callable taking the parsed arguments and retur
 ``pyramid_peft.analysis.cli`` may add the ``analyze`` group through ``add_analyze_parser(subparsers)``.
 
 ``--resume_from_checkpoint`` alone resumes from the newest valid checkpoint of the output folder (a partial or
-corrupt one is skipped with a warning); with a folder, from that checkpoint. SIGTERM or Ctrl-C during ``ept train``
-saves a checkpoint, prints how to resume, and exits with 128 + the signal number.
+corrupt one is skipped with a warning); with a folder, from that checkpoint. ``--overwrite`` moves a run already
+in the output folder aside (never deletes it); without it ``ept train`` refuses a folder that holds a run. SIGTERM
+or Ctrl-C during ``ept train`` saves a checkpoint, prints how to resume, and exits with 128 + the signal number.
+
+A user error (a bad config, path, name or file) is printed as a short message and exits with 2; ``--debug`` (or
+``EPT_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+DEBUG_ENV = "EPT_DEBUG"
 
 
 def _train(args) -> int:
@@ -25,8 +32,9 @@ def _train(args) -> int:
     from .training.evaluate import metrics_table
     from .training.guards import TrainingInterrupted
 
+    overrides, overwrite = _take_flag(args.overrides, "--overwrite")
     try:
-        results = train(load_config(args.config, args.overrides))
+        results = train(load_config(args.config, overrides, for_training=True), overwrite=overwrite)
     except TrainingInterrupted as stop:  # its checkpoint is saved: exit as the signal would, saying how to resume
         print(f"ept train: {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -38,7 +46,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from .training import evaluate_run
     from .training.evaluate import metrics_table
-    from .training.run import write_metrics
+    from .training.run_folder import write_metrics
 
     results = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint)
     print(metrics_table(results))
@@ -63,20 +71,26 @@ def _params(args) -> int:
 
 
 def _is_main_process() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
+
+
+def _take_flag(overrides: list[str], flag: str) -> tuple[list[str], bool]:
+    """``overrides`` without ``flag``, and whether it was there (a flag of ``ept`` itself, not a config key)."""
+    return [token for token in overrides if token != flag], flag in overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ept", description="Multi-task parameter-efficient fine-tuning.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1; may also follow the command)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train from a YAML config; extra --key value pairs override it")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs=argparse.REMAINDER,
                        help="e.g. --max_steps 20 --method.r 4; --resume_from_checkpoint [DIR] resumes an interrupted "
-                            "run (default: the newest valid checkpoint in output_dir)")
+                            "run (default: the newest valid checkpoint in output_dir); --overwrite moves a run "
+                            "already in output_dir aside")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a finished run on its evaluation (or test) split")
@@ -120,25 +134,30 @@ def _add_optional_commands(commands) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    # --debug may stand anywhere (before the command, or among a command's arguments and overrides).
+    argv, debug_flag = _take_flag(list(sys.argv[1:] if argv is None else argv), "--debug")
     args = parser.parse_args(argv)
+    debug = debug_flag or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
-    except _user_errors() as err:  # a wrong config, path or name: the message says what to fix
+    except _user_errors() as err:  # a wrong config, path, name or file: the message says what to fix
+        if debug:
+            raise
         parser.exit(2, f"ept {args.command}: error: {err}\n")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from . import NotMergeableError, TaskRoutingError
     from .data import DataSourceError
     from .models import ModelNotAvailableError, ModelSpecError
     from .tasks import UnknownTaskError
-    from .training import ConfigError
+    from .training import ConfigError, RunError
     from .training.checkpoints import CheckpointError
     from .training.guards import NonFiniteLossError
-    from .training.run import RunError
 
     # OSError covers missing files and models that are neither a local folder nor reachable on the hub.
     return (ConfigError, DataSourceError, ModelNotAvailableError, ModelSpecError, RunError, UnknownTaskError, OSError,
-            CheckpointError, NonFiniteLossError)
+            CheckpointError, NonFiniteLossError, NotMergeableError, TaskRoutingError)
 
 
 if __name__ == "__main__":

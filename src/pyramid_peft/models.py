@@ -13,8 +13,10 @@ Anything else is passed to ``from_pretrained`` unchanged. The model *family* (``
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -133,6 +135,42 @@ def _convert_smollm2(target: Path) -> None:
 ALIASES = {"minilm-l6": minilm_path, "smollm2-135m": smollm2_path}
 
 
+# A hub id: "name" or "org/name", letters, digits, '-', '_' and '.'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_ID_FORM = "a hub id such as 'google-t5/t5-base' or 'meta-llama/Llama-2-7b-hf'"
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``model.name`` cannot name a model here, or None: an alias, an existing folder, or a hub id that is
+    reachable (with ``HF_HUB_OFFLINE`` set: one already in the local hub cache). Only reads the file system."""
+    if name in ALIASES or Path(name).expanduser().is_dir():
+        return None
+    if _HUB_ID.match(name) and not (_hub_offline() and not _in_hub_cache(name)):
+        return None
+    why = "is not a hub id" if not _HUB_ID.match(name) else "is not in the local hub cache and HF_HUB_OFFLINE is set"
+    return (f"model.name {name!r} is not an offline alias or a local folder, and {why}. "
+            f"{_MODEL_NAME_FIX}{_alias_hint(name)}")
+
+
+_MODEL_NAME_FIX = (f"Give an offline alias ({', '.join(ALIASES)}), a local model folder, or {HUB_ID_FORM} (with the "
+                   "hub reachable).")
+
+
+def _alias_hint(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def model_family(config: PretrainedConfig) -> str:
     """``seq2seq`` for encoder-decoders, ``causal`` for decoder-only LMs, ``encoder`` otherwise."""
     if getattr(config, "is_encoder_decoder", False):
@@ -172,12 +210,22 @@ def resolve_model(
             raise ModelSpecError("model.name is empty: give a hub id, local path or alias, or model.config.model_type.")
         config = AutoConfig.for_model(**overrides)
     else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
+        config = _load_model_config(path, trust_remote_code, overrides)
     family = family or model_family(config)
     if family not in FAMILIES:
         raise ModelSpecError(f"model.family must be one of {FAMILIES}, got {family!r}.")
     tokenizer_path = ALIASES[tokenizer]() if tokenizer in ALIASES else (tokenizer or path)
     return ResolvedModel(name, path, tokenizer_path, family, config, trust_remote_code)
+
+
+def _load_model_config(path: str, trust_remote_code: bool, overrides: dict) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained``, with a name that is neither here nor on the hub named, and the forms shown."""
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
+    except OSError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ModelNotAvailableError(f"model {path!r} was not found ({reason}). {_MODEL_NAME_FIX}"
+                                     f"{_alias_hint(path)}") from err
 
 
 def load_tokenizer(resolved: ResolvedModel):

@@ -12,16 +12,18 @@ Entry points that set the route:
 * the tuner's ``_enable_peft_forward_hooks`` context, which PEFT enters around ``generate``;
 * the tuner's own ``forward`` when it is used without a ``PeftModel``.
 
-The outermost call defines the route; nested calls without ids inherit it. Layers read ids for their own batch
-size: a batch ``m`` times the size of the routed batch (beam search, ``num_return_sequences``) gets each id
-repeated ``m`` times, matching the ``repeat_interleave`` that ``generate`` applies to its inputs.
+The outermost call defines the route; nested calls without ids inherit it. Layers read one id per row of their
+input. Only inside ``generate`` may a batch be ``m`` times the routed one (beam search, ``num_return_sequences``):
+each id is then repeated ``m`` times, matching the ``repeat_interleave`` that ``generate`` applies to its inputs.
+Anywhere else a count that differs from the batch is an error (a single int id applies to every row).
 """
 
 from __future__ import annotations
 
 import sys
+import types
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -37,11 +39,14 @@ def in_backward_pass() -> bool:
 
 def as_task_ids(task_ids, num_tasks: int, batch_size: int | None = None) -> torch.Tensor:
     """Validate ``task_ids`` (int, sequence or tensor) into a 1-D LongTensor of ids in ``[0, num_tasks)``."""
-    if isinstance(task_ids, int):
+    if isinstance(task_ids, int) and not isinstance(task_ids, bool):
         task_ids = [task_ids] * (batch_size or 1)
-    ids = torch.as_tensor(task_ids)
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TaskRoutingError(f"task_ids must hold integers, got dtype {ids.dtype}; pass a LongTensor of task ids.")
+    ids = torch.as_tensor(task_ids) if _all_numbers(task_ids) else None
+    if ids is None or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TaskRoutingError(
+            f"task_ids must be integer task indices, got {_describe(task_ids)}: pass a LongTensor (or list of ints) "
+            f"of one id in [0, {num_tasks}) per example, e.g. the index of the task in the configured task list."
+        )
     ids = ids.long().reshape(-1) if ids.dim() == 0 else ids.long()
     if ids.dim() != 1:
         raise TaskRoutingError(f"task_ids must be 1-D (one id per example), got shape {tuple(ids.shape)}.")
@@ -54,6 +59,36 @@ def as_task_ids(task_ids, num_tasks: int, batch_size: int | None = None) -> torc
     return ids
 
 
+def _all_numbers(values) -> bool:
+    """Whether ``values`` is a tensor, an array or a (nested) sequence of numbers: strings are not ids."""
+    if isinstance(values, (str, bytes)):
+        return False
+    if isinstance(values, (list, tuple)):
+        return all(_all_numbers(v) for v in values)
+    return isinstance(values, (int, float, complex, torch.Tensor)) or hasattr(values, "__array__")
+
+
+def _describe(values) -> str:
+    """What the caller passed, for the error message: its kind and (briefly) its value."""
+    if isinstance(values, torch.Tensor):
+        return f"a tensor of dtype {values.dtype}"
+    shown = repr(values) if len(repr(values)) <= 60 else repr(values)[:57] + "..."
+    kinds = sorted({type(v).__name__ for v in values}) if isinstance(values, (list, tuple)) else [type(values).__name__]
+    return f"{' and '.join(kinds)} values {shown}" if isinstance(values, (list, tuple)) else f"a {kinds[0]} {shown}"
+
+
+class _Entry(NamedTuple):
+    """One call's route: its ids, its attention mask, and whether a larger batch may repeat the ids (inside
+    ``generate``, or ids given as one int)."""
+
+    ids: torch.Tensor | None
+    mask: torch.Tensor | None
+    expandable: bool = False
+
+
+_EMPTY = _Entry(None, None)
+
+
 class TaskRoute:
     """Routing state of one tuner: the task ids (and attention mask) of the call in progress.
 
@@ -63,8 +98,9 @@ class TaskRoute:
     def __init__(self, num_tasks: int, method: str):
         self.num_tasks = num_tasks
         self.method = method
-        self._stack: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
-        self._retained: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._stack: list[_Entry] = []
+        self._retained: _Entry = _EMPTY
+        self._generating = 0
         self.observer = None  # callable(layer_name, combine_weights, task_ids) while routing is being analysed
 
     # -- writing -----------------------------------------------------------------------------------------------
@@ -79,14 +115,17 @@ class TaskRoute:
         if task_ids is None and self._stack:
             self._stack.append(self._stack[-1])
             return
+        entry = _Entry(None, attention_mask, self._generating > 0)
         try:
             if task_ids is not None:
                 batch = attention_mask.shape[0] if attention_mask is not None else None
-                task_ids = as_task_ids(task_ids, self.num_tasks, batch)
+                one_id = isinstance(task_ids, int) and attention_mask is None
+                entry = entry._replace(ids=as_task_ids(task_ids, self.num_tasks, batch),
+                                       expandable=entry.expandable or one_id)
         except TaskRoutingError:
-            self._stack.append((None, None))
+            self._stack.append(_EMPTY)
             raise
-        self._stack.append((task_ids, attention_mask))
+        self._stack.append(entry)
 
     def exit(self) -> None:
         """End a call; the outermost exit keeps the route for the backward pass only."""
@@ -101,18 +140,27 @@ class TaskRoute:
         finally:
             self.exit()
 
+    @contextmanager
+    def generation(self) -> Iterator[None]:
+        """While open, routes entered may serve batches that ``generate`` expanded (beams, returned sequences)."""
+        self._generating += 1
+        try:
+            yield
+        finally:
+            self._generating -= 1
+
     # -- reading -----------------------------------------------------------------------------------------------
-    def _current(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _current(self) -> _Entry:
         if self._stack:
             return self._stack[-1]
         if in_backward_pass():
             return self._retained
-        return (None, None)
+        return _EMPTY
 
     def task_ids(self, batch_size: int, device: torch.device, required: bool = True) -> torch.Tensor | None:
-        """The ids for a layer input of ``batch_size`` rows, expanded for beams / returned sequences."""
-        ids, _ = self._current()
-        if ids is None:
+        """The ids for a layer input of ``batch_size`` rows (expanded for beams / returned sequences in generate)."""
+        entry = self._current()
+        if entry.ids is None:
             if required:
                 raise TaskRoutingError(
                     f"{self.method} routes each example by its task: call the model with task_ids=<LongTensor of "
@@ -120,7 +168,12 @@ class TaskRoute:
                     "model.generate(..., task_ids=ids)."
                 )
             return None
-        return expand_to_batch(ids, batch_size).to(device)
+        if not entry.expandable and entry.ids.shape[0] != batch_size:
+            raise TaskRoutingError(
+                f"task_ids has {entry.ids.shape[0]} entries but the batch has {batch_size} rows: pass exactly one "
+                "task id per example (ids are repeated only inside generate, for beams and num_return_sequences)."
+            )
+        return expand_to_batch(entry.ids, batch_size).to(device)
 
     def observe(self, layer_name: str, weights: torch.Tensor, task_ids: torch.Tensor | None) -> None:
         """Report a layer's combine weights (rows first, experts last) to the observer, if one listens."""
@@ -129,8 +182,11 @@ class TaskRoute:
 
     def attention_mask(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
         """The call's attention mask if it matches this layer's (batch, seq) shape, else ``None``."""
-        _, mask = self._current()
+        entry = self._current()
+        mask = entry.mask
         if mask is None or mask.dim() != 2 or mask.shape[1] != seq_len or batch_size % mask.shape[0]:
+            return None
+        if mask.shape[0] != batch_size and not entry.expandable:
             return None
         return expand_to_batch(mask, batch_size)
 
@@ -153,7 +209,10 @@ def expand_to_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def attach_to_peft_model(peft_model: torch.nn.Module, route: TaskRoute) -> None:
-    """Make ``peft_model(..., task_ids=...)`` and ``peft_model.generate(..., task_ids=...)`` set ``route``."""
+    """Make ``peft_model(..., task_ids=...)`` and ``peft_model.generate(..., task_ids=...)`` set ``route``.
+
+    ``generate`` is wrapped (on this instance) so that the routes it enters may serve its expanded batches.
+    """
     if getattr(peft_model, "_pyramid_route_attached", False):
         return
     special = getattr(peft_model, "special_peft_forward_args", None)
@@ -168,7 +227,16 @@ def attach_to_peft_model(peft_model: torch.nn.Module, route: TaskRoute) -> None:
 
     peft_model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     peft_model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    if hasattr(peft_model, "generate"):
+        peft_model.generate = types.MethodType(_generate_with_expansion, peft_model)
     peft_model._pyramid_route_attached = True
+
+
+def _generate_with_expansion(peft_model, *args, **kwargs):
+    """``generate`` of the model's class, inside :meth:`TaskRoute.generation` of its tuner's route (a bound method:
+    a deep copy of the model binds to the copy)."""
+    with peft_model.base_model.route.generation():
+        return type(peft_model).generate(peft_model, *args, **kwargs)
 
 
 def find_enclosing_peft_model(max_depth: int = 8) -> torch.nn.Module | None:

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertModel
 
 from pyramid_peft.analysis.sweeps import load_sweep, result_record, summarize
 from pyramid_peft.cli import main
-from pyramid_peft.training.run import peft_config
+from pyramid_peft.training.experiment import peft_config
 
 SWEEPS = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 PAPER_ORDER = ["mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "rte", "cola"]

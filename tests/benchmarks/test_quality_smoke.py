@@ -43,7 +43,7 @@ def test_suite_configs_are_valid(quality, suite):
     """Every variant's config builds, with one budget for all, one learning rate for every adapter, and method
     options its method accepts."""
     from pyramid_peft.training.full import is_full
-    from pyramid_peft.training.run import peft_config
+    from pyramid_peft.training.experiment import peft_config
 
     loaded = quality.load_suite(suite)
     budgets, adapter_rates = set(), set()

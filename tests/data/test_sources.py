@@ -1,15 +1,20 @@
 """Loading examples: the local folder, the hub (through a fake ``datasets.load_dataset``) and every error path."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from pyramid_peft.data import DataSourceError, load_examples, resolve_data_dir
+from pyramid_peft.data import DataSourceError, load_examples, resolve_data_dir, sources
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def no_env_data_dir(monkeypatch):
+    """No local data at all: $EPT_DATA_DIR unset and no shared/data beside the repository (the hub is used)."""
     monkeypatch.delenv("EPT_DATA_DIR", raising=False)
+    monkeypatch.setattr(sources, "shared_data_dir", lambda: None)
 
 
 def fake_hub(monkeypatch, tables):
@@ -46,7 +51,37 @@ def test_resolve_data_dir(monkeypatch, tmp_path):
     assert resolve_data_dir(str(tmp_path)) == tmp_path
     assert resolve_data_dir() == tmp_path / "from_env"
     monkeypatch.delenv("EPT_DATA_DIR")
+    monkeypatch.setattr(sources, "shared_data_dir", lambda: None)
     assert resolve_data_dir() is None
+
+
+def test_without_ept_data_dir_the_shared_folder_beside_the_checkout_is_found(monkeypatch, tmp_path):
+    monkeypatch.delenv("EPT_DATA_DIR", raising=False)
+    beside_repo = REPO.parent / "shared" / "data"
+    if beside_repo.is_dir():  # this editable checkout: found from the package's own location, whatever the cwd
+        monkeypatch.chdir(tmp_path)
+        assert resolve_data_dir() == beside_repo.resolve()
+    # an installed (not editable) package: found from the current folder, the checkout
+    monkeypatch.setattr(sources, "__file__", str(tmp_path / "site" / "a" / "b" / "sources.py"))
+    checkout, data = tmp_path / "checkout", tmp_path / "shared" / "data"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    assert resolve_data_dir() is None
+    data.mkdir(parents=True)
+    assert resolve_data_dir() == data.resolve()
+
+
+def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path):
+    path = write_glue(tmp_path, "rte", "train.jsonl", [json.dumps(RTE_ROW), json.dumps(RTE_ROW)])
+    text = path.read_bytes()
+    path.write_bytes(text[: len(text) // 2 + 20] + b"\xff" + text[len(text) // 2 + 20:])
+    with pytest.raises(DataSourceError, match=rf"{path}, line 2, column \d+: byte 0xff is not UTF-8.*re-encode"):
+        load_examples("rte", "train", tmp_path)
+    boolq = tmp_path / "commonsense" / "boolq" / "train.json"
+    boolq.parent.mkdir(parents=True)
+    boolq.write_bytes(b'[\n {"instruction": "caf\xe9"}\n]')
+    with pytest.raises(DataSourceError, match=rf"{boolq}, line 2, column 22: byte 0xe9 is not UTF-8"):
+        load_examples("boolq", "train", tmp_path)
 
 
 @pytest.mark.parametrize("task, split, rows", [

@@ -13,7 +13,7 @@ from pyramid_peft.training.config import (
     parse_overrides,
     read_yaml,
 )
-from pyramid_peft.training.run import peft_config
+from pyramid_peft.training.experiment import peft_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT_CONFIGS = [
@@ -89,8 +89,8 @@ def test_parse_overrides_lists_flags_and_errors():
     ("raw", "message"),
     [
         ({"trainig": {}}, "unknown key 'trainig'.*Did you mean 'training'"),
-        ({"training": {"max_stpes": 3}}, "unknown key 'max_stpes'.*Did you mean 'max_steps'"),
-        ({"data": {"max_eval_exmples": 3}}, "unknown key 'max_eval_exmples'.*Did you mean 'max_eval_examples'"),
+        ({"training": {"max_stpes": 3}}, "unknown key 'training.max_stpes'.*Did you mean 'max_steps'"),
+        ({"data": {"max_eval_exmples": 3}}, "unknown key 'data.max_eval_exmples'.*Did you mean 'max_eval_examples'"),
         ({"model": "minilm-l6"}, "section 'model'.*must be a mapping"),
     ],
 )
@@ -106,14 +106,13 @@ def test_unknown_override_is_reported_with_its_closest_key(tmp_path):
 
 
 def test_unknown_method_option_names_the_closest_field():
-    config = from_dict({"method": {"name": "ept", "kernel_size": [2, 4]}, "tasks": ["rte"]})
-    with pytest.raises(ConfigError, match="method.kernel_size.*Did you mean 'method.kernel_sizes'"):
-        peft_config(config, "seq2seq", 1)
+    with pytest.raises(ConfigError, match="method.kernel_size'.*Did you mean 'kernel_sizes'"):
+        from_dict({"method": {"name": "ept", "kernel_size": [2, 4]}, "tasks": ["rte"]})
 
 
 def test_unknown_method_is_a_config_error():
-    with pytest.raises(ConfigError, match="method.name.*Did you mean 'ept'"):
-        peft_config(from_dict({"method": {"name": "etp"}, "tasks": ["rte"]}), "encoder", 1)
+    with pytest.raises(ConfigError, match="method.name='etp'.*Did you mean 'ept'"):
+        from_dict({"method": {"name": "etp"}, "tasks": ["rte"]})
 
 
 def test_peft_config_fills_task_count_and_type():
@@ -135,3 +134,15 @@ def test_config_round_trips_through_yaml(tmp_path):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_field_problems_checks_any_config_dataclass_by_its_annotations():
+    from pyramid_peft.methods.config_base import field_problems
+    from pyramid_peft.training.config import DataSection
+
+    assert field_problems(DataSection, {"max_source_length": 64, "data_dir": None}, "data.") == []
+    assert field_problems(DataSection, {"max_source_length": "64", "max_eval_exampels": 3}, "data.") == [
+        "data.max_source_length='64' is a str; expected int.",
+        "unknown key 'data.max_eval_exampels'. Did you mean 'max_eval_examples'? Valid keys: answer_scoring, "
+        "data_dir, max_eval_examples, max_source_length, max_target_length, protocol.",
+    ]

@@ -7,7 +7,7 @@ import torch
 from pyramid_peft.tasks import get_task
 from pyramid_peft.training.config import ConfigError, from_dict
 from pyramid_peft.training.evaluate import EvalSet, Predictor, answer_log_likelihood, answer_targets
-from pyramid_peft.training.run import build_experiment, collators, load_splits
+from pyramid_peft.training.experiment import build_experiment, collators, load_splits
 
 
 def test_targets_shift_for_causal_models_and_drop_the_final_eos():
@@ -85,5 +85,5 @@ def test_regression_is_still_generated_and_unknown_scoring_is_refused(tiny_exper
     predictions = predictor.predict(EvalSet(get_task("stsb"), 0, examples, "eval"), examples)
     assert all(p is None or isinstance(p, float) for p in predictions)
     raw["data"]["answer_scoring"] = "logprob"
-    with pytest.raises(ConfigError, match=r"data.answer_scoring must be one of \('generate', 'likelihood'\)"):
+    with pytest.raises(ConfigError, match=r"data.answer_scoring='logprob' is not one of: generate, likelihood"):
         from_dict(raw)

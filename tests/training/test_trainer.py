@@ -76,12 +76,14 @@ def test_tiny_t5_run_fills_the_run_folder_and_selects_the_best_checkpoint(tiny_e
     config = from_dict(raw)
     results = train(config)
     run = Path(raw["training"]["output_dir"])
-    assert {"config.yaml", "checkpoint-2", "checkpoint-4", "adapter", "runs", "metrics.json"} <= {
+    assert {"config.yaml", "checkpoint-2", "checkpoint-4", "adapter", "tensorboard", "metrics.json"} == {
         p.name for p in run.iterdir()
     }
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert any((run / "runs").rglob("events.out.tfevents.*"))
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))  # in that one folder, not nested deeper
     assert load_config(run / "config.yaml") == config
+    for weights in ("adapter", "checkpoint-2", "checkpoint-4"):  # each keeps the config it was trained with
+        assert load_config(run / weights / "experiment.yaml") == config
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(results))

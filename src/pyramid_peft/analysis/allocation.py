@@ -257,7 +257,7 @@ def _adapter_config(model: nn.Module):
 def eval_batches(experiment, split: str = "eval", max_examples: int | None = None,
                  batch_size: int | None = None) -> tuple[Iterator[dict], int, list[str]]:
     """(batches, number of batches, task names) of a run's evaluation data, collated as evaluation collates it."""
-    from ..training.run import collators, eval_sets, load_splits
+    from ..training.experiment import collators, eval_sets, load_splits
 
     _, collator = collators(experiment)
     size = batch_size or experiment.config.training_arguments().per_device_eval_batch_size
@@ -274,7 +274,7 @@ def analyze_run(run_dir: str | Path, output: str | Path | None = None, split: st
                 batch_size: int | None = None) -> dict[str, Path]:
     """Count a run's routing over its evaluation data; write the CSVs and the two heatmaps into ``output``
     (default ``RUN_DIR/analysis``). Returns the written paths by kind."""
-    from ..training.run import load_run
+    from ..training.loading import load_run
 
     experiment = load_run(run_dir, checkpoint)
     batches, total, tasks = eval_batches(experiment, split, max_examples, batch_size)

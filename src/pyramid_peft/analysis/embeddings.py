@@ -137,7 +137,7 @@ def analyze_model(model: nn.Module, task_names: list[str], output: str | Path, l
 def analyze_run(run_dir: str | Path, output: str | Path | None = None, layer: str | None = None,
                 checkpoint: str | None = None) -> dict[str, Path]:
     """:func:`analyze_model` on a run folder's trained model; output defaults to ``RUN_DIR/analysis``."""
-    from ..training.run import load_run
+    from ..training.loading import load_run
 
     experiment = load_run(run_dir, checkpoint)
     out = Path(output) if output else Path(run_dir) / "analysis"

@@ -85,7 +85,7 @@ def resolve_setting(config_or_model_name: str, overrides: list[str] | tuple[str,
 def _experiment_setting(path: str, overrides, num_tasks: int | None) -> Setting:
     from ..models import resolve_model
     from ..training.config import load_config
-    from ..training.run import peft_config
+    from ..training.experiment import peft_config
 
     config = load_config(path, overrides)
     section = config.model

@@ -45,9 +45,22 @@ class _RowError(ValueError):
 
 
 def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
-    """The local data folder: ``explicit`` if given, else ``$EPT_DATA_DIR``, else None (use the hub)."""
+    """The local data folder: ``explicit`` if given, else ``$EPT_DATA_DIR``, else ``shared/data`` beside the
+    repository (:func:`shared_data_dir`), else None (use the hub). The same order as ``scripts/env.sh``."""
     value = explicit if explicit is not None else os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else None
+    return Path(value).expanduser() if value else shared_data_dir()
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the checkout, if it exists: the checkout is the repository this package was
+    installed from in editable mode (found from the package's own location), or else the current folder."""
+    package_root = Path(__file__).resolve().parents[3]  # src/pyramid_peft/data/sources.py -> the repository
+    roots = [package_root] if (package_root / "pyproject.toml").is_file() else []
+    for root in [*roots, Path.cwd()]:
+        candidate = root.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
 
 
 def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -124,7 +137,8 @@ def _local_files(spec: TaskSpec) -> dict[str, str]:
 
 def _describe_local_problem(spec: TaskSpec, split: str, root: Path | None, path: Path | None) -> str:
     if root is None:
-        return f"none given (no data_dir argument and ${DATA_DIR_ENV} is unset)"
+        return (f"none given (no data_dir argument, ${DATA_DIR_ENV} is unset, and there is no shared/data beside the "
+                "repository)")
     if not root.is_dir():
         return f"{root} does not exist"
     if path is None:
@@ -141,19 +155,43 @@ def _read_local_file(spec: TaskSpec, path: Path) -> list[dict]:
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_number, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataSourceError(f"{path}, line {line_number}: invalid JSON ({err.msg}).") from err
+    for line_number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        line = _decoded(raw, path, line_number)
+        if not line.strip():
+            continue
+        try:
+            yield line_number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataSourceError(f"{path}, line {line_number}: invalid JSON ({err.msg}).") from err
+
+
+def _decoded(raw: bytes, path: Path, line_number: int) -> str:
+    """One line as UTF-8 text; a byte that is not UTF-8 is named with its file, line and column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataSourceError(_not_utf8(path, line_number, err.start + 1, raw[err.start])) from None
+
+
+def _read_text(path: Path) -> str:
+    """A whole file as UTF-8 text; a byte that is not UTF-8 is named with its file, line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise DataSourceError(_not_utf8(path, line, column, data[err.start])) from None
+
+
+def _not_utf8(path: Path, line: int, column: int, byte: int) -> str:
+    return (f"{path}, line {line}, column {column}: byte {byte:#04x} is not UTF-8 text. Fix: re-encode the file as "
+            "UTF-8 (or restore a clean copy of the data).")
 
 
 def _json_list(path: Path) -> list:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise DataSourceError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}).") from err
     if not isinstance(rows, list):
@@ -167,7 +205,7 @@ _BETWEEN_LIST_ITEMS = re.compile(r"[\s,]*")
 
 def _line_of_list_item(path: Path, index: int) -> int:
     """The line on which item ``index`` of the JSON list in ``path`` starts (only computed for error messages)."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     decoder = json.JSONDecoder()
     position = _LIST_OPENING.match(text).end()
     for _ in range(index + 1):

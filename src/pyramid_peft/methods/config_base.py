@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Union
 
+import pydantic
 from peft import PeftConfig
 
 
@@ -14,6 +18,61 @@ def check_choice(name: str, value, choices: tuple) -> None:
         hint = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
         extra = f" Did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}.{extra}")
+
+
+# Fields PEFT fills in itself (type, version, base model): accepted, but not offered as options.
+_PEFT_OWN_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)}
+
+
+def field_problems(config_cls: type, values: dict, prefix: str = "method.") -> list[str]:
+    """Every problem of ``values`` as keyword arguments of the dataclass ``config_cls`` (a method config, or any
+    config dataclass): unknown keys (with the closest valid key and the list of keys) and values whose type is not
+    the field's annotation (checked strictly: ``"4"`` is not an int, an int is a float)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    hints = typing.get_type_hints(config_cls)
+    shown = sorted(set(fields) - _PEFT_OWN_FIELDS if issubclass(config_cls, PeftConfig) else fields)
+    problems = []
+    for key, value in values.items():
+        if key not in fields:
+            problems.append(unknown_key_message(f"{prefix}{key}", key, shown, config_cls.__name__))
+        elif (expected := _type_problem(hints.get(key), value)) is not None:
+            problems.append(f"{prefix}{key}={value!r} is a {type(value).__name__}; expected {expected}.")
+    return problems
+
+
+def unknown_key_message(shown: str, key: str, valid: list[str], owner: str) -> str:
+    """``unknown key X``, the closest valid key (a key that ``key`` starts with, as ``r`` for ``rank``, or else the
+    most similar one) and the valid keys (up to 40; beyond that, where they are documented: ``owner``'s fields)."""
+    starts = [name for name in valid if key.startswith(name)]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = max(starts, key=len) if starts else (close[0] if close else None)
+    suggestion = f" Did you mean {hint!r}?" if hint else ""
+    listing = ", ".join(valid) if len(valid) <= 40 else f"the fields of {owner}"
+    return f"unknown key {shown!r}.{suggestion} Valid keys: {listing}."
+
+
+def _type_problem(hint, value) -> str | None:
+    """None when ``value`` fits the annotation ``hint``, else the annotation written for a user."""
+    if hint is None:
+        return None
+    try:
+        adapter = pydantic.TypeAdapter(hint, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
+    except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError, TypeError):
+        return None  # an annotation pydantic cannot check: the class's own checks see the value
+    try:
+        adapter.validate_python(value, strict=True)
+    except pydantic.ValidationError:
+        return _type_name(hint)
+    return None
+
+
+def _type_name(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if args:
+        return f"{typing.get_origin(hint).__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(hint, "__name__", str(hint))
 
 
 def check_positive(name: str, value) -> None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import warnings
 from pathlib import Path
 
+import torch
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 MANIFEST_FILE = "checkpoint_manifest.json"
@@ -67,6 +70,28 @@ def checkpoint_problem(folder: Path) -> str | None:
 def newest_valid_checkpoint(run_dir: str | Path) -> Path | None:
     """The valid checkpoint of ``run_dir`` with the highest step, or None."""
     return next((path for path in _newest_first(Path(run_dir)) if checkpoint_problem(path) is None), None)
+
+
+def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest valid checkpoint whose weights are all finite and whose logged training losses were all finite:
+    one that a resume at a saner learning rate can start from. Each candidate is read before it is named."""
+    return next((path for path in _newest_first(Path(run_dir))
+                 if checkpoint_problem(path) is None and _finite_weights(path) and _finite_losses(path)), None)
+
+
+def _finite_weights(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as weights:
+            if not all(torch.isfinite(weights.get_tensor(key)).all() for key in weights.keys()):
+                return False
+    return True
+
+
+def _finite_losses(folder: Path) -> bool:
+    state = json.loads((folder / TRAINER_STATE_NAME).read_text()) if (folder / TRAINER_STATE_NAME).is_file() else {}
+    return all(math.isfinite(entry["loss"]) for entry in state.get("log_history", []) if "loss" in entry)
 
 
 def resolve_resume(request: str | bool | None, run_dir: str | Path) -> str | None:

@@ -17,7 +17,6 @@ does not exist is an error naming the closest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 from transformers import Seq2SeqTrainingArguments
 
 from ..atomic import atomic_write_text
+from ..methods.config_base import unknown_key_message
 
 SECTIONS = ("model", "method", "tasks", "data", "sampling", "training")
 # Defaults for training fields whose stock default does not suit a multi-task run.
@@ -125,10 +125,6 @@ class DataSection:
     max_eval_examples: int | None = None
     answer_scoring: str = "generate"
 
-    def __post_init__(self) -> None:
-        if self.answer_scoring not in ANSWER_SCORING:
-            raise ConfigError(f"data.answer_scoring must be one of {ANSWER_SCORING}, got {self.answer_scoring!r}.")
-
 
 @dataclass
 class SamplingSection:
@@ -177,37 +173,71 @@ class ExperimentConfig:
 
 
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "sampling": SamplingSection}
-TRAINING_FIELDS = {f.name: f for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read a YAML config and apply command-line style overrides (``["--max_steps", "20", ...]``)."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                for_training: bool = False) -> ExperimentConfig:
+    """Read a YAML config and apply command-line style overrides (``["--max_steps", "20", ...]``); see
+    :func:`from_dict` for the checks (``for_training``: also a step count and a model that can be found)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
-    raw = read_yaml(path.read_text()) or {}
+    raw = read_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections {SECTIONS}, got {type(raw).__name__}.")
     for key, value in parse_overrides(overrides).items():
         set_dotted(raw, key, value)
-    return from_dict(raw, source=str(path))
+    return from_dict(raw, source=str(path), for_training=for_training)
 
 
-def from_dict(raw: dict, source: str = "config") -> ExperimentConfig:
-    """Validate a nested dict into an :class:`ExperimentConfig`; unknown keys raise :class:`ConfigError`."""
-    for key in raw:
-        _check_key(key, SECTIONS, source)
-    sections = {name: _build_section(name, raw.get(name) or {}, source) for name in _SECTION_CLASSES}
-    method = dict(raw.get("method") or {})
+def read_yaml_file(path: Path):
+    """Parse a YAML file; a file that is not UTF-8 or not YAML is named with the line (and column) at fault."""
+    try:
+        return read_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save the file "
+                          "as UTF-8.") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem}). Fix the syntax there.") from None
+
+
+def from_dict(raw: dict, source: str = "config", for_training: bool = False) -> ExperimentConfig:
+    """Validate a nested dict into an :class:`ExperimentConfig`.
+
+    Every problem (unknown keys with the closest valid one, wrong types, out-of-range values, unknown or repeated
+    tasks, an unknown method or method option) is collected in one pass and raised as one :class:`ConfigError`.
+    """
+    from .validation import check_config  # it reads this module's classes: imported when first used
+
+    problems = [_unknown_key(key, SECTIONS, source) for key in raw if key not in SECTIONS]
+    sections = {}
+    for name, cls in _SECTION_CLASSES.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            problems.append(f"section {name!r} must be a mapping, got {values!r}.")
+            values = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        problems += [_unknown_key(f"{name}.{key}", known, source) for key in values if key not in known]
+        sections[name] = cls(**{k: v for k, v in values.items() if k in known})
+    method, training = raw.get("method") or {}, raw.get("training") or {}
+    for name, values in (("method", method), ("training", training)):
+        if not isinstance(values, dict):
+            problems.append(f"section {name!r} must be a mapping, got {values!r}.")
+    method, training = (v if isinstance(v, dict) else {} for v in (method, training))
+    method = dict(method)
     tasks = raw.get("tasks") or []
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    return ExperimentConfig(
+    config = ExperimentConfig(
         method=MethodSection(name=str(method.pop("name", "lora")), options=method),
-        tasks=[str(t) for t in tasks],
-        training=_build_training(raw.get("training") or {}, source),
+        tasks=[str(t) for t in ([tasks] if isinstance(tasks, str) else tasks)],
+        training=dict(training),
         **sections,
     )
+    check_config(config, source, for_training, problems)
+    return config
 
 
 def parse_overrides(tokens: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -254,26 +284,6 @@ def _scalar(text: str) -> Any:
         return text
 
 
-def _check_key(key: str, valid, where: str) -> None:
-    if key not in valid:
-        hint = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-        suggestion = f" Did you mean {hint[0]!r}?" if hint else f" Valid keys: {', '.join(sorted(valid))}."
-        raise ConfigError(f"unknown key {key!r} in {where}.{suggestion}")
-
-
-def _build_section(name: str, values: dict, source: str):
-    cls = _SECTION_CLASSES[name]
-    if not isinstance(values, dict):
-        raise ConfigError(f"section {name!r} in {source} must be a mapping, got {values!r}.")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        _check_key(key, fields, f"{source} section {name!r}")
-    return cls(**values)
-
-
-def _build_training(values: dict, source: str) -> dict:
-    if not isinstance(values, dict):
-        raise ConfigError(f"section 'training' in {source} must be a mapping, got {values!r}.")
-    for key in values:
-        _check_key(key, TRAINING_FIELDS, f"{source} section 'training' (Seq2SeqTrainingArguments fields)")
-    return dict(values)
+def _unknown_key(key: str, valid, source: str) -> str:
+    section = key.partition(".")[0] if "." in key else "the config"
+    return unknown_key_message(key, key.rpartition(".")[2], sorted(valid), section) + f" (in {source})"

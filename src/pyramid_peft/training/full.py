@@ -22,13 +22,6 @@ def is_full(method_name: str) -> bool:
     return method_name.lower() == FULL
 
 
-def check_full_options(options: dict) -> None:
-    """Full fine-tuning has no adapter, so no method options: name the ones given."""
-    if options:
-        raise ValueError(f"method 'full' trains every weight and takes no options, got {sorted(options)}: remove "
-                         "them (the learning rate is training.learning_rate).")
-
-
 def full_parameter_count(model: nn.Module, num_tasks: int) -> dict:
     """Trainable weights of ``model`` (shared tensors once), in :func:`pyramid_peft.count_parameters`'s layout."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -16,9 +16,10 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, loss: float, checkpoint: Path | None):
         self.step, self.loss, self.checkpoint = step, loss, checkpoint
         if checkpoint is None:
-            where = "There is no checkpoint yet: train again"
+            where = "There is no checkpoint with finite weights and losses: train again"
         else:
-            where = f"The last good checkpoint is {checkpoint}: resume with --resume_from_checkpoint {checkpoint}"
+            where = (f"The last good checkpoint (finite weights and losses) is {checkpoint}: resume with "
+                     f"--resume_from_checkpoint {checkpoint}")
         super().__init__(
             f"the training loss is {loss} at step {step}; training stopped before that step's optimizer update, "
             f"and nothing was saved from it. {where} after lowering learning_rate (or setting max_grad_norm), or "
