@@ -8,9 +8,9 @@
 * ``"selection"`` (this project's benchmarks, for choosing hyperparameters honestly): a validation split carved
   from train (``min(1000, n_train // 5)`` rows of a seed-2026 permutation, the same rows whatever the run's
   seed or method) is the evaluation set used to choose; the model trains on the rest; the reported split (the
-  test split) is the whole dev set, never used to choose anything. A large task whose dev set (or local
-  stand-in) has fewer than 2000 rows gets more rows carved from train into its reported split, before the
-  validation rows, so the three parts are disjoint.
+  test split) is the whole dev set, never used to choose anything. Where dev is missing locally (MNLI, QQP), the
+  held-out stand-in (1000 rows) is topped up to 2000 with rows carved from train before the validation rows, so
+  that the three parts stay disjoint.
 
 Which tasks are "small" (CoLA, STS-B, MRPC, RTE) is part of each task's definition (``TaskSpec.small``).
 
@@ -122,13 +122,13 @@ def _hyperformer_splits(spec: TaskSpec, data_dir, seed: int) -> TaskSplits:
 def _selection_splits(spec: TaskSpec, data_dir, seed: int) -> TaskSplits:
     """Train minus a carved validation split (evaluated, to choose) and the reported split (test, never chosen on).
 
-    Positions of one seeded permutation of train: first the rows that top a large task's reported split up to
+    Positions of one seeded permutation of train: first the rows that top a local held-out stand-in up to
     :data:`SELECTION_MIN_REPORTED`, then ``min(1000, n // 5)`` validation rows; the model trains on the rest.
     """
     train = load_examples(spec.name, "train", data_dir)
     reported, reported_name = _reported_split(spec, data_dir)
     order = _permutation(len(train), seed)
-    top_up = 0 if spec.small or spec.family != "glue" else max(0, SELECTION_MIN_REPORTED - len(reported))
+    top_up = max(0, SELECTION_MIN_REPORTED - len(reported)) if reported_name == HELDOUT_SPLIT_NAME else 0
     size = min(SELECTION_VALIDATION_SIZE, (len(train) - top_up) // 5)
     if top_up:
         reported = reported + [train[i] for i in order[:top_up]]
