@@ -154,3 +154,10 @@ def test_selection_caps_validation_and_reported_rows_with_max_eval(ept_data_dir)
     full, capped = build_splits("rte", "selection", ept_data_dir), build_splits("rte", "selection", ept_data_dir, max_eval=8)
     assert (capped.eval, capped.test, capped.train) == (full.eval[:8], full.test[:8], full.train)
     assert capped.test_split.endswith("(first 8 rows)")
+
+
+def test_selection_names_where_the_validation_rows_come_from(ept_data_dir):
+    assert build_splits("rte", "selection", ept_data_dir).eval_split == (
+        "train[498 rows, seed 2026] (validation carved from train)")
+    assert build_splits("qqp", "selection", ept_data_dir).eval_split == (
+        "train[1000 rows after 1000, seed 2026] (validation carved from train)")

@@ -135,7 +135,8 @@ def _selection_splits(spec: TaskSpec, data_dir, seed: int) -> TaskSplits:
         reported_name += f" + train[{top_up} rows, seed {seed}]"
     validation = [train[i] for i in order[top_up : top_up + size]]
     remaining = [train[i] for i in order[top_up + size :]]
-    validation_name = f"train[{size} rows after {top_up}, seed {seed}] (validation carved from train)"
+    after = f" after {top_up}" if top_up else ""
+    validation_name = f"train[{size} rows{after}, seed {seed}] (validation carved from train)"
     return TaskSplits(remaining, validation, validation_name, reported, reported_name)
 
 
