@@ -8,7 +8,8 @@ The run is the suite's (``configs/benchmarks/``: model, tasks, data protocol, ba
 on the reported split). The last point is a full run of that budget; earlier points are the same run mid-way, at a
 learning rate not yet annealed, so they are lower bounds for a budget of that length. Writes
 ``benchmarks/results/learning-curve-<suite>-<variant>.md`` and ``.json`` with the curve, the wall-clock time, the
-machine and its load (``uptime``) at the start and the end.
+machine and its load (``uptime``) at the start and the end. A run stopped by SIGTERM / Ctrl-C (it saves a checkpoint
+first) still writes the points it reached, and says where it stopped.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common import machine_info
 from quality import RUNS_DIR, RunKey, load_suite
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.training import train
+from pyramid_peft.training.guards import TrainingInterrupted
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,6 +40,14 @@ def curve_points(log_history: list[dict], tasks: list[str]) -> list[dict]:
     return [{"step": entry["step"], "validation_average": entry["eval_paper_average"],
              **{t: entry[key] for t in tasks if (key := f"eval_{t}_paper") in entry}}
             for entry in log_history if "eval_paper_average" in entry]
+
+
+def logged(run_dir: str) -> list[dict]:
+    """The Trainer's log history as its newest checkpoint saved it (empty before the first checkpoint)."""
+    checkpoint = get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    if checkpoint is None:
+        return []
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
 
 
 def uptime() -> str:
@@ -63,12 +73,14 @@ def main() -> None:
     key = RunKey(args.variant, args.learning_rate, suite.seeds[0])
     config = suite.config(key, RUNS_DIR / "learning-curve" / args.out.name)
     start_load, start = uptime(), time.perf_counter()
-    results = train(config)
+    try:
+        final, stopped_at = train(config)["paper_average"], None
+    except TrainingInterrupted as stop:
+        final, stopped_at = None, stop.step
     wall = time.perf_counter() - start
-    state = json.loads((Path(get_last_checkpoint(config.training["output_dir"])) / "trainer_state.json").read_text())
-    points = curve_points(state["log_history"], config.tasks)
+    points = curve_points(logged(config.training["output_dir"]), config.tasks)
     record = {"suite": args.suite, "variant": args.variant, "learning_rate": args.learning_rate, "steps": args.steps,
-              "points": points, "final": results["paper_average"], "wall_seconds": round(wall, 1),
+              "points": points, "final": final, "stopped_at_step": stopped_at, "wall_seconds": round(wall, 1),
               "uptime_start": start_load, "uptime_end": uptime(), "machine": machine_info(),
               "config": config.to_dict()}
     stem = args.out / f"learning-curve-{args.suite}-{args.variant}"
@@ -86,6 +98,9 @@ def markdown(record: dict, tasks: list[str]) -> str:
     for point in record["points"]:
         lines.append(f"| {point['step']} | {point['validation_average']:.1f} | "
                      + " | ".join(f"{point.get(t, float('nan')):.1f}" for t in tasks) + " |")
+    if record["stopped_at_step"] is not None:
+        lines += ["", f"Stopped at step {record['stopped_at_step']} of {record['steps']} (SIGTERM): the schedule had "
+                      "not annealed, so every point is a lower bound for a budget of its length."]
     lines += ["", f"Wall clock {record['wall_seconds'] / 60:.1f} minutes (training and every evaluation), one torch "
                   f"thread. Load at the start: `{record['uptime_start']}`; at the end: `{record['uptime_end']}`."]
     return "\n".join(lines) + "\n"
