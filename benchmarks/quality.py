@@ -307,7 +307,7 @@ def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
     else:
         train_results, experiment = None, build_experiment(config)
     trained_at = time.perf_counter()
-    evaluation = evaluate_run_splits(experiment, disable_adapter=not trained)
+    evaluation = evaluate_run_splits(experiment, train_results)
     done_at = time.perf_counter()
     return {
         "variant": key.variant, "seed": key.seed, "learning_rate": key.learning_rate,
@@ -341,9 +341,13 @@ def train_resumable(config: ExperimentConfig, checkpoint: str | None) -> dict:
     return train(config)
 
 
-def evaluate_run_splits(experiment, disable_adapter: bool = False) -> dict:
+def evaluate_run_splits(experiment, train_results: dict | None) -> dict:
     """``{"validation": ..., "reported": ...}``: per task its split, rows, fingerprint, metrics and collapse flag;
-    the reported split also keeps every prediction and label (for the bootstrap)."""
+    the reported split also keeps every prediction and label (for the bootstrap).
+
+    A trained run's validation metrics are those of the Trainer's final evaluation (``train_results``: under the
+    selection protocol it evaluates the validation split), so only the reported split is predicted here; without
+    ``train_results`` (the untuned floor) the adapter is disabled and both splits are predicted."""
     experiment.model.eval()
     _, collator = collators(experiment)
     config = experiment.config
@@ -351,17 +355,22 @@ def evaluate_run_splits(experiment, disable_adapter: bool = False) -> dict:
                                   config.training_arguments(), needs_task_ids(experiment.model),
                                   answer_scoring=config.data.answer_scoring)
     splits = load_splits(experiment)
-    if disable_adapter:
+    if train_results is None:
         with experiment.peft_model.disable_adapter():
-            return _evaluate_both(predictor, experiment, splits)
-    return _evaluate_both(predictor, experiment, splits)
+            return _evaluate_both(predictor, experiment, splits, None)
+    return _evaluate_both(predictor, experiment, splits, train_results)
 
 
-def _evaluate_both(predictor: Predictor, experiment, splits: list) -> dict:
-    validation = {s.task.name: evaluate_set(predictor, s) for s in eval_sets(experiment, splits)}
+def _evaluate_both(predictor: Predictor, experiment, splits: list, train_results: dict | None) -> dict:
+    validation = {}
+    for eval_set in eval_sets(experiment, splits):
+        if train_results is None:
+            result = evaluate_set(predictor, eval_set)
+            result.pop("collapsed")
+        else:
+            result = {**train_results["tasks"][eval_set.task.name], "fingerprint": fingerprint(eval_set.examples)}
+        validation[eval_set.task.name] = result
     reported = {s.task.name: evaluate_set(predictor, s, keep=True) for s in eval_sets(experiment, splits, True)}
-    for result in validation.values():
-        result.pop("collapsed")
     return {"validation": {"average": average_scores({t: r["metrics"] for t, r in validation.items()}),
                            "tasks": validation},
             "reported": reported}
