@@ -24,10 +24,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
-
 from common import machine_info
 from quality import RUNS_DIR, RunKey, load_suite
+from transformers.trainer_utils import get_last_checkpoint
+
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.training import train
 from pyramid_peft.training.guards import TrainingInterrupted

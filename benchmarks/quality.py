@@ -45,9 +45,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import machine_info
 from transformers.trainer_utils import get_last_checkpoint
 
-from common import machine_info
 from pyramid_peft import count_parameters, method_names
 from pyramid_peft.analysis.significance import collapsed
 from pyramid_peft.analysis.sweeps import Sweep, TableLayout

@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 from quality import RunKey, Suite, load_done, sweep_grid, variant_plan
+
 from pyramid_peft.analysis.params import paper_units
 from pyramid_peft.analysis.significance import TaskRuns, bootstrap_score, paired_verdict
 from pyramid_peft.analysis.sweeps import task_title

@@ -8,8 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from pyramid_peft.analysis.significance import (BETTER, SAME, WORSE, TaskRuns, bootstrap_score, collapsed,
-                                                metric_rows, paired_verdict, score)
+from pyramid_peft.analysis.significance import (
+    BETTER,
+    SAME,
+    WORSE,
+    TaskRuns,
+    bootstrap_score,
+    collapsed,
+    metric_rows,
+    paired_verdict,
+    score,
+)
 from pyramid_peft.metrics import accuracy, f1_binary, matthews_corr, pearson
 
 REFERENCE = {"accuracy": accuracy, "mcc": matthews_corr, "f1": f1_binary, "pearson": pearson}

@@ -20,8 +20,8 @@ Predictions follow :mod:`pyramid_peft.metrics`: a None (an unparseable generatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
