@@ -1,30 +1,40 @@
-"""Quality of EPT against its peers under one training budget: GLUE-8 on MiniLM, Commonsense-4 on SmolLM2.
+"""Quality of EPT against its peers, each method at its own learning rate: GLUE-8 on MiniLM, Commonsense-4 on SmolLM2.
 
-    python benchmarks/quality.py glue8 [--methods ept-kron2d lora] [--seeds 0 1 2] [--threads 1]
+    python benchmarks/quality.py glue8 [--methods lora ept-kron2d] [--threads 1] [--workers 2]
     python benchmarks/quality.py commonsense4 [...]
-    python benchmarks/quality.py glue8 --summarize-only      # rebuild the table from the result files
-    python benchmarks/quality.py glue8 --smoke               # a few steps, into a temporary folder (CI)
+    python benchmarks/quality.py glue8 --summarize-only      # rebuild the tables, plot and verdict from the files
+    python benchmarks/quality.py glue8 --smoke               # 2 learning rates, a few steps, one task (CI)
 
-A suite is one config in ``configs/benchmarks/``: the experiment sections every method shares (model, tasks, data,
-sampling, training budget and schedule) and a ``benchmark`` section whose ``variants`` give each method its own
-``method`` section (applied as a sweep variant, :mod:`pyramid_peft.analysis.sweeps`), optionally its own ``seeds``,
-and ``train: false`` for the untuned model's zero-shot floor. Runs go through ``pyramid_peft.training.train``.
+A suite is one config in ``configs/benchmarks/``: the experiment every method shares (model, tasks, data, sampling,
+budget, schedule) and a ``benchmark`` section: ``seeds`` (the final runs; the first is also the sweep's),
+``learning_rates`` (the default grid, log-spaced), ``max_extensions``, and ``variants``, each with its own
+``method`` section (applied as a sweep variant, :mod:`pyramid_peft.analysis.sweeps`), optionally its own
+``learning_rates``, or ``train: false`` for the untuned model's zero-shot floor.
 
-Each variant-seed writes ``<results-dir>/<suite>/<variant>-seed<k>.json``, a sweep result record (so
-``ept analyze sweep`` reads it too) plus wall-clock seconds, machine, load and the resolved config. A run whose file
-exists is skipped, and an interrupted run restarts from its last checkpoint in ``runs/benchmarks/``, so a suite can
-be completed over several sittings. After the runs, ``quality-<suite>.md`` and ``.json`` beside the results folder
-hold the table: trainable parameters per task in both accountings (spec §2: with routers and task embeddings as
-MoRE counts, adapter weights only as EPT counts; per task = total / tasks, for shared LoRA too; heads left out),
-each task's paper metric, and the average, as mean ± standard deviation where a variant has several seeds.
+The protocol (``data.protocol: selection``, :mod:`pyramid_peft.data.splits`): every run trains on train minus a
+validation split carved from it (the same rows for every method and seed) and is evaluated on that validation split
+and on the reported split (the whole dev set). For each method:
+
+1. **sweep**: one run (the first seed) per learning rate of its grid; the best validation average wins; when the best
+   is at an edge of the grid, the grid grows by one step (its own ratio) on that side, up to ``max_extensions`` times;
+2. **final runs**: every seed at the chosen learning rate (the sweep's run is the first seed's).
+
+The reported split is never read to choose anything. Each run writes ``<results>/<suite>/<run>.json`` (run =
+``<variant>-lr<lr>-seed<k>``): the validation metrics and the fingerprint of its rows, the reported metrics with
+every example's prediction and label, collapse flags, timings, machine, load, and the resolved config. A run whose
+file exists is skipped; an interrupted run restarts from its last checkpoint in ``runs/benchmarks/``. Several
+processes (``--workers 2``, or the same command twice) share a suite: each claims a run with a lock file beside its
+result file. After the runs, :mod:`quality_report` writes the tables, the sweep plot and the verdict.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,119 +45,283 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import machine_info
 from transformers.trainer_utils import get_last_checkpoint
 
-from common import machine_info
 from pyramid_peft import count_parameters, method_names
+from pyramid_peft.analysis.significance import collapsed
+from pyramid_peft.analysis.sweeps import Sweep, TableLayout
 from pyramid_peft.atomic import atomic_write_text
-from pyramid_peft.analysis.params import paper_units
-from pyramid_peft.analysis.sweeps import Sweep, TableLayout, load_results, result_record, summarize
+from pyramid_peft.metrics import average_scores, compute_metrics
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
 from pyramid_peft.training.config import read_yaml
-from pyramid_peft.training.evaluate import Predictor, evaluate_tasks
+from pyramid_peft.training.evaluate import EvalSet, Predictor
 from pyramid_peft.training.full import FULL, full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
 from pyramid_peft.training.heads import needs_task_ids
 from pyramid_peft.training.experiment import collators, eval_sets, load_splits
+from pyramid_peft.training.loading import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
     "glue8": ROOT / "configs" / "benchmarks" / "glue8-minilm.yaml",
     "commonsense4": ROOT / "configs" / "benchmarks" / "commonsense4-smollm2.yaml",
 }
-RESULTS_DIR = ROOT / "benchmarks" / "results" / "quality"
+RESULTS_DIR = ROOT / "benchmarks" / "results" / "lr-selected"
 RUNS_DIR = Path("runs/benchmarks")
-PARAM_COLUMNS = {"per_task": "params/task (all)", "per_task_without_router": "params/task (no router)"}
-# --smoke: a few steps and a few evaluation examples, one seed, the untuned floor, LoRA and EPT.
+LOCK_POLL_SECONDS = 30
+# --smoke: two learning rates, two steps, one task, 8 evaluation rows per split, two seeds, LoRA and EPT.
 SMOKE_SET = {"max_steps": 2, "per_device_train_batch_size": 4, "warmup_steps": 0, "logging_steps": 1,
              "save_strategy": "no", "report_to": "none", "data.max_eval_examples": 8}
+SMOKE_BENCHMARK = {"learning_rates": [1.0e-3, 1.0e-2], "max_extensions": 0, "seeds": [0, 1]}
+SMOKE_TASKS = {"glue8": ["rte"], "commonsense4": ["boolq"]}
 SMOKE_VARIANTS = ("zero-shot", "lora", "ept-kron2d")
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One run of a suite: a variant at a learning rate (None for the untrained floor) and a seed."""
+
+    variant: str
+    learning_rate: float | None
+    seed: int
+
+    @property
+    def name(self) -> str:
+        rate = "" if self.learning_rate is None else f"-lr{self.learning_rate:.2e}"
+        return f"{self.variant}{rate}-seed{self.seed}"
 
 
 @dataclass
 class Suite:
-    """A benchmark config: the shared experiment and variants (as a :class:`Sweep`), seeds and trained flags."""
+    """A benchmark config: the shared experiment and variants (as a :class:`Sweep`), grids, seeds, trained flags."""
 
     key: str  # the command's name for it: glue8, commonsense4
     sweep: Sweep
-    seeds: dict[str, list[int]]  # variant -> its seeds
-    trained: dict[str, bool]  # False: evaluate the untuned model
+    seeds: list[int]  # final seeds; seeds[0] runs the sweep
+    grids: dict[str, list[float]]  # variant -> its initial learning-rate grid (empty: not trained)
+    max_extensions: int
+
+    def trained(self, variant: str) -> bool:
+        return bool(self.grids[variant])
 
     def runnable(self, variant: str) -> bool:
         """Whether this package has the variant's method (a zero-shot floor always runs)."""
-        return not self.trained[variant] or self.sweep.config(variant).method.name in (*method_names(), FULL)
+        return not self.trained(variant) or self.sweep.config(variant).method.name in (*method_names(), FULL)
 
-    def config(self, variant: str, seed: int, runs_dir: Path) -> ExperimentConfig:
-        """The variant's experiment config for ``seed``, running in ``runs_dir/<suite>/<variant>-seed<seed>``."""
-        config = self.sweep.config(variant, seed)
-        output_dir = str(runs_dir / self.key / f"{variant}-seed{seed}")
-        return replace(config, training={**config.training, "output_dir": output_dir})
+    def config(self, key: RunKey, runs_dir: Path) -> ExperimentConfig:
+        """The run's experiment config, at its learning rate, running in ``runs_dir/<suite>/<run>``."""
+        config = self.sweep.config(key.variant, key.seed)
+        training = {**config.training, "output_dir": str(runs_dir / self.key / key.name)}
+        if key.learning_rate is not None:
+            training["learning_rate"] = key.learning_rate
+        return replace(config, training=training)
 
 
-def load_suite(key: str, shared: dict | None = None) -> Suite:
-    """Read a suite's config; ``shared`` overrides (``{"max_steps": 2}``) apply to every variant."""
+def load_suite(key: str, shared: dict | None = None, benchmark: dict | None = None) -> Suite:
+    """Read a suite's config; ``shared`` overrides (``{"max_steps": 2}``) apply to every variant, ``benchmark``
+    overrides to the ``benchmark`` section (``{"learning_rates": [...]}`` replaces every variant's grid)."""
     raw = read_yaml(SUITES[key].read_text())
-    bench = raw.pop("benchmark")
+    bench = {**raw.pop("benchmark"), **(benchmark or {})}
     variants = {name: dict(overrides or {}) for name, overrides in bench["variants"].items()}
-    seeds = {name: [int(s) for s in v.pop("seeds", bench["seeds"])] for name, v in variants.items()}
-    trained = {name: bool(v.pop("train", True)) for name, v in variants.items()}
-    table = TableLayout(title=bench.get("title", ""), columns=["Method", *PARAM_COLUMNS.values()],
-                        tasks=list(bench["tasks"]))
-    sweep = Sweep(bench["name"], raw, dict(shared or {}), variants, list(bench["seeds"]), table, cells={})
-    return Suite(key, sweep, seeds, trained)
+    grids = {}
+    for name, overrides in variants.items():
+        own = overrides.pop("learning_rates", None)
+        grid = bench["learning_rates"] if own is None or "learning_rates" in (benchmark or {}) else own
+        grids[name] = [float(lr) for lr in grid] if overrides.pop("train", True) else []
+        check_grid(grids[name], f"{SUITES[key].name}: variant {name!r}")
+    table = TableLayout(title=bench.get("title", ""), tasks=list(bench["tasks"]))
+    seeds = [int(s) for s in bench["seeds"]]
+    sweep = Sweep(bench["name"], raw, dict(shared or {}), variants, seeds, table, cells={})
+    return Suite(key, sweep, seeds, grids, int(bench.get("max_extensions", 2)))
+
+
+def check_grid(grid: list[float], where: str) -> None:
+    """A grid is empty (untrained) or >= 2 increasing learning rates a constant factor apart (1% tolerance)."""
+    if not grid:
+        return
+    ratios = [b / a for a, b in zip(grid, grid[1:])] if all(lr > 0 for lr in grid) else [0.0]
+    if not ratios or min(ratios) <= 1 or max(ratios) > min(ratios) * 1.01:
+        raise ValueError(f"{where}: learning_rates {grid} must be >= 2 increasing positive values a constant factor "
+                         "apart (log-spaced), e.g. [3.16e-4, 1.0e-3, 3.16e-3, 1.0e-2].")
+
+
+# -- choosing the learning rate -------------------------------------------------------------------------------
+def grid_ratio(grid: list[float]) -> float:
+    return grid[1] / grid[0]
+
+
+def choose(scores: dict[float, float], ratio: float, extensions_left: int) -> tuple[float | None, float | None]:
+    """(chosen learning rate, None) or (None, the next learning rate to run), from validation scores per rate.
+
+    The best score wins (NaN counts as the worst; ties go to the smaller rate). A best at the grid's edge extends
+    the grid by one ``ratio`` step beyond it while ``extensions_left``; otherwise the best is chosen.
+    """
+    rates = sorted(scores)
+    best = max(rates, key=lambda lr: (-math.inf if math.isnan(scores[lr]) else scores[lr], -lr))
+    if extensions_left > 0 and best == rates[0]:
+        return None, _rounded(best / ratio)
+    if extensions_left > 0 and best == rates[-1]:
+        return None, _rounded(best * ratio)
+    return best, None
+
+
+def _rounded(rate: float) -> float:
+    return float(f"{rate:.3g}")  # file names keep 3 significant digits
+
+
+def variant_plan(suite: Suite, variant: str, done: dict[RunKey, dict]) -> tuple[list[RunKey], float | None]:
+    """The runs ``variant`` needs next (those whose results decide what comes after) and its chosen rate, if known."""
+    if not suite.trained(variant):
+        keys = [RunKey(variant, None, suite.seeds[0])]
+        return [k for k in keys if k not in done], None
+    grid = list(suite.grids[variant])
+    while True:
+        missing = [RunKey(variant, lr, suite.seeds[0]) for lr in grid]
+        missing = [k for k in missing if k not in done]
+        if missing:
+            return missing, None
+        scores = {lr: done[RunKey(variant, lr, suite.seeds[0])]["validation"]["average"]["paper_average"]
+                  for lr in grid}
+        extensions_left = suite.max_extensions - (len(grid) - len(suite.grids[variant]))
+        chosen, extra = choose(scores, grid_ratio(suite.grids[variant]), extensions_left)
+        if chosen is not None:
+            return [k for k in (RunKey(variant, chosen, s) for s in suite.seeds) if k not in done], chosen
+        grid = sorted([*grid, extra])
+
+
+def sweep_grid(suite: Suite, variant: str, done: dict[RunKey, dict]) -> list[float]:
+    """Every learning rate the variant's sweep has a result for (its grid with any extensions)."""
+    return sorted({k.learning_rate for k in done if k.variant == variant and k.seed == suite.seeds[0]
+                   and k.learning_rate is not None})
+
+
+# -- run files and locks --------------------------------------------------------------------------------------
+def result_path(results_dir: Path, suite: Suite, key: RunKey) -> Path:
+    return results_dir / suite.key / f"{key.name}.json"
+
+
+def load_done(suite: Suite, results_dir: Path) -> dict[RunKey, dict]:
+    """Every finished run of the suite, by key."""
+    done = {}
+    for path in sorted((results_dir / suite.key).glob("*.json")):
+        record = json.loads(path.read_text())
+        done[RunKey(record["variant"], record.get("learning_rate"), record["seed"])] = record
+    return done
+
+
+def claim(path: Path) -> bool:
+    """Take the lock file ``<run>.lock`` beside a result file; False when a live process holds it.
+
+    A lock whose process is gone (a killed worker) is taken over.
+    """
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _holder_alive(lock):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _holder_alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text() or 0)
+        os.kill(pid, 0)
+    except (ValueError, FileNotFoundError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return pid != os.getpid()
+
+
+def release(path: Path) -> None:
+    path.with_suffix(".lock").unlink(missing_ok=True)
 
 
 # -- running --------------------------------------------------------------------------------------------------
-def result_path(results_dir: Path, suite: Suite, variant: str, seed: int) -> Path:
-    return results_dir / suite.key / f"{variant}-seed{seed}.json"
+def pending_runs(suite: Suite, variants: list[str], done: dict[RunKey, dict], failed: set[RunKey]) -> list[RunKey]:
+    """What every variant needs next, sweep steps of all variants before any final seed; failed runs left out."""
+    plans = [variant_plan(suite, v, done) for v in variants if suite.runnable(v)]
+    sweeps = [k for keys, chosen in plans if chosen is None for k in keys]
+    finals = [k for keys, chosen in plans if chosen is not None for k in keys]
+    return [k for k in sweeps + finals if k not in failed]
 
 
-def plan_runs(suite: Suite, variants: list[str], seeds: list[int] | None) -> list[tuple[str, int]]:
-    """(variant, seed) pairs, seed-major: every variant's first seed before any second seed."""
-    per_variant = {v: seeds if seeds is not None else suite.seeds[v] for v in variants}
-    depth = max((len(s) for s in per_variant.values()), default=0)
-    return [(v, s[i]) for i in range(depth) for v, s in per_variant.items() if i < len(s)]
+def run_suite(suite: Suite, variants: list[str], results_dir: Path, runs_dir: Path) -> None:
+    """Run what the suite needs until nothing is left: a run whose file exists is skipped, one another process
+    holds is waited for, one that fails is reported and left out (its variant stops there). A run stopped by
+    SIGTERM / Ctrl-C (after saving its checkpoint) stops the suite."""
+    for variant in variants:
+        if not suite.runnable(variant):
+            print(f"[quality] {variant}: method {suite.sweep.config(variant).method.name!r} is not in pyramid_peft "
+                  f"({', '.join(method_names())}); skipped", flush=True)
+    failed: set[RunKey] = set()
+    while pending := pending_runs(suite, variants, load_done(suite, results_dir), failed):
+        claimed = next((k for k in pending if claim(result_path(results_dir, suite, k))), None)
+        if claimed is None:
+            print(f"[quality] {len(pending)} runs held by other workers; waiting", flush=True)
+            time.sleep(LOCK_POLL_SECONDS)
+            continue
+        path = result_path(results_dir, suite, claimed)
+        try:
+            if not path.exists():  # another worker may have finished it since we listed it
+                run_and_write(suite, claimed, path, runs_dir, failed)
+        finally:
+            release(path)
 
 
-def run_suite(suite: Suite, runs: list[tuple[str, int]], results_dir: Path, runs_dir: Path) -> None:
-    """Run every (variant, seed) whose result file is missing; variants without a method, and runs that fail, are
-    reported and skipped. A run stopped by SIGTERM / Ctrl-C (after saving its checkpoint) stops the suite."""
-    for variant, seed in runs:
-        path = result_path(results_dir, suite, variant, seed)
-        if path.exists():
-            print(f"[quality] {path.name}: done already, skipped", flush=True)
-        elif not suite.runnable(variant):
-            print(f"[quality] {variant}: method {suite.sweep.config(variant).method.name!r} is not in "
-                  f"pyramid_peft ({', '.join(method_names())}); skipped", flush=True)
-        else:
-            print(f"[quality] {suite.key} {variant} seed {seed}: running", flush=True)
-            try:
-                record = run_one(suite, variant, seed, runs_dir)
-            except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: the run saved a checkpoint; stop the suite too
-                raise SystemExit(f"[quality] stopped: {stop}") from None
-            except Exception:  # noqa: BLE001 - one failing run is reported; the suite goes on with the others
-                print(f"[quality] {variant} seed {seed} FAILED:\n{traceback.format_exc()}", flush=True)
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-            print(f"[quality] {path}: average {record['average']['paper_average']:.2f}, "
-                  f"{record['wall_seconds']:.0f} s", flush=True)
+def run_and_write(suite: Suite, key: RunKey, path: Path, runs_dir: Path, failed: set[RunKey]) -> None:
+    print(f"[quality] {suite.key} {key.name}: running", flush=True)
+    try:
+        record = run_one(suite, key, runs_dir)
+    except TrainingInterrupted as stop:  # SIGTERM / Ctrl-C: the run saved a checkpoint; stop the suite too
+        raise SystemExit(f"[quality] stopped: {stop}") from None
+    except Exception:  # noqa: BLE001 - one failing run is reported; the suite goes on with the others
+        print(f"[quality] {key.name} FAILED:\n{traceback.format_exc()}", flush=True)
+        failed.add(key)
+        return
+    atomic_write_text(path, json.dumps(record, separators=(",", ":")) + "\n")
+    flags = [t for t, r in record["reported"].items() if r["collapsed"]]
+    print(f"[quality] {path.name}: validation {record['validation']['average']['paper_average']:.2f}, "
+          f"{record['wall_seconds']:.0f} s" + (f"; WARNING: one class predicted on {flags}" if flags else ""),
+          flush=True)
 
 
-def run_one(suite: Suite, variant: str, seed: int, runs_dir: Path) -> dict:
-    """Train (or, for the floor, only evaluate) one variant-seed; its result record with timing and machine."""
-    config = suite.config(variant, seed, runs_dir)
+def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
+    """Train (or, for the floor, only evaluate) one run; its record (see the module docstring)."""
+    config = suite.config(key, runs_dir)
+    trained = suite.trained(key.variant)
     machine = machine_info()
-    checkpoint = last_checkpoint(config) if suite.trained[variant] else None
+    checkpoint = last_checkpoint(config) if trained else None
     start = time.perf_counter()
-    results = train_resumable(config, checkpoint) if suite.trained[variant] else zero_shot(config)
-    wall = time.perf_counter() - start
-    params = adapter_parameters(config) if suite.trained[variant] else {}
+    if trained:
+        train_results = train_resumable(config, checkpoint)
+        experiment = load_run(config.training["output_dir"])
+    else:
+        train_results, experiment = None, build_experiment(config)
+    trained_at = time.perf_counter()
+    evaluation = evaluate_run_splits(experiment, train_results)
+    done_at = time.perf_counter()
     return {
-        **result_record(variant, seed, results, params),
+        "variant": key.variant, "seed": key.seed, "learning_rate": key.learning_rate,
+        "method": config.method.name if trained else "none",
+        "params": adapter_parameters(config) if trained else {},
+        "metrics": {t: r["metrics"] for t, r in evaluation["reported"].items()},
+        "average": average_scores({t: r["metrics"] for t, r in evaluation["reported"].items()}),
+        **evaluation,
         "suite": suite.key,
-        "steps": results.get("step", 0),
-        "wall_seconds": round(wall, 1),  # this sitting only, when resumed
+        "steps": train_results.get("step", 0) if train_results else 0,
+        "train_seconds": round(trained_at - start, 1),  # this sitting only, when resumed
+        "eval_seconds": round(done_at - trained_at, 1),
+        "wall_seconds": round(done_at - start, 1),
         "resumed_from": checkpoint,
         "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
         "config": config.to_dict(),
@@ -168,17 +342,59 @@ def train_resumable(config: ExperimentConfig, checkpoint: str | None) -> dict:
     return train(config)
 
 
-def zero_shot(config: ExperimentConfig) -> dict:
-    """The untuned model's results: the config's experiment with its adapter disabled, evaluated as after training."""
-    experiment = build_experiment(config)
+def evaluate_run_splits(experiment, train_results: dict | None) -> dict:
+    """``{"validation": ..., "reported": ...}``: per task its split, rows, fingerprint, metrics and collapse flag;
+    the reported split also keeps every prediction and label (for the bootstrap).
+
+    A trained run's validation metrics are those of the Trainer's final evaluation (``train_results``: under the
+    selection protocol it evaluates the validation split), so only the reported split is predicted here; without
+    ``train_results`` (the untuned floor) the adapter is disabled and both splits are predicted."""
     experiment.model.eval()
     _, collator = collators(experiment)
+    config = experiment.config
     predictor = Predictor.for_run(experiment.model, experiment.family, collator, experiment.tokenizer,
                                   config.training_arguments(), needs_task_ids(experiment.model),
                                   answer_scoring=config.data.answer_scoring)
-    with experiment.peft_model.disable_adapter():
-        results = evaluate_tasks(predictor, eval_sets(experiment, load_splits(experiment)))
-    return {"model": config.model.name, "method": "none", **results}
+    splits = load_splits(experiment)
+    if train_results is None:
+        with experiment.peft_model.disable_adapter():
+            return _evaluate_both(predictor, experiment, splits, None)
+    return _evaluate_both(predictor, experiment, splits, train_results)
+
+
+def _evaluate_both(predictor: Predictor, experiment, splits: list, train_results: dict | None) -> dict:
+    validation = {}
+    for eval_set in eval_sets(experiment, splits):
+        if train_results is None:
+            result = evaluate_set(predictor, eval_set)
+            result.pop("collapsed")
+        else:
+            result = {**train_results["tasks"][eval_set.task.name], "fingerprint": fingerprint(eval_set.examples)}
+        validation[eval_set.task.name] = result
+    reported = {s.task.name: evaluate_set(predictor, s, keep=True) for s in eval_sets(experiment, splits, True)}
+    return {"validation": {"average": average_scores({t: r["metrics"] for t, r in validation.items()}),
+                           "tasks": validation},
+            "reported": reported}
+
+
+def evaluate_set(predictor: Predictor, eval_set: EvalSet, keep: bool = False) -> dict:
+    """One task's evaluation; with ``keep``, its predictions and labels in row order."""
+    predictions = predictor.predict(eval_set, eval_set.examples)
+    labels = [example["label"] for example in eval_set.examples]
+    result = {"split": eval_set.split, "num_examples": len(labels), "fingerprint": fingerprint(eval_set.examples),
+              "metrics": compute_metrics(eval_set.task, predictions, labels),
+              "collapsed": collapsed(predictions, eval_set.task.is_regression)}
+    if keep:
+        result.update(predictions=predictions, labels=labels)
+    return result
+
+
+def fingerprint(examples: list[dict]) -> str:
+    """SHA-256 of the rows (as sorted-key JSON, in order): the same rows give the same fingerprint in every run."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps(example, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def adapter_parameters(config: ExperimentConfig) -> dict:
@@ -190,148 +406,71 @@ def adapter_parameters(config: ExperimentConfig) -> dict:
     return count_parameters(experiment.peft_model, num_tasks=len(config.tasks))
 
 
-# -- the table ------------------------------------------------------------------------------------------------
-def summarize_suite(suite: Suite, results_dir: Path) -> tuple[str, dict]:
-    """The suite's Markdown table (:func:`summarize`, in the suite's variant order) and its JSON form."""
-    files = sorted((results_dir / suite.key).glob("*.json"))
-    if not files:
-        raise SystemExit(f"no result files in {results_dir / suite.key}: run the suite first.")
-    rows = aggregate(suite, load_results(files))
-    cells = {v: [v, *(_param_cell(row["params"].get(k)) for k in PARAM_COLUMNS)] for v, row in rows.items()}
-    table = summarize(files, replace(suite.sweep, cells=cells))
-    missing = missing_runs(suite, results_dir)
-    notes = [claim_check(rows), wall_note(rows), f"Runs left: {', '.join(missing) if missing else 'none'}."]
-    summary = {"suite": suite.key, "title": suite.sweep.table.title, "budget": budget(suite), "rows": rows,
-               "missing": missing}
-    return table + "\n" + "\n\n".join(n for n in notes if n) + "\n", summary
-
-
-def aggregate(suite: Suite, records: list[dict]) -> dict[str, dict]:
-    """Per variant (suite order): seeds, parameters, each task's paper metric and the average (mean, std)."""
-    by_variant: dict[str, list[dict]] = {}
-    for record in sorted(records, key=lambda r: r["seed"]):
-        by_variant.setdefault(record["variant"], []).append(record)
-    order = [v for v in suite.sweep.variants if v in by_variant] + [v for v in by_variant if v not in suite.seeds]
-    return {v: _aggregate_variant(by_variant[v], suite.sweep.table.tasks) for v in order}
-
-
-def _aggregate_variant(records: list[dict], tasks: list[str]) -> dict:
-    params = records[0].get("params", {})
-    return {
-        "method": records[0].get("method"),
-        "seeds": [r["seed"] for r in records],
-        "params": {k: params[k] for k in ("total", *PARAM_COLUMNS) if k in params},
-        "metrics": {t: _spread([r["metrics"][t]["paper"] for r in records if t in r["metrics"]]) for t in tasks},
-        "average": _spread([r["average"]["paper_average"] for r in records]),
-        "wall_seconds": [r.get("wall_seconds") for r in records],
-        "resumed": [bool(r.get("resumed_from")) for r in records],
-    }
-
-
-def _spread(values: list[float]) -> dict:
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values) if values else None, "std": std, "n": len(values)}
-
-
-def _param_cell(count: float | None) -> str:
-    return "–" if count is None else paper_units(count)
-
-
-def missing_runs(suite: Suite, results_dir: Path) -> list[str]:
-    """``variant-seed<k>`` of every planned run without a result file (unrunnable variants marked so)."""
-    missing = []
-    for variant, seed in plan_runs(suite, list(suite.sweep.variants), None):
-        if not result_path(results_dir, suite, variant, seed).exists():
-            missing.append(f"{variant}-seed{seed}" + ("" if suite.runnable(variant) else " (method not in src)"))
-    return missing
-
-
-def claim_check(rows: dict[str, dict]) -> str:
-    """The paper's claim, checked: each EPT variant's average against every peer at >= its parameters per task."""
-    lines = []
-    for name, row in rows.items():
-        if row["method"] != "ept":
-            continue
-        for key, label in PARAM_COLUMNS.items():
-            mine = row["params"].get(key, 0)
-            peers = {p: r for p, r in rows.items() if r["method"] not in ("ept", "none")
-                     and r["params"].get(key, 0) >= mine}
-            above = {p: r["average"]["mean"] - row["average"]["mean"] for p, r in peers.items()
-                     if r["average"]["mean"] > row["average"]["mean"]}
-            verdict = ("at or above all of them" if not above else
-                       "below " + ", ".join(f"{p} by {d:.2f}" for p, d in sorted(above.items(), key=lambda x: -x[1])))
-            lines.append(f"- {name} ({row['average']['mean']:.2f}) vs the {len(peers)} peers with at least its "
-                         f"{label} ({_param_cell(mine)}): {verdict}.")
-    return "Claim check (average, means over seeds):\n" + "\n".join(lines) if lines else ""
-
-
-def wall_note(rows: dict[str, dict]) -> str:
-    def minutes(row: dict) -> str:
-        resumed = row.get("resumed", [False] * len(row["wall_seconds"]))
-        return ", ".join(f"{s / 60:.1f}{'*' if again else ''}" for s, again in zip(row["wall_seconds"], resumed)
-                         if s is not None)
-
-    parts = [f"{v} {minutes(r)}" for v, r in rows.items()]
-    return ("Wall-clock minutes per run (training + evaluation; * resumed from a checkpoint: the last sitting only): "
-            + "; ".join(parts) + ".")
-
-
-def budget(suite: Suite) -> dict:
-    """The shared budget: steps, batch, learning rate and schedule, evaluation cap, as the suite's config has it."""
-    config = suite.sweep.config(next(iter(suite.sweep.variants)))
-    keys = ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps", "lr_scheduler_type")
-    return {**{k: config.training.get(k) for k in keys}, "max_eval_examples": config.data.max_eval_examples,
-            "max_source_length": config.data.max_source_length, "sampling": config.sampling.strategy}
-
-
-def write_summary(suite: Suite, results_dir: Path) -> str:
-    """Write ``quality-<suite>.md`` and ``.json`` beside the results folder; returns the Markdown."""
-    markdown, summary = summarize_suite(suite, results_dir)
-    budget_line = ", ".join(f"{k} {v}" for k, v in summary["budget"].items())
-    markdown = f"<!-- written by benchmarks/quality.py {suite.key} -->\n\nBudget: {budget_line}.\n\n" + markdown
-    atomic_write_text(results_dir.parent / f"quality-{suite.key}.md", markdown)
-    atomic_write_text(results_dir.parent / f"quality-{suite.key}.json", json.dumps(summary, indent=2) + "\n")
-    return markdown
-
-
 # -- command line ---------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("suite", choices=sorted(SUITES))
     parser.add_argument("--methods", nargs="+", help="variants to run, in this order (default: all of the suite)")
-    parser.add_argument("--seeds", nargs="+", type=int, help="seeds for every variant (default: the suite's)")
-    parser.add_argument("--max_steps", type=int, help="training steps (needs its own --results-dir)")
-    parser.add_argument("--smoke", action="store_true", help="a few steps, 8 eval examples, LoRA + EPT, 1 seed")
+    parser.add_argument("--smoke", action="store_true", help="2 learning rates, 2 steps, one task, LoRA + EPT")
     parser.add_argument("--results-dir", type=Path, help=f"per-run result files (default: {RESULTS_DIR})")
     parser.add_argument("--runs-dir", type=Path, help=f"run folders with checkpoints (default: {RUNS_DIR})")
-    parser.add_argument("--threads", type=int, help="torch threads (1 is often faster on a busy machine)")
-    parser.add_argument("--summarize-only", action="store_true", help="rebuild the table from the result files")
-    args = parser.parse_args(argv)
-    if args.max_steps and not args.results_dir:
-        parser.error("--max_steps changes the budget: pass --results-dir too, so the runs do not mix with the suite's")
-    return args
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the suite (default 1)")
+    parser.add_argument("--summarize-only", action="store_true", help="rebuild the report from the result files")
+    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers
+    return parser.parse_args(argv)
+
+
+def smoke_overrides(suite_key: str) -> tuple[dict, dict]:
+    tasks = SMOKE_TASKS[suite_key]
+    return {**SMOKE_SET, "tasks": tasks}, {**SMOKE_BENCHMARK, "tasks": tasks}
+
+
+def spawn_workers(argv: list[str], count: int) -> None:
+    """Start ``count`` copies of this command (``argv`` less its ``--workers``) as single workers that write no
+    report, and wait for all of them; they share the suite's runs through the lock files."""
+    command = [sys.executable, str(Path(__file__).resolve()), *without_workers(argv), "--no-report"]
+    workers = [subprocess.Popen(command) for _ in range(count)]
+    codes = [worker.wait() for worker in workers]
+    if any(codes):
+        raise SystemExit(f"[quality] a worker failed (exit codes {codes})")
+
+
+def without_workers(argv: list[str]) -> list[str]:
+    """``argv`` without ``--workers N`` / ``--workers=N``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--workers="):
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shared = dict(SMOKE_SET) if args.smoke else {}
-    if args.max_steps:
-        shared["max_steps"] = args.max_steps
-    suite = load_suite(args.suite, shared)
-    default_dir = Path(tempfile.mkdtemp(prefix="quality-smoke-")) / "quality" if args.smoke else RESULTS_DIR
+    torch.set_num_threads(args.threads)
+    shared, benchmark = smoke_overrides(args.suite) if args.smoke else ({}, {})
+    suite = load_suite(args.suite, shared, benchmark)
+    default_dir = Path(tempfile.mkdtemp(prefix="quality-smoke-")) / "lr-selected" if args.smoke else RESULTS_DIR
     results_dir = args.results_dir or default_dir
-    if not args.summarize_only:
-        variants = args.methods or [v for v in suite.sweep.variants if not args.smoke or v in SMOKE_VARIANTS]
-        unknown = [v for v in variants if v not in suite.sweep.variants]
-        if unknown:
-            raise SystemExit(f"unknown variants {unknown}; {args.suite} has {list(suite.sweep.variants)}.")
-        seeds = args.seeds or (suite.sweep.seeds[:1] if args.smoke else None)
-        runs_dir = args.runs_dir or (results_dir.parent / "runs" if args.smoke else RUNS_DIR)
-        run_suite(suite, plan_runs(suite, variants, seeds), results_dir, runs_dir)
-    print(write_summary(suite, results_dir))
-    print(f"[quality] results in {results_dir}", file=sys.stderr)
+    variants = args.methods or [v for v in suite.sweep.variants if not args.smoke or v in SMOKE_VARIANTS]
+    unknown = [v for v in variants if v not in suite.sweep.variants]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; {args.suite} has {list(suite.sweep.variants)}.")
+    runs_dir = args.runs_dir or (results_dir.parent / "runs" if args.smoke else RUNS_DIR)
+    if not args.summarize_only and args.workers > 1:
+        spawn_workers([*argv, "--results-dir", str(results_dir), "--runs-dir", str(runs_dir)], args.workers)
+    elif not args.summarize_only:
+        run_suite(suite, variants, results_dir, runs_dir)
+    if not args.no_report:
+        from quality_report import write_report
+
+        print(write_report(suite, results_dir))
+        print(f"[quality] results in {results_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,14 +40,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..tasks import UnknownTaskError, get_task
 from ..training.config import SECTIONS, ExperimentConfig, from_dict, read_yaml, set_dotted
 from .params import paper_units
 
-# How the paper's tables name the tasks.
-TASK_TITLES = {
-    "mnli": "MNLI", "qqp": "QQP", "qnli": "QNLI", "sst2": "SST-2", "stsb": "STS-B", "mrpc": "MRPC", "rte": "RTE",
-    "cola": "CoLA", "boolq": "BoolQ", "openbookqa": "OBQA", "arc_easy": "ARC-E", "arc_challenge": "ARC-C",
-}
 SWEEP_RUNS_DIR = "runs/sweeps"
 
 
@@ -184,7 +180,7 @@ def _row_values(records: list[dict], tasks: list[str], layout: TableLayout) -> l
 
 def _markdown(layout: TableLayout, tasks: list[str], labels: list[list[str]], values: list, seeds: list[int]) -> str:
     label_headers = [*(layout.columns or [layout.row_header]), *(["params/task"] if layout.params else [])]
-    value_headers = [*(TASK_TITLES.get(t, t) for t in tasks), *(["AVG"] if layout.average else [])]
+    value_headers = [*(task_title(t) for t in tasks), *(["AVG"] if layout.average else [])]
     means = [[statistics.fmean(v) if v else None for v in row] for row in values]
     # With one row there is nothing to rank.
     tops = [_top_two([row[c] for row in means]) if len(means) > 1 else (None, None) for c in range(len(value_headers))]
@@ -198,6 +194,14 @@ def _markdown(layout: TableLayout, tasks: list[str], labels: list[list[str]], va
     lines += ["", f"Paper metric of each task (x100), {spread} ({_seed_range(seeds)} per row); best of each "
                   "column in bold, second in italics."]
     return "\n".join(lines) + "\n"
+
+
+def task_title(task: str) -> str:
+    """How tables name a task: its spec's ``title`` (the paper's spelling), or the name itself if unknown."""
+    try:
+        return get_task(task).display_name
+    except UnknownTaskError:
+        return task
 
 
 def _seed_range(seeds: list[int]) -> str:

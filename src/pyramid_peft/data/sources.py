@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
@@ -86,8 +85,8 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
             f"  local data folder: {local_problem}\n"
             f"  Hugging Face hub: {type(err).__name__}: {err}\n{_FIX_HINT}"
         ) from err
-    convert = _hub_source(spec).convert
-    examples = _convert_rows(enumerate(hub_rows), partial(convert, spec), lambda index: f"{hub_location}, row {index}")
+    examples = _convert_rows(enumerate(hub_rows), partial(_hub_converter(spec), spec),
+                             lambda index: f"{hub_location}, row {index}")
     return _non_empty(examples, spec, split, hub_location)
 
 
@@ -104,35 +103,21 @@ def _non_empty(examples: list[dict], spec: TaskSpec, split: str, source: str) ->
 def local_split_path(task: str, split: str, data_dir: Path) -> Path | None:
     """Where the local layout keeps ``split`` of ``task`` under ``data_dir`` (None when it has no such split)."""
     spec = get_task(task)
-    file_name = _local_files(spec).get(split)
+    file_name = spec.local.file_name(split) if spec.local else None
     if file_name is None:
         return None
-    return data_dir / spec.family / _LOCAL_DIRS.get(spec.name, spec.name) / file_name
+    return data_dir / spec.family / spec.local.folder / file_name
 
 
 def _check_split_name(spec: TaskSpec, split: str) -> None:
-    known = {*_local_files(spec), *_hub_source(spec).splits}
-    if split not in known:
-        raise DataSourceError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(sorted(known))}.")
+    if not spec.splits:
+        raise DataSourceError(f"task {spec.name!r} names no data: its TaskSpec has neither `local` files nor a "
+                              "`hub` source. Fix: give its definition a LocalFiles or a HubSource.")
+    if split not in spec.splits:
+        raise DataSourceError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(sorted(spec.splits))}.")
 
 
 # Local layout ---------------------------------------------------------------------------------------------
-
-_FULL_GLUE_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
-_SUBSET_GLUE_FILES = {"train": "train_subset.jsonl", "heldout": "heldout_from_train.jsonl"}
-_LOCAL_GLUE_FILES = {
-    "qnli": {"train": "train_subset.jsonl", "validation": "validation.jsonl"},
-    "mnli": _SUBSET_GLUE_FILES,
-    "qqp": _SUBSET_GLUE_FILES,
-}
-_COMMONSENSE_FILES = {"train": "train.json", "test": "test.json"}
-_LOCAL_DIRS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
-
-
-def _local_files(spec: TaskSpec) -> dict[str, str]:
-    if spec.family == "commonsense":
-        return _COMMONSENSE_FILES
-    return _LOCAL_GLUE_FILES.get(spec.name, _FULL_GLUE_FILES)
 
 
 def _describe_local_problem(spec: TaskSpec, split: str, root: Path | None, path: Path | None) -> str:
@@ -142,7 +127,7 @@ def _describe_local_problem(spec: TaskSpec, split: str, root: Path | None, path:
     if not root.is_dir():
         return f"{root} does not exist"
     if path is None:
-        available = ", ".join(_local_files(spec))
+        available = ", ".join(spec.local.splits) if spec.local else "no local files"
         return f"the local layout has no {split!r} split for {spec.name} (it has: {available})"
     return f"{path} does not exist"
 
@@ -217,41 +202,25 @@ def _line_of_list_item(path: Path, index: int) -> int:
 # Hub ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _HubSource:
-    path: str
-    config: str | None
-    splits: dict[str, str]  # our split name -> the hub's
-    convert: Callable[[TaskSpec, dict], dict | None]  # hub row -> example dict
-
-
-_GLUE_HUB_SPLITS = {"train": "train", "validation": "validation"}
-_MNLI_HUB_SPLITS = {"train": "train", "validation": "validation_matched",
-                    "validation_mismatched": "validation_mismatched"}
-# LLM-Adapters' "test" is BoolQ's official dev set and the official test sets of OpenBookQA and ARC.
-_QA_HUB_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
-# The hub's two text columns per GLUE task (None: single sentence); local rows call them sentence1/sentence2.
-_GLUE_HUB_COLUMNS = {
-    "cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
-    "qqp": ("question1", "question2"), "stsb": ("sentence1", "sentence2"), "mnli": ("premise", "hypothesis"),
-    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"),
-}
-
-
-def _hub_source(spec: TaskSpec) -> _HubSource:
+def _hub_converter(spec: TaskSpec) -> Callable[[TaskSpec, dict], dict | None]:
+    """How a hub row of ``spec`` becomes an example dict; its text columns are named by ``spec.hub.columns``."""
+    columns = spec.hub.columns
     if spec.family == "glue":
-        first, second = _GLUE_HUB_COLUMNS[spec.name]
-        return _HubSource("nyu-mll/glue", spec.name, _MNLI_HUB_SPLITS if spec.name == "mnli" else _GLUE_HUB_SPLITS,
-                          partial(_glue_example, first=first, second=second))
-    return _COMMONSENSE_HUB_SOURCES[spec.name]
+        return partial(_glue_example, first=columns[0], second=columns[1] if len(columns) > 1 else None)
+    if spec.multiple_choice:
+        return partial(_hub_choice_example, question_key=columns[0])
+    return partial(_hub_yes_no_example, question_key=columns[0], passage_key=columns[1])
 
 
 def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
     """The hub's rows for ``split`` and a description of where they came from."""
-    source = _hub_source(spec)
-    hub_split = source.splits.get(split)
+    source = spec.hub
+    if source is None:
+        raise LookupError(f"{spec.name} has no hub copy (its TaskSpec names local files only)")
+    hub_split = source.hub_split(split)
     if hub_split is None:
-        raise LookupError(f"the hub copy of {spec.name} has no {split!r} split (it has: {', '.join(source.splits)})")
+        raise LookupError(f"the hub copy of {spec.name} has no {split!r} split "
+                          f"(it has: {', '.join(source.split_names)})")
     import datasets  # optional dependency (extra "hub"), imported only when the hub is actually used
 
     rows = datasets.load_dataset(source.path, source.config, split=hub_split)
@@ -364,11 +333,11 @@ def _match(pattern: re.Pattern, instruction: str, kind: str) -> re.Match:
     return match
 
 
-def _hub_boolq_example(spec: TaskSpec, row: dict) -> dict:
+def _hub_yes_no_example(spec: TaskSpec, row: dict, question_key: str, passage_key: str) -> dict:
     answer = _field(row, "answer")
     if not isinstance(answer, bool):
         raise _RowError(f"answer {answer!r} is not a boolean")
-    return _qa_example(spec, _text_field(row, "question"), _text_field(row, "passage"), list(spec.label_words),
+    return _qa_example(spec, _text_field(row, question_key), _text_field(row, passage_key), list(spec.label_words),
                        int(answer))
 
 
@@ -381,13 +350,3 @@ def _hub_choice_example(spec: TaskSpec, row: dict, question_key: str) -> dict:
     # ARC labels a few items "1".."4" instead of "A".."D"; the position is what counts.
     return _qa_example(spec, _text_field(row, question_key), "", texts, keys.index(answer_key))
 
-
-_COMMONSENSE_HUB_SOURCES = {
-    "boolq": _HubSource("google/boolq", None, {"train": "train", "test": "validation"}, _hub_boolq_example),
-    "openbookqa": _HubSource("allenai/openbookqa", "main", _QA_HUB_SPLITS,
-                             partial(_hub_choice_example, question_key="question_stem")),
-    "arc_easy": _HubSource("allenai/ai2_arc", "ARC-Easy", _QA_HUB_SPLITS,
-                           partial(_hub_choice_example, question_key="question")),
-    "arc_challenge": _HubSource("allenai/ai2_arc", "ARC-Challenge", _QA_HUB_SPLITS,
-                                partial(_hub_choice_example, question_key="question")),
-}

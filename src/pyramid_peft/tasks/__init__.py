@@ -1,6 +1,7 @@
-"""Task registry: label words, prompts and metrics of the GLUE and commonsense QA tasks."""
+"""Task registry: label words, prompts, metrics and data locations of the GLUE and commonsense QA tasks."""
 
-from .registry import TASK_NAMES, UnknownTaskError, get_task
-from .spec import TaskSpec
+from .registry import TASK_NAMES, UnknownTaskError, get_task, register_task, unregister_task
+from .spec import HubSource, LocalFiles, TaskSpec
 
-__all__ = ["TASK_NAMES", "TaskSpec", "UnknownTaskError", "get_task"]
+__all__ = ["TASK_NAMES", "HubSource", "LocalFiles", "TaskSpec", "UnknownTaskError", "get_task", "register_task",
+           "unregister_task"]

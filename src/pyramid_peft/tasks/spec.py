@@ -12,6 +12,9 @@ Three renderings serve the three kinds of model the library trains:
 * :meth:`TaskSpec.to_text_to_text` for T5: the EPT/MoRE prompts and label words (spec 4.1, 4.2);
 * :meth:`TaskSpec.to_causal_lm` for decoder-only models: the same prompt with an answer cue;
 * :meth:`TaskSpec.to_classification` for encoder heads: text pair plus a label id (or float for STS-B).
+
+Where a task's rows live is part of its definition too: :class:`LocalFiles` (the offline data folder's layout) and
+:class:`HubSource` (the Hugging Face hub copy), so that adding a task is one :class:`TaskSpec` plus its data.
 """
 
 from __future__ import annotations
@@ -24,6 +27,55 @@ from typing import Literal
 ANSWER_CUE = "\nAnswer:"
 OPTION_LETTERS = tuple(string.ascii_uppercase)
 _TRAILING_PUNCTUATION = ".!,?:;"
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """Where a local data folder keeps a task: ``<data_dir>/<family>/<folder>/<file>`` for each split.
+
+    Args:
+        folder: the task's folder under the family's folder (``"ARC-Easy"``).
+        files: ``(split, file name)`` pairs, e.g. ``(("train", "train.jsonl"), ("validation", "validation.jsonl"))``;
+            a split without a file is not available locally.
+    """
+
+    folder: str
+    files: tuple[tuple[str, str], ...]
+
+    def file_name(self, split: str) -> str | None:
+        """The file that holds ``split``, or None where the local layout has no such split."""
+        return dict(self.files).get(split)
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(split for split, _ in self.files)
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where the Hugging Face hub keeps a task, and which of its columns hold the text.
+
+    Args:
+        path: dataset id, e.g. ``"nyu-mll/glue"``.
+        config: dataset configuration (``"rte"``), or None.
+        splits: ``(our split name, the hub's)`` pairs, e.g. ``(("validation", "validation_matched"),)``.
+        columns: the text columns: GLUE, the first and (sentence pairs) second sentence, e.g.
+            ``("premise", "hypothesis")``; multiple choice, the question (``("question_stem",)``); yes / no
+            questions, the question and the passage.
+    """
+
+    path: str
+    config: str | None
+    splits: tuple[tuple[str, str], ...]
+    columns: tuple[str, ...]
+
+    def hub_split(self, split: str) -> str | None:
+        """The hub's name for our ``split``, or None where the hub copy has no such split."""
+        return dict(self.splits).get(split)
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(ours for ours, _ in self.splits)
 
 
 @dataclass(frozen=True)
@@ -40,6 +92,10 @@ class TaskSpec:
         fields: GLUE only: ``(tag, example key)`` pairs in prompt order, e.g. ``(("hypothesis", "sentence2"), ...)``.
         is_regression: True for STS-B, whose label is a float score in [0, 5].
         multiple_choice: True when the prompt lists lettered options and the target is a letter.
+        title: how tables name the task (``"SST-2"``); default: the name.
+        small: one of the small tasks whose dev set the split protocols cut in halves (CoLA, STS-B, MRPC, RTE).
+        local: the task's files in a local data folder (None: none there).
+        hub: the task's Hugging Face hub copy (None: local data only).
     """
 
     name: str
@@ -51,6 +107,22 @@ class TaskSpec:
     fields: tuple[tuple[str, str], ...] = ()
     is_regression: bool = False
     multiple_choice: bool = False
+    title: str = ""
+    small: bool = False
+    local: LocalFiles | None = None
+    hub: HubSource | None = None
+
+    @property
+    def display_name(self) -> str:
+        """The task's name in tables: its ``title``, else its ``name``."""
+        return self.title or self.name
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Every split name that the local layout or the hub copy knows, local first."""
+        local = self.local.splits if self.local else ()
+        hub = self.hub.split_names if self.hub else ()
+        return tuple(dict.fromkeys((*local, *hub)))
 
     @property
     def num_labels(self) -> int:

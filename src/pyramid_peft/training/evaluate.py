@@ -50,6 +50,9 @@ class Predictor:
         synced_gpus: keep ranks in step inside ``generate`` (DeepSpeed ZeRO-3, FSDP).
         answer_scoring: ``generate`` or ``likelihood`` (classification tasks of generative models; see
             :meth:`_most_likely_labels`).
+        by_length: batch examples of similar length together (sorted by the length of their input text), so
+            that little of each batch is padding; predictions come back in the examples' order. Each example's
+            prediction is the same either way, up to float rounding in the padded positions' masked sums.
     """
 
     model: nn.Module
@@ -61,6 +64,7 @@ class Predictor:
     num_beams: int = 1
     synced_gpus: bool = False
     answer_scoring: str = "generate"
+    by_length: bool = True
 
     @classmethod
     def for_run(cls, model, family: str, collator, tokenizer, args, route_task_ids: bool, synced_gpus: bool = False,
@@ -72,7 +76,20 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, eval_set: EvalSet, examples: list[dict]) -> list:
-        """Predictions (label ids, scores, or None for an unparseable generation) for ``examples``."""
+        """Predictions (label ids, scores, or None for an unparseable generation) for ``examples``, in their order.
+
+        With ``by_length``, the examples are predicted in order of input length and put back in place.
+        """
+        if not self.by_length:
+            return self._predict_in_order(eval_set, examples)
+        order = sorted(range(len(examples)), key=lambda i: _input_length(eval_set.task, examples[i]))
+        sorted_predictions = self._predict_in_order(eval_set, [examples[i] for i in order])
+        predictions: list = [None] * len(examples)
+        for position, prediction in zip(order, sorted_predictions):
+            predictions[position] = prediction
+        return predictions
+
+    def _predict_in_order(self, eval_set: EvalSet, examples: list[dict]) -> list:
         predictions: list = []
         generative = self.family != "encoder"
         by_likelihood = generative and self.answer_scoring == "likelihood" and not eval_set.task.is_regression
@@ -145,6 +162,12 @@ class Predictor:
         if self.family == "causal":  # the output repeats the (left-padded) prompt
             output = output[:, batch["input_ids"].shape[1] :]
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+def _input_length(task: TaskSpec, example: dict) -> int:
+    """Characters of the example's prompt (its text fields and their tags): a cheap stand-in for its token count,
+    for sorting only."""
+    return len(task.to_text_to_text(example)[0])
 
 
 def answer_targets(labels: torch.Tensor, family: str, eos_token_id: int | None) -> torch.Tensor:
