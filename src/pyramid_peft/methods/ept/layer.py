@@ -111,7 +111,7 @@ class EptLayer(RoutedLayer):
         ``rank_sq`` scales rank component ρ by ρ/r on both factors, i.e. (ρ/r)² on A alone; ``rank_lin`` by ρ/r
         once; ``coord_lin`` scales seed coordinates by tier on both sides.
         """
-        rank = torch.arange(1, config.r + 1, dtype=torch.float32) / config.r
+        rank = torch.arange(1, config.r + 1, dtype=torch.float64) / config.r  # cast to the factors' dtype at use
         if not config.alp or config.dim_scale == "none":
             return None
         if config.dim_scale == "rank_sq":
@@ -313,8 +313,8 @@ class EptLayer(RoutedLayer):
                 hidden = F.linear(x, down).unflatten(-1, (config.r, group.k))  # (..., r, k)
                 part = F.linear(torch.matmul(hidden, kernel.transpose(-1, -2)).flatten(-2), up)
             else:
-                seed = F.linear(F.linear(x[..., : group.n], A), B)  # (..., m)
-                part = (seed[..., None] * kernel).flatten(-2)
+                seed_out = F.linear(F.linear(x[..., : group.n], A), B)  # (..., m)
+                part = (seed_out[..., None] * kernel).flatten(-2)
                 part = F.pad(part, (0, self.out_features - part.shape[-1]))
             out = part if out is None else out + part
         return out
@@ -352,7 +352,7 @@ def tier_scale(prefix_lengths: list[int], total: int) -> torch.Tensor:
     """Seed-coordinate scale for ``dim_scale='coord_lin'``: coordinates shared by every kernel size get 1/T,
     those used by fewer groups more, up to 1 for the coordinates only the smallest kernel reaches."""
     bounds = sorted(set(prefix_lengths))
-    scale = torch.empty(total)
+    scale = torch.empty(total, dtype=torch.float64)
     start = 0
     for tier, end in enumerate(bounds, start=1):
         scale[start:end] = tier / len(bounds)
