@@ -9,12 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .methods.base import RoutedTuner
-
-
-def find_tuners(model: nn.Module) -> list[RoutedTuner]:
-    """The tuners of this package inside ``model`` (a PeftModel, a tuner, or a module that holds one)."""
-    return [m for m in model.modules() if isinstance(m, RoutedTuner)]
+from .methods.base import find_tuners
 
 
 def aux_loss(model: nn.Module, breakdown: bool = False):
@@ -33,11 +28,6 @@ def aux_loss(model: nn.Module, breakdown: bool = False):
     if not terms:
         return torch.zeros((), device=_device_of(model))
     return torch.stack(list(terms.values())).sum()
-
-
-def uses_task_ids(model: nn.Module) -> bool:
-    """Whether forward passes of ``model`` read ``task_ids`` (all of this package's methods accept them)."""
-    return any(tuner.uses_task_ids for tuner in find_tuners(model))
 
 
 def _device_of(model: nn.Module) -> torch.device:

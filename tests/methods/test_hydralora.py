@@ -13,7 +13,7 @@ from _models import (
     peft_tiny, perturb, t5_base_skeleton, training_loss,
 )
 from conftest import tiny_batch
-from pyramid_peft import NotMergeableError, count_parameters, export_lora, make_peft_config, merge_for_task
+from pyramid_peft import NotMergeableError, Routing, count_parameters, export_lora, make_peft_config, merge_for_task
 from pyramid_peft.methods.hydralora import HydraLoraConfig
 from pyramid_peft.methods.hydralora.layer import Linear
 from pyramid_peft.routing import TaskRoute
@@ -79,7 +79,7 @@ def test_not_mergeable_with_a_clear_error(tmp_path):
     assert not (tmp_path / "export").exists()
     with pytest.raises(NotMergeableError, match="per token"):
         model.merge_and_unload()
-    assert model.peft_config["default"].routes_by_task is False
+    assert model.peft_config["default"].capabilities().routing is Routing.TOKEN
 
 
 def test_initialisation():

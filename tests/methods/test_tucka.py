@@ -13,9 +13,12 @@ from _models import (
     perturb, t5_base_skeleton, training_loss,
 )
 from conftest import TINY_BUILDERS, tiny_batch
-from pyramid_peft import NotMergeableError, count_parameters, export_lora, make_peft_config, merge_for_task
+from pyramid_peft import (
+    Capabilities, Merging, NotMergeableError, Routing, count_parameters, export_lora, make_peft_config,
+    merge_for_task, merge_tucka_route,
+)
 from pyramid_peft.methods.tucka import (
-    TuckaConfig, TuckaLayer, TuckaRoutingError, fixed_route, merge_tucka_route,
+    TuckaConfig, TuckaLayer, TuckaRoutingError, fixed_route,
 )
 
 R, K, T, P, ALPHA = 4, 2, 3, 2, 0.7
@@ -343,7 +346,8 @@ def test_config_errors(overrides, message):
 
 def test_registered_by_name():
     config = make_peft_config("tucka", target_modules=["q"])
-    assert isinstance(config, TuckaConfig) and config.peft_type == "TUCKA" and not config.routes_by_task
+    assert isinstance(config, TuckaConfig) and config.peft_type == "TUCKA"
+    assert config.capabilities() == Capabilities(Routing.BATCH, Merging.NONE, config.capabilities().reason)
     assert (config.r, config.k, config.t, config.p, config.alpha) == (8, 3, 3, 2, 1.0)
     # routed by its input: the trainer need not pass task ids (the model accepts and ignores them)
     assert not pyramid_peft.uses_task_ids(get_peft_model(TwoLinears(), TuckaConfig(target_modules=["first"], r=4)))

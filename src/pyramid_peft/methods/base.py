@@ -16,7 +16,19 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..contrastive import contrastive_module_names
+from .capabilities import Capabilities
 from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
+
+
+def find_tuners(model: nn.Module) -> list["RoutedTuner"]:
+    """The tuners of this package inside ``model`` (a PeftModel, a tuner, or a module that holds one)."""
+    return [m for m in model.modules() if isinstance(m, RoutedTuner)]
+
+
+def uses_task_ids(model: nn.Module) -> bool:
+    """Whether forward passes of ``model`` take ``task_ids`` (its methods route by task or report token routes
+    per task); stock PEFT models do not."""
+    return any(tuner.capabilities().reads_task_ids for tuner in find_tuners(model))
 
 
 class NotMergeableError(RuntimeError):
@@ -142,7 +154,6 @@ class RoutedTuner(BaseTuner):
     layer_cls: ClassVar[type]
     target_module_mapping: ClassVar[dict] = {}  # no default targets: configs must name them
     method_name: ClassVar[str]
-    uses_task_ids: ClassVar[bool] = True  # False for methods whose output never depends on the task
     # For methods with the contrastive task-embedding loss: the per-adapter dict on each layer saying whether that
     # layer's input feeds the loss (config fields contrastive_weight and contrastive_modules).
     contrastive_flags: ClassVar[str | None] = None
@@ -187,10 +198,23 @@ class RoutedTuner(BaseTuner):
                     f"of that layer has rank at most {limit}. Use r <= {limit}, or leave it out of target_modules."
                 )
 
+    def capabilities(self, adapter_name: str | None = None) -> Capabilities:
+        """The adapter's declared routing and merging (its config's :meth:`capabilities`)."""
+        return self.peft_config[adapter_name or self.active_adapters[0]].capabilities()
+
+    def check_mergeable(self, adapter_name: str | None = None) -> None:
+        """Refuse, naming the method and the reason, an adapter whose weight change depends on the input."""
+        capabilities = self.capabilities(adapter_name)
+        if not capabilities.mergeable:
+            raise NotMergeableError(f"{self.method_name} cannot be merged or exported as LoRA: {capabilities.reason}")
+
     def _check_merge_allowed(self):
+        """PEFT's ``merge_and_unload``: nothing merges in place; say what to use instead."""
+        self.check_mergeable()
         raise NotMergeableError(
-            f"{self.method_name} cannot be merged with merge_and_unload(): its weights depend on the task. "
-            "Use pyramid_peft.merge_for_task(model, task_id) or pyramid_peft.export_lora(model, task_id, out_dir)."
+            f"{self.method_name} is not merged in place by merge_and_unload(): use "
+            "pyramid_peft.merge_for_task(model, task_id) for a merged copy (any task id where the change is the same "
+            "for every task) or pyramid_peft.export_lora(model, task_id, out_dir) for a plain LoRA adapter."
         )
 
     def inject_adapter(self, model, adapter_name: str, *args, **kwargs) -> None:

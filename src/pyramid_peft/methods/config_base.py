@@ -8,6 +8,8 @@ from typing import ClassVar, Optional, Union
 
 from peft import PeftConfig
 
+from .capabilities import Capabilities
+
 
 def check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
@@ -55,10 +57,9 @@ class RoutedConfig(PeftConfig):
         if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
             raise ValueError(f"num_tasks={self.num_tasks!r} must be a positive integer (the number of task ids).")
 
-    @property
-    def routes_by_task(self) -> bool:
-        """Whether the weight change is a function of the task id alone (so it can be merged per task)."""
-        return True
+    def capabilities(self) -> Capabilities:
+        """How this configuration routes and whether it merges (see ``methods/capabilities.py``)."""
+        raise NotImplementedError(f"{type(self).__name__} must declare its capabilities().")
 
     def aux_loss_weights(self) -> dict[str, float]:
         """Weight of each auxiliary loss this method's layers report (see ``RoutedLayer.aux_terms``)."""

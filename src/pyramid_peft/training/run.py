@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import set_seed
 
-from .. import export_lora, make_peft_config, merge_for_task, uses_task_ids
+from .. import capabilities_of, export_lora, make_peft_config, merge_for_task, uses_task_ids
 from ..atomic import atomic_write_text
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
@@ -372,19 +372,22 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
     task_id = experiment.config.tasks.index(task)
     out = Path(output) if output else Path(run_dir) / EXPORT_DIR / f"{task}-{mode}"
     peft_model = experiment.peft_model
-    routed = uses_task_ids(peft_model)  # stock LoRA is the same for every task: export it as it is
+    # None for stock LoRA (and full fine-tuning): the same for every task, exported as it is
+    capabilities = None if experiment.full else capabilities_of(peft_model)
+    if capabilities is not None:
+        peft_model.base_model.check_mergeable()  # refuse an unmergeable method before writing anything
     if experiment.full and mode == "lora":
         raise RunError(f"{run_dir} is a full fine-tuning run: it has no adapter to export as LoRA. Use --mode merged "
                        "for the fine-tuned model itself.")
     if experiment.full and mode == "merged":
         peft_model.save_pretrained(out)
         experiment.tokenizer.save_pretrained(out)
-    elif mode == "lora" and routed:
+    elif mode == "lora" and capabilities is not None:
         export_lora(peft_model, task_id, out)
     elif mode == "lora":
         peft_model.save_pretrained(out)
     elif mode == "merged":
-        merged = merge_for_task(peft_model, task_id) if routed else peft_model.merge_and_unload()
+        merged = merge_for_task(peft_model, task_id) if capabilities is not None else peft_model.merge_and_unload()
         merged.save_pretrained(out)
         experiment.tokenizer.save_pretrained(out)
     else:

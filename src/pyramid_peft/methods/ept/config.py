@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_choice, check_positive
 
 
@@ -110,9 +111,15 @@ class EptConfig(RoutedConfig):
             return "zeros"
         return "kaiming"
 
-    @property
-    def routes_by_task(self) -> bool:
-        return self.router_input == "task"
+    def capabilities(self) -> Capabilities:
+        if self.router_input == "task":
+            return Capabilities(Routing.TASK, Merging.PER_TASK)
+        return Capabilities(
+            Routing.TOKEN,
+            Merging.NONE,
+            f"router_input={self.router_input!r} routes every token separately, so its weight change depends on the "
+            "input; train with router_input='task' for a mergeable adapter.",
+        )
 
     def aux_loss_weights(self) -> dict[str, float]:
         return {"contrastive": self.contrastive_weight}

@@ -223,11 +223,9 @@ class EptLayer(RoutedLayer):
 
     def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (B, A) with B @ A = (alpha/r) * sum_e g_e(task) ΔW_e: the task's exact weight change."""
-        if not self.ept_config[adapter_name].routes_by_task:
-            raise NotMergeableError(
-                "EPT with router_input='token' or 'task+token' routes every token separately: its weight change "
-                "depends on the input and cannot be merged or exported; use router_input='task'."
-            )
+        capabilities = self.ept_config[adapter_name].capabilities()
+        if not capabilities.mergeable:
+            raise NotMergeableError(capabilities.reason)
         weights = self.task_weights(adapter_name)[task_id]
         ups, downs = self._fused_factors(adapter_name, weights)
         return self.scaling(adapter_name) * ups, downs

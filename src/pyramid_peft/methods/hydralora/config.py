@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_positive
 from ..multilora.config import check_dropout
 
@@ -44,6 +45,10 @@ class HydraLoraConfig(RoutedConfig):
         check_positive("num_heads", self.num_heads)
         check_dropout(self.lora_dropout)
 
-    @property
-    def routes_by_task(self) -> bool:
-        return False
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            Routing.TOKEN,
+            Merging.NONE,
+            "its router weighs the B heads per token, so the weight change depends on the input; keep the adapter "
+            "at inference.",
+        )

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
+from ..base import AdaptedLinear, RoutedLayer
 from ..multilora.mixture import mix_pieces
 from .config import HydraLoraConfig
 
@@ -69,13 +69,6 @@ class HydraLoraLayer(RoutedLayer):
         self.observe_routing(weights, self.task_ids_for(x, required=False))
         hidden = F.linear(self.hydralora_dropout[adapter_name](x), A).unsqueeze(-2)  # (..., 1, r): one A for all
         return self.scaling(adapter_name) * mix_pieces(hidden, weights, self.hydralora_B[adapter_name])
-
-    def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotMergeableError(
-            "HydraLoRA mixes its B heads per token with a router that reads the token, so its weight change depends "
-            "on the input: it cannot be merged into the base weights or exported as a plain LoRA. Keep the adapter "
-            "at inference."
-        )
 
     def __repr__(self) -> str:
         return "hydralora." + super().__repr__()

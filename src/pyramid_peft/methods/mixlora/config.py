@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_positive
 
 # Default FFN module names, by ``model_type``. BERT's FFN is split over two modules: the name given is the
@@ -90,9 +91,13 @@ class MixLoraConfig(RoutedConfig):
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0 (0 disables it).")
 
-    @property
-    def routes_by_task(self) -> bool:
-        return False
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            Routing.TOKEN,
+            Merging.NONE,
+            "it routes every token to its own experts and each expert is a whole nonlinear FFN, so its weight "
+            "change depends on the input; keep the adapter unmerged for inference.",
+        )
 
     def aux_loss_weights(self) -> dict[str, float]:
         return {"balance": self.router_aux_loss_coef}

@@ -24,16 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...gating import switch_balance_loss, topk_softmax
-from ..base import NotMergeableError, RoutedLayer
+from ..base import RoutedLayer
 from .config import MixLoraConfig
 from .ffn import FfnRecipe
-
-NOT_MERGEABLE = (
-    "MixLoRA routes every token to its own experts, and each expert is a whole nonlinear FFN: its weight change "
-    "depends on the input, so it cannot be merged (merge_and_unload, merge_for_task) or exported as a plain LoRA "
-    "(export_lora). Keep the adapter unmerged for inference."
-)
-
 
 def kaiming_lora_A(A: torch.Tensor) -> None:
     """Standard LoRA init of down factors (r x d_in, or a stack of them): U(±1/sqrt(d_in)) per factor."""
@@ -57,19 +50,13 @@ def group_by_expert(weights: torch.Tensor) -> list[tuple[int, torch.Tensor, torc
 
 
 class MixLoraLayer(RoutedLayer):
-    """What every MixLoRA layer shares: its config per adapter, the LoRA scale, and the not-mergeable contract."""
+    """What every MixLoRA layer shares: its config per adapter and the LoRA scale (it never merges)."""
 
     other_param_names = ("mixlora_config",)
 
     def scaling(self, adapter_name: str) -> float:
         config = self.mixlora_config[adapter_name]
         return config.lora_alpha / config.r
-
-    def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotMergeableError(NOT_MERGEABLE)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotMergeableError(NOT_MERGEABLE)
 
     def _add_dropout(self, adapter_name: str, config: MixLoraConfig) -> None:
         self.mixlora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()

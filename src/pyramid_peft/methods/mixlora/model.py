@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import check_target_module_exists
 
-from ..base import NotMergeableError, RoutedTuner
+from ..base import RoutedTuner
 from .config import DEFAULT_ATTENTION_MODULES, DEFAULT_FFN_MODULES, MixLoraConfig
 from .ffn import FfnPlan, build_plan
-from .layer import NOT_MERGEABLE, ExpertOutput, FeedForward, Linear, MixLoraLayer
+from .layer import ExpertOutput, FeedForward, Linear, MixLoraLayer
 
 
 class MixLoraModel(RoutedTuner):
@@ -82,6 +82,3 @@ class MixLoraModel(RoutedTuner):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
-
-    def _check_merge_allowed(self):
-        raise NotMergeableError(NOT_MERGEABLE)

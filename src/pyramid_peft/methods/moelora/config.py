@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_positive
 from ..multilora.config import check_dropout
 
@@ -40,6 +41,9 @@ class MoeLoraConfig(RoutedConfig):
     task_embedding_dim: int = field(default=64, metadata={"help": "Width of the per-layer task embeddings."})
 
     method_type = "MOELORA"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(Routing.TASK, Merging.PER_TASK)
 
     def __post_init__(self):
         super().__post_init__()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_choice, check_positive
 
 
@@ -52,6 +53,9 @@ class MoreConfig(RoutedConfig):
     contrastive_modules: str = field(default="encoder", metadata={"help": "'encoder' or 'all'."})
 
     method_type = "MORE"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(Routing.TASK, Merging.PER_TASK)
 
     def __post_init__(self):
         super().__post_init__()

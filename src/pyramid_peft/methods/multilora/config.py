@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_positive
 
 
@@ -37,6 +38,9 @@ class MultiLoraConfig(RoutedConfig):
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
 
     method_type = "MULTILORA"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(Routing.NONE, Merging.PER_MODEL)
 
     def __post_init__(self):
         super().__post_init__()

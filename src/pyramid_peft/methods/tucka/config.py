@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_choice, check_positive
 
 
@@ -71,6 +72,11 @@ class TuckaConfig(RoutedConfig):
         check_choice("routing", self.routing, ("batch", "example"))
         check_choice("balance", self.balance, ("none", "alb"))
 
-    @property
-    def routes_by_task(self) -> bool:
-        return False
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            Routing.BATCH,
+            Merging.NONE,
+            "it routes each batch by its input, so it has no per-task weight change; merge one fixed route with "
+            "pyramid_peft.merge_tucka_route(model, group, weights), or pin it with "
+            "pyramid_peft.methods.tucka.fixed_route(model, group, weights) around merge_for_task / export_lora.",
+        )
