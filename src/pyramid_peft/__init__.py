@@ -5,6 +5,7 @@ Importing the package registers its methods with PEFT, so ``peft.get_peft_model(
 """
 
 from .accounting import count_parameters
+from .convert import ConversionError, convert_reference
 from .aux import aux_loss
 from .merge import capabilities_of, export_lora, merge_for_task, merge_tucka_route
 from .methods.base import NotMergeableError, uses_task_ids
@@ -28,12 +29,14 @@ __all__ = [
     "MultiLoraConfig",
     "TuckaConfig",
     "Capabilities",
+    "ConversionError",
     "Merging",
     "NotMergeableError",
     "Routing",
     "TaskRoutingError",
     "aux_loss",
     "capabilities_of",
+    "convert_reference",
     "count_parameters",
     "enable_task_routing",
     "export_lora",
