@@ -6,7 +6,7 @@ Importing the package registers its methods with PEFT, so ``peft.get_peft_model(
 
 from .accounting import count_parameters
 from .convert import ConversionError, convert_reference
-from .aux import aux_loss
+from .losses import aux_loss
 from .merge import capabilities_of, export_lora, merge_for_task, merge_tucka_route
 from .methods.base import NotMergeableError, uses_task_ids
 from .methods.capabilities import Capabilities, Merging, Routing

@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..contrastive import contrastive_module_names
+from ..losses import LossSource
 from .capabilities import Capabilities
 from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
 
@@ -148,7 +149,7 @@ class AdaptedLinear(nn.Module):
         return result
 
 
-class RoutedTuner(BaseTuner):
+class RoutedTuner(LossSource, BaseTuner):
     """Base tuner: builds layers of ``layer_cls`` around targeted linears and routes them by ``task_ids``."""
 
     layer_cls: ClassVar[type]

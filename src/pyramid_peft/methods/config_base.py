@@ -18,6 +18,12 @@ def check_choice(name: str, value, choices: tuple) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}.{extra}")
 
 
+def check_dropout(p: float, name: str = "lora_dropout") -> None:
+    """A dropout probability must lie in [0, 1): 1 would drop every input."""
+    if not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"{name}={p!r} must be in [0, 1).")
+
+
 def check_positive(name: str, value) -> None:
     if value is None or value <= 0:
         raise ValueError(f"{name}={value!r} must be positive.")
@@ -49,6 +55,11 @@ class RoutedConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not hasattr(type(self), "method_type"):
+            raise TypeError(
+                f"{type(self).__name__} is not a registered method: call register_method(MethodSpec(...)) in its "
+                "package's __init__ (pyramid_peft.methods.spec)."
+            )
         self.peft_type = self.method_type
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..capabilities import Capabilities, Merging, Routing
-from ..config_base import RoutedConfig, check_choice, check_positive
+from ..config_base import RoutedConfig, check_choice, check_dropout, check_positive
 
 
 @dataclass
@@ -69,7 +69,6 @@ class EptConfig(RoutedConfig):
     contrastive_modules: str = field(default="encoder", metadata={"help": "'encoder' or 'all'."})
     materialize: bool = field(default=False, metadata={"help": "Literal ConvTranspose experts (reference only)."})
 
-    method_type = "EPT"
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,8 +94,7 @@ class EptConfig(RoutedConfig):
         check_choice("contrastive_modules", self.contrastive_modules, ("encoder", "all"))
         check_positive("router_tau", self.router_tau)
         check_positive("contrastive_tau", self.contrastive_tau)
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        check_dropout(self.lora_dropout)
         if self.resolved_kernel_init == "zeros" and self.factor_init == "standard":
             raise ValueError(
                 "factor_init='standard' (B = 0) with zero kernels leaves every expert at zero with zero gradient; "

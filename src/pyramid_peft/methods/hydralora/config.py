@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..capabilities import Capabilities, Merging, Routing
-from ..config_base import RoutedConfig, check_positive
-from ..multilora.config import check_dropout
+from ..config_base import RoutedConfig, check_dropout, check_positive
 
 
 @dataclass
@@ -37,7 +36,6 @@ class HydraLoraConfig(RoutedConfig):
     lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the shared A."})
 
-    method_type = "HYDRALORA"
 
     def __post_init__(self):
         super().__post_init__()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import AdaptedLinear, RoutedLayer
-from ..multilora.mixture import mix_pieces
+from ..mixture import mix_pieces
 from .config import HydraLoraConfig
 
 

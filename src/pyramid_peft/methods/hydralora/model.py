@@ -12,7 +12,5 @@ class HydraLoraModel(RoutedTuner):
     Routing is per token: ``task_ids`` may be passed (and are ignored) or left out.
     """
 
-    prefix = "hydralora_"
     tuner_layer_cls = HydraLoraLayer
     layer_cls = Linear
-    method_name = "HydraLoRA"

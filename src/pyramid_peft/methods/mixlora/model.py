@@ -19,10 +19,8 @@ class MixLoraModel(RoutedTuner):
     each module name from that plan and from ``target_modules``.
     """
 
-    prefix = "mixlora_"
     tuner_layer_cls = MixLoraLayer
     layer_cls = Linear
-    method_name = "MixLoRA"
 
     def _prepare_adapter_config(self, peft_config: MixLoraConfig, model_config: dict) -> MixLoraConfig:
         """Fill ``ffn_modules`` and ``target_modules`` from the model type where they are not given."""

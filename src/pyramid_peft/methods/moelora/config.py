@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..capabilities import Capabilities, Merging, Routing
-from ..config_base import RoutedConfig, check_positive
-from ..multilora.config import check_dropout
+from ..config_base import RoutedConfig, check_dropout, check_positive
 
 
 @dataclass
@@ -40,7 +39,6 @@ class MoeLoraConfig(RoutedConfig):
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
     task_embedding_dim: int = field(default=64, metadata={"help": "Width of the per-layer task embeddings."})
 
-    method_type = "MOELORA"
 
     def capabilities(self) -> Capabilities:
         return Capabilities(Routing.TASK, Merging.PER_TASK)

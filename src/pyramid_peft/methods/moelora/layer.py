@@ -5,7 +5,7 @@ Forward, for an input row x of task t (spec §3.4):
     w(t) = softmax(W_g e_t)                               e_t: row t of this layer's task-embedding table
     y    = W0 x + b0 + (alpha / r) * sum_i w_i(t) B_i A_i dropout(x)
 
-Expert i has rank q = r / E. The experts are stored stacked along the rank (``multilora/mixture.py``), and the
+Expert i has rank q = r / E. The experts are stored stacked along the rank (``methods/mixture.py``), and the
 gate is evaluated once per forward for all tasks, then indexed by each example's task id.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import AdaptedLinear, RoutedLayer
-from ..multilora.mixture import fold_weights, mix_pieces
+from ..mixture import fold_weights, mix_pieces
 from .config import MoeLoraConfig
 
 

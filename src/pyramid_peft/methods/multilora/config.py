@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..capabilities import Capabilities, Merging, Routing
-from ..config_base import RoutedConfig, check_positive
+from ..config_base import RoutedConfig, check_dropout, check_positive
 
 
 @dataclass
@@ -37,7 +37,6 @@ class MultiLoraConfig(RoutedConfig):
     lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
 
-    method_type = "MULTILORA"
 
     def capabilities(self) -> Capabilities:
         return Capabilities(Routing.NONE, Merging.PER_MODEL)
@@ -47,8 +46,3 @@ class MultiLoraConfig(RoutedConfig):
         check_positive("r", self.r)
         check_positive("num_loras", self.num_loras)
         check_dropout(self.lora_dropout)
-
-
-def check_dropout(p: float) -> None:
-    if not 0 <= p < 1:
-        raise ValueError(f"lora_dropout={p} must be in [0, 1).")

@@ -4,7 +4,7 @@ Forward, for every input row x (spec §3.3):
 
     y = W0 x + b0 + (alpha / r) * sum_i s_i B_i A_i dropout(x)
 
-The n LoRAs are stored stacked along the rank (``mixture.py``): A = [A_1; ...; A_n] (n*r x d_in) and
+The n LoRAs are stored stacked along the rank (``methods/mixture.py``): A = [A_1; ...; A_n] (n*r x d_in) and
 B = [B_1 ... B_n] (d_out x n*r), so the forward is two matrix products with the scalars applied in between.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..base import AdaptedLinear, RoutedLayer
 from .config import MultiLoraConfig
-from .mixture import fold_weights, mix_pieces
+from ..mixture import fold_weights, mix_pieces
 
 
 class MultiLoraLayer(RoutedLayer):

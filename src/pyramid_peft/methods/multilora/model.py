@@ -12,7 +12,5 @@ class MultiLoraModel(RoutedTuner):
     The weight change does not depend on the task: ``task_ids`` may be passed (and are ignored) or left out.
     """
 
-    prefix = "multilora_"
     tuner_layer_cls = MultiLoraLayer
     layer_cls = Linear
-    method_name = "MultiLoRA"

@@ -58,7 +58,6 @@ class TuckaConfig(RoutedConfig):
     balance: str = field(default="none", metadata={"help": "'none' or 'alb' (auxiliary-loss-free balancing)."})
     alb_gamma: float = field(default=1e-3, metadata={"help": "Step of the ALB bias update."})
 
-    method_type = "TUCKA"
 
     def __post_init__(self):
         super().__post_init__()

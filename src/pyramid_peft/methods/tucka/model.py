@@ -28,10 +28,8 @@ class TuckaModel(RoutedTuner):
     centroids (the route they re-read was computed without a graph), the adapters themselves train normally.
     """
 
-    prefix = "tucka_"
     tuner_layer_cls = TuckaLayer
     layer_cls = Linear
-    method_name = "TuckA"
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self.__dict__["shared_route"] = SharedRoute()  # layers reference it from injection on
