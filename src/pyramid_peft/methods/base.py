@@ -70,6 +70,28 @@ class RoutedLayer(BaseTunerLayer):
         """
         return min(self.in_features, self.out_features)
 
+    # -- what every adapted layer shares ------------------------------------------------------------------------
+    @property
+    def method_key(self) -> str:
+        """The method's name as the layer's attributes spell it: ``ept`` for ``ept_config``, ``ept_dropout``."""
+        return self.other_param_names[0].removesuffix("_config")
+
+    def adapter_config(self, adapter_name: str):
+        """The config of ``adapter_name`` (kept per adapter in ``<method>_config``)."""
+        return getattr(self, f"{self.method_key}_config")[adapter_name]
+
+    def scaling(self, adapter_name: str) -> float:
+        """LoRA's output scale ``lora_alpha / r``."""
+        config = self.adapter_config(adapter_name)
+        return config.lora_alpha / config.r
+
+    def add_dropout(self, adapter_name: str, p: float) -> None:
+        """Dropout ``p`` on the adapter input of ``adapter_name`` (identity for p = 0), in ``<method>_dropout``."""
+        getattr(self, f"{self.method_key}_dropout")[adapter_name] = nn.Dropout(p) if p else nn.Identity()
+
+    def __repr__(self) -> str:
+        return f"{self.method_key}." + super().__repr__()
+
     # -- routing helpers ---------------------------------------------------------------------------------------
     def task_ids_for(self, x: torch.Tensor, required: bool = True) -> torch.Tensor | None:
         """Task id of every row of ``x`` (``x`` is (batch, ..., d_in)); expanded for beam search."""
@@ -179,14 +201,18 @@ class RoutedTuner(LossSource, BaseTuner):
         return peft_config
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, self.layer_cls):
+        if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config)
             return
-        new_module = self.layer_cls(target, adapter_name, config, route=self.route)
+        new_module = self._new_module(config, adapter_name, target, current_key)
         new_module.module_key = current_key
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _new_module(self, config, adapter_name: str, target: nn.Module, current_key: str) -> nn.Module:
+        """The adapted layer that replaces ``target`` (methods that adapt several kinds of module override this)."""
+        return self.layer_cls(target, adapter_name, config, route=self.route)
 
     def _check_rank(self, config) -> None:
         """Refuse an ``r`` above an adapted layer's :meth:`RoutedLayer.rank_limit`: that rank could not be used."""

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...contrastive import pool_features, task_contrastive_loss
 from ...gating import reference_double_softmax, topk_softmax
-from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
+from ..base import AdaptedLinear, NotMergeableError
+from ..task_contrastive import TaskContrastiveLayer
 from . import experts
 from .config import EptConfig
 
@@ -60,7 +60,7 @@ def plan_groups(config: EptConfig, d_out: int, d_in: int) -> tuple[list[KernelGr
     return groups, m_total, n_total, offsets
 
 
-class EptLayer(RoutedLayer):
+class EptLayer(TaskContrastiveLayer):
     adapter_layer_names = ("ept_A", "ept_B", "ept_kernels", "ept_gate", "ept_task_embedding")
     other_param_names = ("ept_config", "ept_contrastive")
     parameter_groups = {"ept_gate": "router", "ept_task_embedding": "task_embedding"}
@@ -100,7 +100,7 @@ class EptLayer(RoutedLayer):
         self.ept_kernels[adapter_name] = nn.Parameter(torch.empty(kernel_total))
         self.ept_gate[adapter_name] = nn.Linear(d_in, len(config.kernel_sizes), bias=True)
         self.ept_task_embedding[adapter_name] = nn.Parameter(torch.empty(config.num_tasks, d_in))
-        self.ept_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -168,10 +168,6 @@ class EptLayer(RoutedLayer):
         """(A_k, B_k): the group's slice of the (scaled) seed factors."""
         A, B = seed
         return A[:, group.a_offset : group.a_offset + group.n], B[group.b_offset : group.b_offset + group.m]
-
-    def scaling(self, adapter_name: str) -> float:
-        config = self.ept_config[adapter_name]
-        return config.lora_alpha / config.r
 
     # -- routing ------------------------------------------------------------------------------------------------
     def gate(self, adapter_name: str, router_in: torch.Tensor) -> torch.Tensor:
@@ -288,7 +284,7 @@ class EptLayer(RoutedLayer):
         config = self.ept_config[adapter_name]
         x = self._cast_input_dtype(x, self.ept_A[adapter_name].dtype)
         weights = self._route(adapter_name, x)
-        self._record_contrastive(adapter_name, x)
+        self.record_contrastive(adapter_name, x)
         dropped = self.ept_dropout[adapter_name](x)
         if config.materialize:
             return self._materialized_output(adapter_name, dropped, weights)
@@ -322,28 +318,6 @@ class EptLayer(RoutedLayer):
         if not bool((rows == rows[0]).all()):
             raise ValueError("materialize=True supports one route per batch; use task-homogeneous batches.")
         return self.scaling(adapter_name) * F.linear(x, self._literal_delta(adapter_name, rows[0]))
-
-    # -- contrastive task-embedding loss (eq. 7) ----------------------------------------------------------------
-    def _record_contrastive(self, adapter_name: str, x: torch.Tensor) -> None:
-        ids = self.task_ids_for(x, required=False) if self.ept_contrastive.get(adapter_name) else None
-        if ids is None:
-            self.clear_aux()
-            return
-        pooling = self.ept_config[adapter_name].contrastive_pooling
-        self.record_aux(features=pool_features(x, pooling, self.route), task_ids=ids)
-
-    def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        if not self._aux_state or adapter_name not in self.ept_task_embedding:
-            return {}
-        return {"contrastive": self.contrastive_loss(adapter_name, **self._aux_state)}
-
-    def contrastive_loss(self, adapter_name: str, features: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-        """Eq. 7 for this module: see :func:`pyramid_peft.contrastive.task_contrastive_loss`."""
-        tau = self.ept_config[adapter_name].contrastive_tau
-        return task_contrastive_loss(features, self.ept_task_embedding[adapter_name], task_ids, tau)
-
-    def __repr__(self) -> str:
-        return "ept." + super().__repr__()
 
 
 def tier_scale(prefix_lengths: list[int], total: int) -> torch.Tensor:

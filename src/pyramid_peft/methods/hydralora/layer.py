@@ -40,9 +40,7 @@ class HydraLoraLayer(RoutedLayer):
         self.hydralora_A[adapter_name] = nn.Parameter(torch.empty(config.r, self.in_features))
         self.hydralora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, config.num_heads * config.r))
         self.hydralora_router[adapter_name] = nn.Linear(self.in_features, config.num_heads, bias=False)
-        self.hydralora_dropout[adapter_name] = (
-            nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        )
+        self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -53,10 +51,6 @@ class HydraLoraLayer(RoutedLayer):
             nn.init.kaiming_uniform_(self.hydralora_A[adapter_name], a=math.sqrt(5))
             nn.init.zeros_(self.hydralora_B[adapter_name])
             nn.init.kaiming_uniform_(self.hydralora_router[adapter_name].weight, a=math.sqrt(5))
-
-    def scaling(self, adapter_name: str) -> float:
-        config = self.hydralora_config[adapter_name]
-        return config.lora_alpha / config.r
 
     def route_weights(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """(..., N) head weights of every token: softmax(W_r x)."""
@@ -70,8 +64,6 @@ class HydraLoraLayer(RoutedLayer):
         hidden = F.linear(self.hydralora_dropout[adapter_name](x), A).unsqueeze(-2)  # (..., 1, r): one A for all
         return self.scaling(adapter_name) * mix_pieces(hidden, weights, self.hydralora_B[adapter_name])
 
-    def __repr__(self) -> str:
-        return "hydralora." + super().__repr__()
 
 
 class Linear(AdaptedLinear, HydraLoraLayer):

@@ -50,19 +50,9 @@ def group_by_expert(weights: torch.Tensor) -> list[tuple[int, torch.Tensor, torc
 
 
 class MixLoraLayer(RoutedLayer):
-    """What every MixLoRA layer shares: its config per adapter and the LoRA scale (it never merges)."""
+    """What every MixLoRA layer shares: its config per adapter (scale, dropout and merging come from the base)."""
 
     other_param_names = ("mixlora_config",)
-
-    def scaling(self, adapter_name: str) -> float:
-        config = self.mixlora_config[adapter_name]
-        return config.lora_alpha / config.r
-
-    def _add_dropout(self, adapter_name: str, config: MixLoraConfig) -> None:
-        self.mixlora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-
-    def __repr__(self) -> str:
-        return "mixlora." + super().__repr__()
 
 
 class Linear(nn.Module, MixLoraLayer):
@@ -86,7 +76,7 @@ class Linear(nn.Module, MixLoraLayer):
         kaiming_lora_A(A)
         self.mixlora_A[adapter_name] = nn.Parameter(A)
         self.mixlora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, config.r))
-        self._add_dropout(adapter_name, config)
+        self.add_dropout(adapter_name, config.lora_dropout)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -121,7 +111,7 @@ class ExpertLoraLayer(MixLoraLayer):
         self.mixlora_config[adapter_name] = config
         self.mixlora_expert_A[adapter_name] = A
         self.mixlora_expert_B[adapter_name] = B
-        self._add_dropout(adapter_name, config)
+        self.add_dropout(adapter_name, config.lora_dropout)
 
     def _forward_adapter(self) -> str | None:
         """The one adapter whose experts run, or None when adapters are disabled."""

@@ -53,26 +53,17 @@ class MixLoraModel(RoutedTuner):
             return False
         return found
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, MixLoraLayer):
-            target.update_layer(adapter_name, config)
-            return
+    def _new_module(self, config, adapter_name, target, current_key):
         plan = self._ffn_plan
         if current_key in plan.ffn:
-            new_module = FeedForward(target, adapter_name, config, self.route, recipe=plan.ffn[current_key])
-        elif current_key in plan.outputs:
+            return FeedForward(target, adapter_name, config, self.route, recipe=plan.ffn[current_key])
+        if current_key in plan.outputs:
             ffn = self.model.get_submodule(plan.outputs[current_key])
             if not isinstance(ffn, FeedForward):
                 raise RuntimeError(f"MixLoRA must adapt {plan.outputs[current_key]!r} before {current_key!r}.")
-            new_module = ExpertOutput(
-                target, adapter_name, config, self.route, name=ffn.recipe.output_name, handoff=ffn.handoff
-            )
-        else:
-            new_module = Linear(target, adapter_name, config, route=self.route)
-        new_module.module_key = current_key
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            return ExpertOutput(target, adapter_name, config, self.route, name=ffn.recipe.output_name,
+                                handoff=ffn.handoff)
+        return super()._new_module(config, adapter_name, target, current_key)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Unloading puts a whole FFN module back; PEFT's version would try to re-attach a `weight` it does not have.

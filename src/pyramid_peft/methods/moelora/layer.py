@@ -42,7 +42,7 @@ class MoeLoraLayer(RoutedLayer):
         self.moelora_task_embedding[adapter_name] = nn.Parameter(
             torch.empty(config.num_tasks, config.task_embedding_dim)
         )
-        self.moelora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -55,10 +55,6 @@ class MoeLoraLayer(RoutedLayer):
             nn.init.zeros_(self.moelora_B[adapter_name])
             nn.init.normal_(self.moelora_task_embedding[adapter_name])
             self.moelora_gate[adapter_name].reset_parameters()
-
-    def scaling(self, adapter_name: str) -> float:
-        config = self.moelora_config[adapter_name]
-        return config.lora_alpha / config.r
 
     def task_weights(self, adapter_name: str) -> torch.Tensor:
         """(num_tasks, E) expert weights of every task: softmax(W_g e_t) row by row."""
@@ -82,8 +78,6 @@ class MoeLoraLayer(RoutedLayer):
         up = fold_weights(self.moelora_B[adapter_name], self.task_weights(adapter_name)[task_id])
         return self.scaling(adapter_name) * up, self.moelora_A[adapter_name]
 
-    def __repr__(self) -> str:
-        return "moelora." + super().__repr__()
 
 
 class Linear(AdaptedLinear, MoeLoraLayer):

@@ -204,8 +204,6 @@ class TuckaLayer(RoutedLayer):
             raise NotMergeableError(self.tucka_config[adapter_name].capabilities().reason)
         return self.route_lora_factors(adapter_name, int(pinned.group), pinned.weights)
 
-    def __repr__(self) -> str:
-        return "tucka." + super().__repr__()
 
 
 class Linear(AdaptedLinear, TuckaLayer):
