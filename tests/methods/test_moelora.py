@@ -7,7 +7,8 @@ from torch import nn
 
 from _models import (
     assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, generate_with_beams, main_output, peft_tiny, perturb, t5_base_skeleton, training_loss,
+    T5_BASE_TARGETS, adapted_shapes, adapter_grads, generate_with_beams, main_output, peft_tiny, perturb,
+    t5_base_skeleton, training_loss,
 )
 from conftest import tiny_batch
 from pyramid_peft import TaskRoutingError, count_parameters, make_peft_config

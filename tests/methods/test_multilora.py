@@ -9,7 +9,8 @@ from torch import nn
 
 from _models import (
     assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_merge_and_export_match, generate_with_beams, main_output, peft_tiny, perturb, t5_base_skeleton, training_loss,
+    T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_merge_and_export_match, generate_with_beams, main_output,
+    peft_tiny, perturb, t5_base_skeleton, training_loss,
 )
 from conftest import tiny_batch
 from pyramid_peft import count_parameters, make_peft_config
