@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 import pyramid_peft  # noqa: F401  (registers the methods with PEFT)
@@ -14,6 +15,13 @@ import pyramid_peft  # noqa: F401  (registers the methods with PEFT)
 # One intra-op thread per test process: the tiny tensors here stall when threads wait on a busy second core, and
 # the suite runs two workers on two cores.
 torch.set_num_threads(1)
+
+# Property tests (Hypothesis): a fast default; HYPOTHESIS_PROFILE=ci runs more examples. No deadline (a shared,
+# loaded CPU makes timings meaningless) and no example database (nothing written into the checkout).
+_PROPERTY_CHECKS = dict(deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", max_examples=15, **_PROPERTY_CHECKS)
+settings.register_profile("ci", max_examples=250, **_PROPERTY_CHECKS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:

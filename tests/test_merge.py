@@ -81,3 +81,47 @@ def test_merge_and_unload_points_to_merge_for_task():
 def test_merge_rejects_task_ids_out_of_range():
     with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
         merge_for_task(routed_model("t5"), 3)
+
+
+def _trained_run(tiny_experiment, tmp_path, method):
+    """A two-step run of a tiny T5 with ``method``, trained through the ``ept train`` command."""
+    import yaml
+
+    from pyramid_peft.cli import main
+
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment("seq2seq", method=method, tasks=("rte", "sst2"))))
+    assert main(["train", str(path), "--max_steps", "2"]) == 0
+    return tmp_path / "run"
+
+
+def test_multilora_run_exports_merged_and_as_a_stock_lora_folder(tiny_experiment, tmp_path):
+    """MultiLoRA has no routing: ``ept export --merged`` and ``--lora`` both work, and stock PEFT loads the LoRA."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from pyramid_peft.training.run import export_run, load_run
+
+    run = _trained_run(tiny_experiment, tmp_path, "multilora")
+    merged_dir = export_run(run, "sst2", "merged", tmp_path / "merged")
+    lora_dir = export_run(run, "sst2", "lora")
+    assert json.loads((lora_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    experiment = load_run(run)
+    batch = {"input_ids": torch.tensor([[5, 900, 1200, 102]]), "decoder_input_ids": torch.tensor([[0, 7]])}
+    routed = experiment.model(**batch).logits
+    merged = AutoModelForSeq2SeqLM.from_pretrained(merged_dir).eval()
+    torch.testing.assert_close(merged(**batch).logits, routed, atol=1e-5, rtol=1e-4)
+    base = experiment.peft_model.unload()
+    assert not torch.allclose(base(**batch).logits, routed)
+    stock = PeftModel.from_pretrained(base, lora_dir).eval()
+    assert isinstance(stock.base_model.model.encoder.block[0].layer[0].SelfAttention.q, LoraLayer)
+    torch.testing.assert_close(stock(**batch).logits, routed, atol=1e-5, rtol=1e-4)
+
+
+def test_an_unmergeable_run_is_refused_before_anything_is_written(tiny_experiment, tmp_path):
+    from pyramid_peft.training.run import export_run
+
+    run = _trained_run(tiny_experiment, tmp_path, "hydralora")
+    for mode in ("merged", "lora"):
+        with pytest.raises(NotMergeableError, match="HydraLoRA cannot be merged.*per token"):
+            export_run(run, "sst2", mode, tmp_path / mode)
+        assert not (tmp_path / mode).exists()

@@ -6,7 +6,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from pyramid_peft import EptConfig, aux_loss, export_lora, merge_for_task
-from pyramid_peft.aux import find_tuners
+from pyramid_peft.methods.base import find_tuners
 from pyramid_peft.models import minilm_path, smollm2_path
 
 pytestmark = pytest.mark.slow

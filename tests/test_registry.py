@@ -13,11 +13,12 @@ from pyramid_peft.registry import METHODS
 
 
 def test_every_method_is_entered_in_peft_tables():
-    for name, (config_cls, tuner_cls) in METHODS.items():
-        peft_type = config_cls.method_type
-        assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] is config_cls
-        assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] is tuner_cls
-        assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] == tuner_cls.prefix
+    for name, spec in METHODS.items():
+        peft_type = spec.config_cls.method_type
+        assert name == spec.name and peft_type == name.upper() and spec.tuner_cls.prefix == f"{name}_"
+        assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] is spec.config_cls
+        assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] is spec.tuner_cls
+        assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] == spec.tuner_cls.prefix
 
 
 def test_make_peft_config_names_the_methods():

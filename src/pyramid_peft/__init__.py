@@ -5,9 +5,11 @@ Importing the package registers its methods with PEFT, so ``peft.get_peft_model(
 """
 
 from .accounting import count_parameters
-from .aux import aux_loss, uses_task_ids
-from .merge import export_lora, merge_for_task
-from .methods.base import NotMergeableError
+from .convert import ConversionError, convert_reference
+from .losses import aux_loss
+from .merge import capabilities_of, export_lora, merge_for_task, merge_tucka_route
+from .methods.base import NotMergeableError, uses_task_ids
+from .methods.capabilities import Capabilities, Merging, Routing
 from .methods.ept import EptConfig
 from .methods.hydralora import HydraLoraConfig
 from .methods.mixlora import MixLoraConfig
@@ -26,14 +28,21 @@ __all__ = [
     "MoreConfig",
     "MultiLoraConfig",
     "TuckaConfig",
+    "Capabilities",
+    "ConversionError",
+    "Merging",
     "NotMergeableError",
+    "Routing",
     "TaskRoutingError",
     "aux_loss",
+    "capabilities_of",
+    "convert_reference",
     "count_parameters",
     "enable_task_routing",
     "export_lora",
     "make_peft_config",
     "merge_for_task",
+    "merge_tucka_route",
     "method_names",
     "uses_task_ids",
 ]
@@ -41,7 +50,7 @@ __all__ = [
 
 def enable_task_routing(peft_model) -> None:
     """Make ``peft_model(..., task_ids=...)`` route (done automatically by ``get_peft_model``; idempotent)."""
-    from .aux import find_tuners
+    from .methods.base import find_tuners
 
     for tuner in find_tuners(peft_model):
         attach_to_peft_model(peft_model, tuner.route)

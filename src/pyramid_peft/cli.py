@@ -4,6 +4,7 @@
     ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100] [--output FILE.json]
     ept export RUN_DIR --task NAME (--merged | --lora) [--output DIR]
     ept params CONFIG [overrides]
+    ept convert SRC OUT --from ept-code|tucka-code [--base MODEL --top_k 2 --num_tasks 8 --gate code]
 
 Also runs as ``python -m pyramid_peft.cli``, e.g. under ``accelerate launch -m pyramid_peft.cli train ...``.
 Every subcommand sets ``func`` (a callable taking the parsed arguments and returning an exit code); a module
@@ -70,6 +71,26 @@ def _params(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .convert import ConversionError, convert_reference
+    from .models import load_model, resolve_model
+
+    base = None
+    if args.base:
+        import torch
+
+        with torch.device("meta"):  # shapes only: the check needs no weights
+            base = load_model(resolve_model(args.base), random_init=True)
+    try:
+        out = convert_reference(args.src, args.out, source=args.source, base_model=base, top_k=args.top_k,
+                                num_tasks=args.num_tasks, gate=args.gate)
+    except ConversionError as err:
+        print(f"ept convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"converted {args.src} ({args.source}) to {out}: load it with PeftModel.from_pretrained(base, {str(out)!r})")
+    return 0
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -116,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="config overrides; '--methods NAME... | all' tabulates other methods on the same model")
     params.set_defaults(func=_params)
+
+    convert = commands.add_parser("convert", help="import an adapter trained with the public EPT or TuckA code")
+    convert.add_argument("src", help="the public code's save_pretrained folder")
+    convert.add_argument("out", help="the pyramid-peft adapter folder to write")
+    convert.add_argument("--from", dest="source", required=True, choices=("ept-code", "tucka-code"))
+    convert.add_argument("--base", help="the base model (hub id, path or alias) to check the module shapes against")
+    convert.add_argument("--top_k", type=int, help="EPT experts per task (default 2, as the public code)")
+    convert.add_argument("--num_tasks", type=int, help="task ids (default: the rows of the task table)")
+    convert.add_argument("--gate", choices=("code", "paper"), help="EPT gate form (default code)")
+    convert.set_defaults(func=_convert)
 
     _add_optional_commands(commands)
     return parser

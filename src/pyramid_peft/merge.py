@@ -1,5 +1,9 @@
 """Per-task re-parameterisation: merge a task-routed adapter into the base weights, or export it as plain LoRA.
 
+What is allowed is the adapter's declared :class:`~pyramid_peft.Capabilities`: a per-task adapter merges for the
+task asked, a per-model one (MultiLoRA) for any task id with the same result, and one whose change depends on the
+input is refused before any work, with the method's reason.
+
 Every method that can state a fixed weight change for a task gives it as LoRA factors through
 ``RoutedLayer.task_lora_factors`` (``ΔW = B @ A``, scale included). For EPT these are exact by
 ``S ⊗ K = (B ⊗ K)(A ⊗ I)``, of rank ``r * sum(k_e)`` over the task's chosen kernel sizes.
@@ -18,8 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import atomic_directory
-from .aux import find_tuners
-from .methods.base import RoutedTuner
+from .methods.base import RoutedTuner, find_tuners
+from .methods.capabilities import Capabilities
+from .methods.tucka import fixed_route
 
 
 def _single_tuner(model: nn.Module) -> RoutedTuner:
@@ -29,6 +34,12 @@ def _single_tuner(model: nn.Module) -> RoutedTuner:
             f"expected a model with one pyramid_peft adapter (from get_peft_model), found {len(tuners)} tuners."
         )
     return tuners[0]
+
+
+def capabilities_of(model: nn.Module) -> Capabilities | None:
+    """The declared capabilities of ``model``'s pyramid_peft adapter; None for a model without one (stock PEFT)."""
+    tuners = find_tuners(model)
+    return _single_tuner(model).capabilities() if tuners else None
 
 
 def _check_task(tuner: RoutedTuner, adapter: str, task_id: int) -> None:
@@ -42,6 +53,7 @@ def task_factors(model: nn.Module, task_id: int, adapter_name: str | None = None
     """``{module name: (B, A)}`` for every adapted layer: the exact weight change of ``task_id``."""
     tuner = _single_tuner(model)
     adapter = adapter_name or tuner.active_adapters[0]
+    tuner.check_mergeable(adapter)
     _check_task(tuner, adapter, task_id)
     return {name: layer.task_lora_factors(adapter, task_id) for name, layer in tuner.routed_layers()}
 
@@ -51,7 +63,7 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
     """A plain ``transformers`` model whose weights are ``W0 + ΔW(task_id)`` in every adapted layer.
 
     The routed model is left unchanged unless ``inplace=True`` (which saves a copy of the base model's memory and
-    leaves ``model`` unusable). Raises ``NotMergeableError`` for token-routed configurations.
+    leaves ``model`` unusable). Raises ``NotMergeableError`` where the adapter's capabilities do not merge.
     """
     factors = task_factors(model, task_id, adapter_name)
     tuner = _single_tuner(model)
@@ -72,6 +84,14 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
         linear.weight.copy_((linear.weight.double() + up.double() @ down.double()).to(linear.weight.dtype))
     merged.__dict__.pop("peft_config", None)
     return merged
+
+
+def merge_tucka_route(model: nn.Module, group: int, weights, adapter_name: str | None = None, inplace: bool = False):
+    """A plain ``transformers`` model with ``W0 <- W0 + alpha W0 Û M̄ᵀ Ûᵀ`` (row convention: x ↦ x (I + alpha Û M̄
+    Ûᵀ) before W0) in every adapted TuckA layer, for the fixed route (``group``, ``weights``): exact for every
+    batch that takes this route."""
+    with fixed_route(model, group, weights, adapter_name):
+        return merge_for_task(model, 0, adapter_name, inplace=inplace)
 
 
 def truncate(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:

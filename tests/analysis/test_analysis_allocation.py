@@ -9,7 +9,7 @@ import torch
 from peft import get_peft_model
 
 from conftest import TINY_BUILDERS, tiny_batch
-from pyramid_peft import EptConfig, make_peft_config
+from pyramid_peft import EptConfig, Routing, make_peft_config
 from pyramid_peft.analysis.allocation import (
     AllocationRecorder, allocation_rows, expert_labels, plot_experts, plot_layers, record_allocation,
     short_layer_names, summary_rows, task_expert_rates, top_experts, write_csv,
@@ -155,17 +155,20 @@ def test_short_layer_names_drop_the_shared_prefix():
     assert short_layer_names(names) == ["0.attention.self.query", "1.output.dense"]
 
 
-# Rows each method counts for IDS: examples (task or example routing) or non-pad tokens (token routing; tiny_batch
-# pads the last two tokens of the first example, which is task 0's).
-ROWS = {"ept": [3, 2], "more": [3, 2], "moelora": [3, 2], "tucka": [3, 2], "hydralora": [19, 14], "mixlora": [19, 14]}
+# Rows each method counts for IDS, by its declared routing: examples (task or batch routing) or non-pad tokens
+# (token routing; tiny_batch pads the last two tokens of the first example, task 0's).
+ROWS = {Routing.TASK: [3, 2], Routing.BATCH: [3, 2], Routing.TOKEN: [19, 14]}
+ROUTED = sorted(name for name in METHODS
+                if make_peft_config(name, target_modules=["query"]).capabilities().routing is not Routing.NONE)
 
 
-@pytest.mark.parametrize("method", sorted(ROWS))
+@pytest.mark.parametrize("method", ROUTED)
 def test_every_routed_method_reports_its_routing(method):
-    options = {} if method == "mixlora" else {"target_modules": ["query", "value"]}  # MixLoRA picks its FFNs
-    model = get_peft_model(TINY_BUILDERS["bert"](), make_peft_config(method, num_tasks=2, **options)).eval()
+    config = make_peft_config(method, num_tasks=2, target_modules=["query", "value"])
+    model = get_peft_model(TINY_BUILDERS["bert"](), config).eval()
     layers = record_allocation(model, [batch_of(IDS)])
-    assert set(ROWS) == set(METHODS) - {"multilora"}  # MultiLoRA sums its LoRAs with fixed weights: no routing
+    expected = ROWS[config.capabilities().routing]
+    assert layers
     for counts in layers.values():
-        assert counts.rows.tolist() == ROWS[method]
+        assert counts.rows.tolist() == expected
         assert bool((counts.selected <= counts.rows[:, None]).all()) and bool((counts.selected.sum(1) > 0).all())

@@ -9,11 +9,11 @@ from torch import nn
 
 from _models import (
     assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_save_reload_exact, generate_with_beams, main_output,
+    T5_BASE_TARGETS, adapted_shapes, adapter_grads, generate_with_beams, main_output,
     peft_tiny, perturb, t5_base_skeleton, training_loss,
 )
 from conftest import tiny_batch
-from pyramid_peft import NotMergeableError, count_parameters, export_lora, make_peft_config, merge_for_task
+from pyramid_peft import count_parameters, make_peft_config
 from pyramid_peft.methods.hydralora import HydraLoraConfig
 from pyramid_peft.methods.hydralora.layer import Linear
 from pyramid_peft.routing import TaskRoute
@@ -69,19 +69,6 @@ def test_two_tokens_of_one_example_get_different_mixtures():
     assert not torch.allclose(out[0, 1], swapped, atol=1e-6)
 
 
-def test_not_mergeable_with_a_clear_error(tmp_path):
-    model = tiny("t5")
-    perturb(model)
-    with pytest.raises(NotMergeableError, match="per token"):
-        merge_for_task(model, 0)
-    with pytest.raises(NotMergeableError, match="per token"):
-        export_lora(model, 0, tmp_path / "export")
-    assert not (tmp_path / "export").exists()
-    with pytest.raises(NotMergeableError, match="per token"):
-        model.merge_and_unload()
-    assert model.peft_config["default"].routes_by_task is False
-
-
 def test_initialisation():
     config = HydraLoraConfig(target_modules=["x"])
     layer = Linear(nn.Linear(512, 256), "default", config, route=TaskRoute(1, "HydraLoRA"))
@@ -116,12 +103,6 @@ def test_task_ids_are_accepted_and_ignored(family):
     batch = tiny_batch(family)
     without = main_output(model, batch)
     torch.testing.assert_close(main_output(model, batch, task_ids=IDS), without, rtol=0, atol=0)
-
-
-def test_save_and_reload_reproduce_outputs_exactly(tmp_path, family):
-    model = tiny(family)
-    perturb(model)
-    assert_save_reload_exact(model, family, tmp_path, task_ids=IDS)
 
 
 @pytest.mark.parametrize("family", ["t5", "llama"])

@@ -10,11 +10,11 @@ from torch import nn
 import pyramid_peft
 from _models import (
     assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_merge_and_export_match, assert_save_reload_exact,
+    T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_save_reload_exact,
     generate_with_beams, main_output, peft_tiny, perturb, t5_base_skeleton, training_loss,
 )
 from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
-from pyramid_peft import NotMergeableError, count_parameters, make_peft_config
+from pyramid_peft import count_parameters, make_peft_config
 from pyramid_peft.methods.more import MoreConfig
 from pyramid_peft.methods.more.layer import Linear
 from pyramid_peft.routing import TaskRoute
@@ -199,23 +199,6 @@ def test_backward_reaches_every_trainable_tensor(family):
     assert trainable and all(".more_" in n for n in trainable)
     for name, param in trainable.items():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
-
-
-def test_save_and_reload_reproduce_outputs_exactly(tmp_path, family):
-    assert_save_reload_exact(trained(tiny(family)), family, tmp_path, task_ids=IDS)
-
-
-def test_merge_and_export_reproduce_the_task(tmp_path, family):
-    model, task = trained(tiny(family)), 2
-    ids = torch.full_like(IDS, task)
-    report = assert_merge_and_export_match(model, family, tmp_path, task, task_ids=ids)
-    ranks = [int(c[task]) + 1 for c in choices(model)]  # expert e (0-based) has rank e + 1
-    assert report["max_layer_rank"] == max(ranks) and report["relative_error"] == 0.0
-
-
-def test_merge_and_unload_points_to_merge_for_task():
-    with pytest.raises(NotMergeableError, match="merge_for_task"):
-        tiny("t5").merge_and_unload()
 
 
 @pytest.mark.parametrize("family,route_mode", [("t5", "intended"), ("llama", "reference")])

@@ -9,13 +9,16 @@ from torch import nn
 
 import pyramid_peft
 from _models import (
-    T5_BASE_TARGETS, adapted_shapes, assert_save_reload_exact, generate_with_beams, main_output, peft_tiny,
+    T5_BASE_TARGETS, adapted_shapes, generate_with_beams, main_output, peft_tiny,
     perturb, t5_base_skeleton, training_loss,
 )
 from conftest import TINY_BUILDERS, tiny_batch
-from pyramid_peft import NotMergeableError, count_parameters, export_lora, make_peft_config, merge_for_task
+from pyramid_peft import (
+    Capabilities, Merging, Routing, count_parameters, export_lora, make_peft_config,
+    merge_tucka_route,
+)
 from pyramid_peft.methods.tucka import (
-    TuckaConfig, TuckaLayer, TuckaRoutingError, fixed_route, merge_tucka_route,
+    TuckaConfig, TuckaLayer, TuckaRoutingError, fixed_route,
 )
 
 R, K, T, P, ALPHA = 4, 2, 3, 2, 0.7
@@ -265,16 +268,6 @@ def test_merge_of_a_fixed_route_equals_the_routed_output(tmp_path, family):
     torch.testing.assert_close(main_output(exported, batch), routed, rtol=0, atol=1e-5)
 
 
-def test_not_mergeable_without_a_fixed_route(tmp_path):
-    model = trained(tiny("llama"))
-    with pytest.raises(NotMergeableError, match="merge_tucka_route"):
-        merge_for_task(model, 0)
-    with pytest.raises(NotMergeableError):
-        model.merge_and_unload()
-    with pytest.raises(ValueError, match="a TuckA route is a group"):
-        merge_tucka_route(model, K, torch.ones(T))
-
-
 # -- the common contract --------------------------------------------------------------------------------------
 def test_backward_reaches_every_trainable_tensor(family):
     model = trained(tiny(family))
@@ -302,10 +295,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert any("tucka_centroids" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
-
-
-def test_save_and_reload_reproduce_outputs_exactly(tmp_path, family):
-    assert_save_reload_exact(trained(tiny(family, balance="alb")), family, tmp_path)
 
 
 # -- accounting -----------------------------------------------------------------------------------------------
@@ -343,7 +332,8 @@ def test_config_errors(overrides, message):
 
 def test_registered_by_name():
     config = make_peft_config("tucka", target_modules=["q"])
-    assert isinstance(config, TuckaConfig) and config.peft_type == "TUCKA" and not config.routes_by_task
+    assert isinstance(config, TuckaConfig) and config.peft_type == "TUCKA"
+    assert config.capabilities() == Capabilities(Routing.BATCH, Merging.NONE, config.capabilities().reason)
     assert (config.r, config.k, config.t, config.p, config.alpha) == (8, 3, 3, 2, 1.0)
     # routed by its input: the trainer need not pass task ids (the model accepts and ignores them)
     assert not pyramid_peft.uses_task_ids(get_peft_model(TwoLinears(), TuckaConfig(target_modules=["first"], r=4)))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..aux import find_tuners
+from ..methods.base import find_tuners
 from ..routing import TaskRoutingError
 from . import plots
 

@@ -105,7 +105,7 @@ def method_config(setting: Setting, method: str) -> PeftConfig:
     """The setting's own method config, or ``method`` with its defaults on the setting's targets and tasks."""
     if method == setting.method:
         return setting.method_config
-    cls = LoraConfig if method == "lora" else METHODS[method][0]
+    cls = LoraConfig if method == "lora" else METHODS[method].config_cls
     accepted = {f.name for f in dataclasses.fields(cls)}
     options = {} if method in OWN_TARGETS else {"target_modules": setting.targets}
     if "num_tasks" in accepted:

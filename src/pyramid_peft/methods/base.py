@@ -16,7 +16,20 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..contrastive import contrastive_module_names
+from ..losses import LossSource
+from .capabilities import Capabilities
 from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
+
+
+def find_tuners(model: nn.Module) -> list["RoutedTuner"]:
+    """The tuners of this package inside ``model`` (a PeftModel, a tuner, or a module that holds one)."""
+    return [m for m in model.modules() if isinstance(m, RoutedTuner)]
+
+
+def uses_task_ids(model: nn.Module) -> bool:
+    """Whether forward passes of ``model`` take ``task_ids`` (its methods route by task or report token routes
+    per task); stock PEFT models do not."""
+    return any(tuner.capabilities().reads_task_ids for tuner in find_tuners(model))
 
 
 class NotMergeableError(RuntimeError):
@@ -56,6 +69,28 @@ class RoutedLayer(BaseTunerLayer):
         None where the layer checks its rank itself.
         """
         return min(self.in_features, self.out_features)
+
+    # -- what every adapted layer shares ------------------------------------------------------------------------
+    @property
+    def method_key(self) -> str:
+        """The method's name as the layer's attributes spell it: ``ept`` for ``ept_config``, ``ept_dropout``."""
+        return self.other_param_names[0].removesuffix("_config")
+
+    def adapter_config(self, adapter_name: str):
+        """The config of ``adapter_name`` (kept per adapter in ``<method>_config``)."""
+        return getattr(self, f"{self.method_key}_config")[adapter_name]
+
+    def scaling(self, adapter_name: str) -> float:
+        """LoRA's output scale ``lora_alpha / r``."""
+        config = self.adapter_config(adapter_name)
+        return config.lora_alpha / config.r
+
+    def add_dropout(self, adapter_name: str, p: float) -> None:
+        """Dropout ``p`` on the adapter input of ``adapter_name`` (identity for p = 0), in ``<method>_dropout``."""
+        getattr(self, f"{self.method_key}_dropout")[adapter_name] = nn.Dropout(p) if p else nn.Identity()
+
+    def __repr__(self) -> str:
+        return f"{self.method_key}." + super().__repr__()
 
     # -- routing helpers ---------------------------------------------------------------------------------------
     def task_ids_for(self, x: torch.Tensor, required: bool = True) -> torch.Tensor | None:
@@ -136,13 +171,12 @@ class AdaptedLinear(nn.Module):
         return result
 
 
-class RoutedTuner(BaseTuner):
+class RoutedTuner(LossSource, BaseTuner):
     """Base tuner: builds layers of ``layer_cls`` around targeted linears and routes them by ``task_ids``."""
 
     layer_cls: ClassVar[type]
     target_module_mapping: ClassVar[dict] = {}  # no default targets: configs must name them
     method_name: ClassVar[str]
-    uses_task_ids: ClassVar[bool] = True  # False for methods whose output never depends on the task
     # For methods with the contrastive task-embedding loss: the per-adapter dict on each layer saying whether that
     # layer's input feeds the loss (config fields contrastive_weight and contrastive_modules).
     contrastive_flags: ClassVar[str | None] = None
@@ -167,14 +201,18 @@ class RoutedTuner(BaseTuner):
         return peft_config
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, self.layer_cls):
+        if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config)
             return
-        new_module = self.layer_cls(target, adapter_name, config, route=self.route)
+        new_module = self._new_module(config, adapter_name, target, current_key)
         new_module.module_key = current_key
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _new_module(self, config, adapter_name: str, target: nn.Module, current_key: str) -> nn.Module:
+        """The adapted layer that replaces ``target`` (methods that adapt several kinds of module override this)."""
+        return self.layer_cls(target, adapter_name, config, route=self.route)
 
     def _check_rank(self, config) -> None:
         """Refuse an ``r`` above an adapted layer's :meth:`RoutedLayer.rank_limit`: that rank could not be used."""
@@ -187,10 +225,23 @@ class RoutedTuner(BaseTuner):
                     f"of that layer has rank at most {limit}. Use r <= {limit}, or leave it out of target_modules."
                 )
 
+    def capabilities(self, adapter_name: str | None = None) -> Capabilities:
+        """The adapter's declared routing and merging (its config's :meth:`capabilities`)."""
+        return self.peft_config[adapter_name or self.active_adapters[0]].capabilities()
+
+    def check_mergeable(self, adapter_name: str | None = None) -> None:
+        """Refuse, naming the method and the reason, an adapter whose weight change depends on the input."""
+        capabilities = self.capabilities(adapter_name)
+        if not capabilities.mergeable:
+            raise NotMergeableError(f"{self.method_name} cannot be merged or exported as LoRA: {capabilities.reason}")
+
     def _check_merge_allowed(self):
+        """PEFT's ``merge_and_unload``: nothing merges in place; say what to use instead."""
+        self.check_mergeable()
         raise NotMergeableError(
-            f"{self.method_name} cannot be merged with merge_and_unload(): its weights depend on the task. "
-            "Use pyramid_peft.merge_for_task(model, task_id) or pyramid_peft.export_lora(model, task_id, out_dir)."
+            f"{self.method_name} is not merged in place by merge_and_unload(): use "
+            "pyramid_peft.merge_for_task(model, task_id) for a merged copy (any task id where the change is the same "
+            "for every task) or pyramid_peft.export_lora(model, task_id, out_dir) for a plain LoRA adapter."
         )
 
     def inject_adapter(self, model, adapter_name: str, *args, **kwargs) -> None:

@@ -12,6 +12,8 @@ from typing import ClassVar, Optional, Union
 import pydantic
 from peft import PeftConfig
 
+from .capabilities import Capabilities
+
 
 def check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
@@ -75,6 +77,12 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def check_dropout(p: float, name: str = "lora_dropout") -> None:
+    """A dropout probability must lie in [0, 1): 1 would drop every input."""
+    if not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"{name}={p!r} must be in [0, 1).")
+
+
 def check_positive(name: str, value) -> None:
     if value is None or value <= 0:
         raise ValueError(f"{name}={value!r} must be positive.")
@@ -106,6 +114,11 @@ class RoutedConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not hasattr(type(self), "method_type"):
+            raise TypeError(
+                f"{type(self).__name__} is not a registered method: call register_method(MethodSpec(...)) in its "
+                "package's __init__ (pyramid_peft.methods.spec)."
+            )
         self.peft_type = self.method_type
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
@@ -114,10 +127,9 @@ class RoutedConfig(PeftConfig):
         if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
             raise ValueError(f"num_tasks={self.num_tasks!r} must be a positive integer (the number of task ids).")
 
-    @property
-    def routes_by_task(self) -> bool:
-        """Whether the weight change is a function of the task id alone (so it can be merged per task)."""
-        return True
+    def capabilities(self) -> Capabilities:
+        """How this configuration routes and whether it merges (see ``methods/capabilities.py``)."""
+        raise NotImplementedError(f"{type(self).__name__} must declare its capabilities().")
 
     def aux_loss_weights(self) -> dict[str, float]:
         """Weight of each auxiliary loss this method's layers report (see ``RoutedLayer.aux_terms``)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ..aux import uses_task_ids
+from ..methods.base import uses_task_ids
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from ..registry import make_peft_config

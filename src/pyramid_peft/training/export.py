@@ -7,8 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..aux import uses_task_ids
-from ..merge import export_lora, merge_for_task
+from ..merge import capabilities_of, export_lora, merge_for_task
 from .experiment import RunError
 from .heads import MultiTaskClassifier
 from .loading import load_run
@@ -24,19 +23,22 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
     task_id = _task_id(experiment.config.tasks, task, run_dir)
     out = Path(output) if output else Path(run_dir) / EXPORT_DIR / f"{task}-{mode}"
     peft_model = experiment.peft_model
-    routed = uses_task_ids(peft_model)  # stock LoRA is the same for every task: export it as it is
+    # None for stock LoRA (and full fine-tuning): the same for every task, exported as it is
+    capabilities = None if experiment.full else capabilities_of(peft_model)
+    if capabilities is not None:
+        peft_model.base_model.check_mergeable()  # refuse an unmergeable method before writing anything
     if experiment.full and mode == "lora":
         raise RunError(f"{run_dir} is a full fine-tuning run: it has no adapter to export as LoRA. Use --merged "
                        "for the fine-tuned model itself.")
     if experiment.full and mode == "merged":
         peft_model.save_pretrained(out)
         experiment.tokenizer.save_pretrained(out)
-    elif mode == "lora" and routed:
+    elif mode == "lora" and capabilities is not None:
         export_lora(peft_model, task_id, out)
     elif mode == "lora":
         peft_model.save_pretrained(out)
     elif mode == "merged":
-        merged = merge_for_task(peft_model, task_id) if routed else peft_model.merge_and_unload()
+        merged = merge_for_task(peft_model, task_id) if capabilities is not None else peft_model.merge_and_unload()
         merged.save_pretrained(out)
         experiment.tokenizer.save_pretrained(out)
     else:

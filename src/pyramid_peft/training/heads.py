@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..aux import uses_task_ids
+from ..methods.base import uses_task_ids
 from .full import load_weights
 
 HEADS_FILE = "heads.safetensors"

@@ -52,7 +52,7 @@ def method_config_class(method: str) -> type:
         return LoraConfig
     if key not in METHODS:
         make_peft_config(method)  # raises the registry's error
-    return METHODS[key][0]
+    return METHODS[key].config_cls
 
 
 def method_options(method: str, options: dict, num_tasks: int) -> dict:

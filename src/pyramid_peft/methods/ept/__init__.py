@@ -1,5 +1,8 @@
 from .config import EptConfig
 from .layer import EptLayer, Linear
 from .model import EptModel
+from ..spec import MethodSpec, register_method
+
+register_method(MethodSpec(EptConfig, EptModel, "ept", "EPT"))
 
 __all__ = ["EptConfig", "EptLayer", "EptModel", "Linear"]

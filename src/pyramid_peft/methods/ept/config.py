@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config_base import RoutedConfig, check_choice, check_positive
+from ..capabilities import Capabilities, Merging, Routing
+from ..config_base import RoutedConfig, check_choice, check_dropout, check_positive
 
 
 @dataclass
@@ -68,7 +69,6 @@ class EptConfig(RoutedConfig):
     contrastive_modules: str = field(default="encoder", metadata={"help": "'encoder' or 'all'."})
     materialize: bool = field(default=False, metadata={"help": "Literal ConvTranspose experts (reference only)."})
 
-    method_type = "EPT"
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,8 +94,7 @@ class EptConfig(RoutedConfig):
         check_choice("contrastive_modules", self.contrastive_modules, ("encoder", "all"))
         check_positive("router_tau", self.router_tau)
         check_positive("contrastive_tau", self.contrastive_tau)
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        check_dropout(self.lora_dropout)
         if self.resolved_kernel_init == "zeros" and self.factor_init == "standard":
             raise ValueError(
                 "factor_init='standard' (B = 0) with zero kernels leaves every expert at zero with zero gradient; "
@@ -110,9 +109,15 @@ class EptConfig(RoutedConfig):
             return "zeros"
         return "kaiming"
 
-    @property
-    def routes_by_task(self) -> bool:
-        return self.router_input == "task"
+    def capabilities(self) -> Capabilities:
+        if self.router_input == "task":
+            return Capabilities(Routing.TASK, Merging.PER_TASK)
+        return Capabilities(
+            Routing.TOKEN,
+            Merging.NONE,
+            f"router_input={self.router_input!r} routes every token separately, so its weight change depends on the "
+            "input; train with router_input='task' for a mergeable adapter.",
+        )
 
     def aux_loss_weights(self) -> dict[str, float]:
         return {"contrastive": self.contrastive_weight}

@@ -9,8 +9,6 @@ from .layer import EptLayer, Linear
 class EptModel(RoutedTuner):
     """Injects :class:`~pyramid_peft.methods.ept.layer.Linear` into the targeted layers of a model."""
 
-    prefix = "ept_"
     tuner_layer_cls = EptLayer
     layer_cls = Linear
     contrastive_flags = "ept_contrastive"
-    method_name = "EPT"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config_base import RoutedConfig, check_positive
-from ..multilora.config import check_dropout
+from ..capabilities import Capabilities, Merging, Routing
+from ..config_base import RoutedConfig, check_dropout, check_positive
 
 
 @dataclass
@@ -36,7 +36,6 @@ class HydraLoraConfig(RoutedConfig):
     lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the shared A."})
 
-    method_type = "HYDRALORA"
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,6 +43,10 @@ class HydraLoraConfig(RoutedConfig):
         check_positive("num_heads", self.num_heads)
         check_dropout(self.lora_dropout)
 
-    @property
-    def routes_by_task(self) -> bool:
-        return False
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            Routing.TOKEN,
+            Merging.NONE,
+            "its router weighs the B heads per token, so the weight change depends on the input; keep the adapter "
+            "at inference.",
+        )

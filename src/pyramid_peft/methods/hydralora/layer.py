@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
-from ..multilora.mixture import mix_pieces
+from ..base import AdaptedLinear, RoutedLayer
+from ..mixture import mix_pieces
 from .config import HydraLoraConfig
 
 
@@ -40,9 +40,7 @@ class HydraLoraLayer(RoutedLayer):
         self.hydralora_A[adapter_name] = nn.Parameter(torch.empty(config.r, self.in_features))
         self.hydralora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, config.num_heads * config.r))
         self.hydralora_router[adapter_name] = nn.Linear(self.in_features, config.num_heads, bias=False)
-        self.hydralora_dropout[adapter_name] = (
-            nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-        )
+        self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -53,10 +51,6 @@ class HydraLoraLayer(RoutedLayer):
             nn.init.kaiming_uniform_(self.hydralora_A[adapter_name], a=math.sqrt(5))
             nn.init.zeros_(self.hydralora_B[adapter_name])
             nn.init.kaiming_uniform_(self.hydralora_router[adapter_name].weight, a=math.sqrt(5))
-
-    def scaling(self, adapter_name: str) -> float:
-        config = self.hydralora_config[adapter_name]
-        return config.lora_alpha / config.r
 
     def route_weights(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """(..., N) head weights of every token: softmax(W_r x)."""
@@ -70,15 +64,6 @@ class HydraLoraLayer(RoutedLayer):
         hidden = F.linear(self.hydralora_dropout[adapter_name](x), A).unsqueeze(-2)  # (..., 1, r): one A for all
         return self.scaling(adapter_name) * mix_pieces(hidden, weights, self.hydralora_B[adapter_name])
 
-    def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotMergeableError(
-            "HydraLoRA mixes its B heads per token with a router that reads the token, so its weight change depends "
-            "on the input: it cannot be merged into the base weights or exported as a plain LoRA. Keep the adapter "
-            "at inference."
-        )
-
-    def __repr__(self) -> str:
-        return "hydralora." + super().__repr__()
 
 
 class Linear(AdaptedLinear, HydraLoraLayer):

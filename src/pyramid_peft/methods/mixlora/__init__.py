@@ -1,5 +1,8 @@
 from .config import MixLoraConfig
 from .layer import ExpertOutput, FeedForward, Linear, MixLoraLayer
 from .model import MixLoraModel
+from ..spec import MethodSpec, register_method
+
+register_method(MethodSpec(MixLoraConfig, MixLoraModel, "mixlora", "MixLoRA"))
 
 __all__ = ["ExpertOutput", "FeedForward", "Linear", "MixLoraConfig", "MixLoraLayer", "MixLoraModel"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..config_base import RoutedConfig, check_positive
+from ..capabilities import Capabilities, Merging, Routing
+from ..config_base import RoutedConfig, check_dropout, check_positive
 
 # Default FFN module names, by ``model_type``. BERT's FFN is split over two modules: the name given is the
 # ``intermediate`` half, and its sibling ``output.dense`` is adapted with it (see ``ffn.py``).
@@ -69,7 +70,6 @@ class MixLoraConfig(RoutedConfig):
     jitter_noise: float = field(default=0.0, metadata={"help": "Multiplicative router-input noise in training."})
     router_aux_loss_coef: float = field(default=0.001, metadata={"help": "Weight of the load-balance loss."})
 
-    method_type = "MIXLORA"
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,16 +83,18 @@ class MixLoraConfig(RoutedConfig):
                 f"top_k={self.top_k!r} must be an integer between 1 and num_experts ({self.num_experts}); "
                 "top_k equal to num_experts gives a dense softmax mixture."
             )
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
-        if not 0 <= self.jitter_noise < 1:
-            raise ValueError(f"jitter_noise={self.jitter_noise} must be in [0, 1) (0 disables it).")
+        check_dropout(self.lora_dropout)
+        check_dropout(self.jitter_noise, "jitter_noise")
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0 (0 disables it).")
 
-    @property
-    def routes_by_task(self) -> bool:
-        return False
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            Routing.TOKEN,
+            Merging.NONE,
+            "it routes every token to its own experts and each expert is a whole nonlinear FFN, so its weight "
+            "change depends on the input; keep the adapter unmerged for inference.",
+        )
 
     def aux_loss_weights(self) -> dict[str, float]:
         return {"balance": self.router_aux_loss_coef}

@@ -24,16 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...gating import switch_balance_loss, topk_softmax
-from ..base import NotMergeableError, RoutedLayer
+from ..base import RoutedLayer
 from .config import MixLoraConfig
 from .ffn import FfnRecipe
-
-NOT_MERGEABLE = (
-    "MixLoRA routes every token to its own experts, and each expert is a whole nonlinear FFN: its weight change "
-    "depends on the input, so it cannot be merged (merge_and_unload, merge_for_task) or exported as a plain LoRA "
-    "(export_lora). Keep the adapter unmerged for inference."
-)
-
 
 def kaiming_lora_A(A: torch.Tensor) -> None:
     """Standard LoRA init of down factors (r x d_in, or a stack of them): U(±1/sqrt(d_in)) per factor."""
@@ -57,25 +50,9 @@ def group_by_expert(weights: torch.Tensor) -> list[tuple[int, torch.Tensor, torc
 
 
 class MixLoraLayer(RoutedLayer):
-    """What every MixLoRA layer shares: its config per adapter, the LoRA scale, and the not-mergeable contract."""
+    """What every MixLoRA layer shares: its config per adapter (scale, dropout and merging come from the base)."""
 
     other_param_names = ("mixlora_config",)
-
-    def scaling(self, adapter_name: str) -> float:
-        config = self.mixlora_config[adapter_name]
-        return config.lora_alpha / config.r
-
-    def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotMergeableError(NOT_MERGEABLE)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotMergeableError(NOT_MERGEABLE)
-
-    def _add_dropout(self, adapter_name: str, config: MixLoraConfig) -> None:
-        self.mixlora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
-
-    def __repr__(self) -> str:
-        return "mixlora." + super().__repr__()
 
 
 class Linear(nn.Module, MixLoraLayer):
@@ -99,7 +76,7 @@ class Linear(nn.Module, MixLoraLayer):
         kaiming_lora_A(A)
         self.mixlora_A[adapter_name] = nn.Parameter(A)
         self.mixlora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, config.r))
-        self._add_dropout(adapter_name, config)
+        self.add_dropout(adapter_name, config.lora_dropout)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -134,7 +111,7 @@ class ExpertLoraLayer(MixLoraLayer):
         self.mixlora_config[adapter_name] = config
         self.mixlora_expert_A[adapter_name] = A
         self.mixlora_expert_B[adapter_name] = B
-        self._add_dropout(adapter_name, config)
+        self.add_dropout(adapter_name, config.lora_dropout)
 
     def _forward_adapter(self) -> str | None:
         """The one adapter whose experts run, or None when adapters are disabled."""

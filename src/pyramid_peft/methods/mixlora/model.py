@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from peft.tuners.tuners_utils import check_target_module_exists
 
-from ..base import NotMergeableError, RoutedTuner
+from ..base import RoutedTuner
 from .config import DEFAULT_ATTENTION_MODULES, DEFAULT_FFN_MODULES, MixLoraConfig
 from .ffn import FfnPlan, build_plan
-from .layer import NOT_MERGEABLE, ExpertOutput, FeedForward, Linear, MixLoraLayer
+from .layer import ExpertOutput, FeedForward, Linear, MixLoraLayer
 
 
 class MixLoraModel(RoutedTuner):
@@ -19,10 +19,8 @@ class MixLoraModel(RoutedTuner):
     each module name from that plan and from ``target_modules``.
     """
 
-    prefix = "mixlora_"
     tuner_layer_cls = MixLoraLayer
     layer_cls = Linear
-    method_name = "MixLoRA"
 
     def _prepare_adapter_config(self, peft_config: MixLoraConfig, model_config: dict) -> MixLoraConfig:
         """Fill ``ffn_modules`` and ``target_modules`` from the model type where they are not given."""
@@ -55,26 +53,17 @@ class MixLoraModel(RoutedTuner):
             return False
         return found
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, MixLoraLayer):
-            target.update_layer(adapter_name, config)
-            return
+    def _new_module(self, config, adapter_name, target, current_key):
         plan = self._ffn_plan
         if current_key in plan.ffn:
-            new_module = FeedForward(target, adapter_name, config, self.route, recipe=plan.ffn[current_key])
-        elif current_key in plan.outputs:
+            return FeedForward(target, adapter_name, config, self.route, recipe=plan.ffn[current_key])
+        if current_key in plan.outputs:
             ffn = self.model.get_submodule(plan.outputs[current_key])
             if not isinstance(ffn, FeedForward):
                 raise RuntimeError(f"MixLoRA must adapt {plan.outputs[current_key]!r} before {current_key!r}.")
-            new_module = ExpertOutput(
-                target, adapter_name, config, self.route, name=ffn.recipe.output_name, handoff=ffn.handoff
-            )
-        else:
-            new_module = Linear(target, adapter_name, config, route=self.route)
-        new_module.module_key = current_key
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+            return ExpertOutput(target, adapter_name, config, self.route, name=ffn.recipe.output_name,
+                                handoff=ffn.handoff)
+        return super()._new_module(config, adapter_name, target, current_key)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         # Unloading puts a whole FFN module back; PEFT's version would try to re-attach a `weight` it does not have.
@@ -82,6 +71,3 @@ class MixLoraModel(RoutedTuner):
             setattr(parent, child_name, new_module)
             return
         super()._replace_module(parent, child_name, new_module, child)
-
-    def _check_merge_allowed(self):
-        raise NotMergeableError(NOT_MERGEABLE)

@@ -1,5 +1,8 @@
 from .config import MoeLoraConfig
 from .layer import Linear, MoeLoraLayer
 from .model import MoeLoraModel
+from ..spec import MethodSpec, register_method
+
+register_method(MethodSpec(MoeLoraConfig, MoeLoraModel, "moelora", "MOELoRA"))
 
 __all__ = ["Linear", "MoeLoraConfig", "MoeLoraLayer", "MoeLoraModel"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config_base import RoutedConfig, check_positive
-from ..multilora.config import check_dropout
+from ..capabilities import Capabilities, Merging, Routing
+from ..config_base import RoutedConfig, check_dropout, check_positive
 
 
 @dataclass
@@ -39,7 +39,9 @@ class MoeLoraConfig(RoutedConfig):
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
     task_embedding_dim: int = field(default=64, metadata={"help": "Width of the per-layer task embeddings."})
 
-    method_type = "MOELORA"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(Routing.TASK, Merging.PER_TASK)
 
     def __post_init__(self):
         super().__post_init__()

@@ -5,7 +5,7 @@ Forward, for an input row x of task t (spec §3.4):
     w(t) = softmax(W_g e_t)                               e_t: row t of this layer's task-embedding table
     y    = W0 x + b0 + (alpha / r) * sum_i w_i(t) B_i A_i dropout(x)
 
-Expert i has rank q = r / E. The experts are stored stacked along the rank (``multilora/mixture.py``), and the
+Expert i has rank q = r / E. The experts are stored stacked along the rank (``methods/mixture.py``), and the
 gate is evaluated once per forward for all tasks, then indexed by each example's task id.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import AdaptedLinear, RoutedLayer
-from ..multilora.mixture import fold_weights, mix_pieces
+from ..mixture import fold_weights, mix_pieces
 from .config import MoeLoraConfig
 
 
@@ -42,7 +42,7 @@ class MoeLoraLayer(RoutedLayer):
         self.moelora_task_embedding[adapter_name] = nn.Parameter(
             torch.empty(config.num_tasks, config.task_embedding_dim)
         )
-        self.moelora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -55,10 +55,6 @@ class MoeLoraLayer(RoutedLayer):
             nn.init.zeros_(self.moelora_B[adapter_name])
             nn.init.normal_(self.moelora_task_embedding[adapter_name])
             self.moelora_gate[adapter_name].reset_parameters()
-
-    def scaling(self, adapter_name: str) -> float:
-        config = self.moelora_config[adapter_name]
-        return config.lora_alpha / config.r
 
     def task_weights(self, adapter_name: str) -> torch.Tensor:
         """(num_tasks, E) expert weights of every task: softmax(W_g e_t) row by row."""
@@ -82,8 +78,6 @@ class MoeLoraLayer(RoutedLayer):
         up = fold_weights(self.moelora_B[adapter_name], self.task_weights(adapter_name)[task_id])
         return self.scaling(adapter_name) * up, self.moelora_A[adapter_name]
 
-    def __repr__(self) -> str:
-        return "moelora." + super().__repr__()
 
 
 class Linear(AdaptedLinear, MoeLoraLayer):

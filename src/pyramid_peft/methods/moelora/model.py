@@ -9,7 +9,5 @@ from .layer import Linear, MoeLoraLayer
 class MoeLoraModel(RoutedTuner):
     """Injects :class:`~pyramid_peft.methods.moelora.layer.Linear` into the targeted layers of a model."""
 
-    prefix = "moelora_"
     tuner_layer_cls = MoeLoraLayer
     layer_cls = Linear
-    method_name = "MOELoRA"

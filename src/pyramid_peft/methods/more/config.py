@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config_base import RoutedConfig, check_choice, check_positive
+from ..capabilities import Capabilities, Merging, Routing
+from ..config_base import RoutedConfig, check_choice, check_dropout, check_positive
 
 
 @dataclass
@@ -51,7 +52,9 @@ class MoreConfig(RoutedConfig):
     contrastive_pooling: str = field(default="first", metadata={"help": "'first' or 'mean'."})
     contrastive_modules: str = field(default="encoder", metadata={"help": "'encoder' or 'all'."})
 
-    method_type = "MORE"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(Routing.TASK, Merging.PER_TASK)
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,8 +72,7 @@ class MoreConfig(RoutedConfig):
         check_positive("contrastive_tau", self.contrastive_tau)
         if self.contrastive_weight < 0:
             raise ValueError(f"contrastive_weight={self.contrastive_weight} must be >= 0 (0 disables the loss).")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1).")
+        check_dropout(self.lora_dropout)
 
     @property
     def expert_ranks(self) -> list[int]:

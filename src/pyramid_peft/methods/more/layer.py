@@ -25,14 +25,14 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...routing import in_backward_pass
-from ..base import AdaptedLinear, RoutedLayer
+from ..base import AdaptedLinear
+from ..task_contrastive import TaskContrastiveLayer
 from .config import MoreConfig
-from ...contrastive import pool_features, task_contrastive_loss
 
 UNSET = -1  # route-map entry of a task whose expert is not frozen yet (reference mode)
 
 
-class MoreLayer(RoutedLayer):
+class MoreLayer(TaskContrastiveLayer):
     adapter_layer_names = ("more_A", "more_B", "more_gate", "more_task_embedding")
     other_param_names = ("more_config", "more_contrastive", "more_route_map")
     parameter_groups = {"more_gate": "router", "more_task_embedding": "task_embedding"}
@@ -58,7 +58,7 @@ class MoreLayer(RoutedLayer):
         self.more_B[adapter_name] = nn.Parameter(torch.empty(d_out, config.r))
         self.more_gate[adapter_name] = nn.Linear(d_in, config.num_experts, bias=True)
         self.more_task_embedding[adapter_name] = nn.Parameter(torch.empty(config.num_tasks, d_in))
-        self.more_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.add_dropout(adapter_name, config.lora_dropout)
         if config.route_mode == "reference":
             self.more_route_map[adapter_name] = torch.full((config.num_tasks,), UNSET, dtype=torch.long)
         self.reset_parameters(adapter_name)
@@ -76,9 +76,6 @@ class MoreLayer(RoutedLayer):
                 self.more_route_map[adapter_name].fill_(UNSET)
 
     # -- factors ------------------------------------------------------------------------------------------------
-    def scaling(self, adapter_name: str) -> float:
-        config = self.more_config[adapter_name]
-        return config.lora_alpha / config.r
 
     def scaled_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_s, B_s): rank component ρ of both factors scaled by s_ρ = ρ/r (unscaled without ``rank_scale``)."""
@@ -139,7 +136,7 @@ class MoreLayer(RoutedLayer):
         ids = self.task_ids_for(x)
         choice, straight_through = self._route(adapter_name, ids)
         self.observe_routing(F.one_hot(choice, self.more_config[adapter_name].num_experts).to(A_s.dtype), ids)
-        self._record_contrastive(adapter_name, x, ids)
+        self.record_contrastive(adapter_name, x, ids)
         # Keep rank components [0, ρ(row)) of each row: mask (rows, r), broadcast over the sequence axes.
         ranks = self.expert_ranks(adapter_name, x.device)[choice]
         keep = (torch.arange(A_s.shape[0], device=x.device)[None, :] < ranks[:, None]).to(A_s.dtype)
@@ -148,24 +145,6 @@ class MoreLayer(RoutedLayer):
         keep = keep.view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
         hidden = F.linear(self.more_dropout[adapter_name](x), A_s) * keep
         return self.scaling(adapter_name) * F.linear(hidden, B_s)
-
-    # -- contrastive task-embedding loss (spec §1.9) ------------------------------------------------------------
-    def _record_contrastive(self, adapter_name: str, x: torch.Tensor, ids: torch.Tensor) -> None:
-        if not self.more_contrastive.get(adapter_name):
-            self.clear_aux()
-            return
-        pooling = self.more_config[adapter_name].contrastive_pooling
-        self.record_aux(features=pool_features(x, pooling, self.route), task_ids=ids)
-
-    def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        if not self._aux_state or adapter_name not in self.more_task_embedding:
-            return {}
-        table = self.more_task_embedding[adapter_name]
-        tau = self.more_config[adapter_name].contrastive_tau
-        return {"contrastive": task_contrastive_loss(table=table, tau=tau, **self._aux_state)}
-
-    def __repr__(self) -> str:
-        return "more." + super().__repr__()
 
 
 class Linear(AdaptedLinear, MoreLayer):

@@ -9,8 +9,6 @@ from .layer import Linear, MoreLayer
 class MoreModel(RoutedTuner):
     """Injects :class:`~pyramid_peft.methods.more.layer.Linear` into the targeted layers of a model."""
 
-    prefix = "more_"
     tuner_layer_cls = MoreLayer
     layer_cls = Linear
     contrastive_flags = "more_contrastive"
-    method_name = "MoRE"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config_base import RoutedConfig, check_positive
+from ..capabilities import Capabilities, Merging, Routing
+from ..config_base import RoutedConfig, check_dropout, check_positive
 
 
 @dataclass
@@ -36,15 +37,12 @@ class MultiLoraConfig(RoutedConfig):
     lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
 
-    method_type = "MULTILORA"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(Routing.NONE, Merging.PER_MODEL)
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("r", self.r)
         check_positive("num_loras", self.num_loras)
         check_dropout(self.lora_dropout)
-
-
-def check_dropout(p: float) -> None:
-    if not 0 <= p < 1:
-        raise ValueError(f"lora_dropout={p} must be in [0, 1).")

@@ -4,7 +4,7 @@ Forward, for every input row x (spec §3.3):
 
     y = W0 x + b0 + (alpha / r) * sum_i s_i B_i A_i dropout(x)
 
-The n LoRAs are stored stacked along the rank (``mixture.py``): A = [A_1; ...; A_n] (n*r x d_in) and
+The n LoRAs are stored stacked along the rank (``methods/mixture.py``): A = [A_1; ...; A_n] (n*r x d_in) and
 B = [B_1 ... B_n] (d_out x n*r), so the forward is two matrix products with the scalars applied in between.
 """
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..base import AdaptedLinear, RoutedLayer
 from .config import MultiLoraConfig
-from .mixture import fold_weights, mix_pieces
+from ..mixture import fold_weights, mix_pieces
 
 
 class MultiLoraLayer(RoutedLayer):
@@ -39,7 +39,7 @@ class MultiLoraLayer(RoutedLayer):
         self.multilora_A[adapter_name] = nn.Parameter(torch.empty(rank, self.in_features))
         self.multilora_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, rank))
         self.multilora_scales[adapter_name] = nn.Parameter(torch.empty(config.num_loras))
-        self.multilora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -55,10 +55,6 @@ class MultiLoraLayer(RoutedLayer):
                 nn.init.kaiming_uniform_(piece, a=math.sqrt(5))
             nn.init.zeros_(self.multilora_scales[adapter_name])
 
-    def scaling(self, adapter_name: str) -> float:
-        config = self.multilora_config[adapter_name]
-        return config.lora_alpha / config.r
-
     def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         config = self.multilora_config[adapter_name]
         A = self.multilora_A[adapter_name]
@@ -72,8 +68,6 @@ class MultiLoraLayer(RoutedLayer):
         up = fold_weights(self.multilora_B[adapter_name], self.multilora_scales[adapter_name])
         return self.scaling(adapter_name) * up, self.multilora_A[adapter_name]
 
-    def __repr__(self) -> str:
-        return "multilora." + super().__repr__()
 
 
 class Linear(AdaptedLinear, MultiLoraLayer):

@@ -1,5 +1,8 @@
 from .config import TuckaConfig
 from .layer import Linear, TuckaLayer, TuckaRoutingError
-from .model import TuckaModel, fixed_route, merge_tucka_route
+from .model import TuckaModel, fixed_route
+from ..spec import MethodSpec, register_method
 
-__all__ = ["Linear", "TuckaConfig", "TuckaLayer", "TuckaModel", "TuckaRoutingError", "fixed_route", "merge_tucka_route"]
+register_method(MethodSpec(TuckaConfig, TuckaModel, "tucka", "TuckA"))
+
+__all__ = ["Linear", "TuckaConfig", "TuckaLayer", "TuckaModel", "TuckaRoutingError", "fixed_route"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_choice, check_positive
 
 
@@ -57,7 +58,6 @@ class TuckaConfig(RoutedConfig):
     balance: str = field(default="none", metadata={"help": "'none' or 'alb' (auxiliary-loss-free balancing)."})
     alb_gamma: float = field(default=1e-3, metadata={"help": "Step of the ALB bias update."})
 
-    method_type = "TUCKA"
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,6 +71,11 @@ class TuckaConfig(RoutedConfig):
         check_choice("routing", self.routing, ("batch", "example"))
         check_choice("balance", self.balance, ("none", "alb"))
 
-    @property
-    def routes_by_task(self) -> bool:
-        return False
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            Routing.BATCH,
+            Merging.NONE,
+            "it routes each batch by its input, so it has no per-task weight change; merge one fixed route with "
+            "pyramid_peft.merge_tucka_route(model, group, weights), or pin it with "
+            "pyramid_peft.methods.tucka.fixed_route(model, group, weights) around merge_for_task / export_lora.",
+        )

@@ -201,15 +201,9 @@ class TuckaLayer(RoutedLayer):
         """TuckA's weight change depends on the input's route, not on the task: only a pinned route merges."""
         pinned = self.tucka_shared.pinned.get(adapter_name)
         if pinned is None:
-            raise NotMergeableError(
-                "TuckA routes each batch by its input, so it has no per-task weight change. Merge one fixed route "
-                "with pyramid_peft.methods.tucka.merge_tucka_route(model, group, weights), or pin it with "
-                "fixed_route(model, group, weights) around merge_for_task / export_lora."
-            )
+            raise NotMergeableError(self.tucka_config[adapter_name].capabilities().reason)
         return self.route_lora_factors(adapter_name, int(pinned.group), pinned.weights)
 
-    def __repr__(self) -> str:
-        return "tucka." + super().__repr__()
 
 
 class Linear(AdaptedLinear, TuckaLayer):

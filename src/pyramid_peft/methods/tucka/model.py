@@ -1,4 +1,4 @@
-"""TuckA as a PEFT tuner, and merging one fixed route."""
+"""TuckA as a PEFT tuner, and pinning one fixed route (``pyramid_peft.merge_tucka_route`` merges it)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ...aux import find_tuners
-from ...merge import merge_for_task
-from ..base import RoutedTuner
+from ..base import RoutedTuner, find_tuners
+from ..capabilities import Capabilities, Merging, Routing
 from .config import TuckaConfig
 from .layer import Linear, TuckaLayer
 from .router import Route, SharedRoute
@@ -29,11 +28,8 @@ class TuckaModel(RoutedTuner):
     centroids (the route they re-read was computed without a graph), the adapters themselves train normally.
     """
 
-    prefix = "tucka_"
     tuner_layer_cls = TuckaLayer
     layer_cls = Linear
-    method_name = "TuckA"
-    uses_task_ids = False  # routed by its input; task ids are accepted and ignored
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         self.__dict__["shared_route"] = SharedRoute()  # layers reference it from injection on
@@ -55,6 +51,12 @@ class TuckaModel(RoutedTuner):
         self.shared_route.owners[adapter_name] = owner
         for layer in layers.values():
             layer.tucka_shared = self.shared_route
+
+    def capabilities(self, adapter_name: str | None = None) -> Capabilities:
+        """Batch-routed, not mergeable; while a route is pinned (:func:`fixed_route`) the adapter is static."""
+        if (adapter_name or self.active_adapters[0]) in self.shared_route.pinned:
+            return Capabilities(Routing.NONE, Merging.PER_MODEL)
+        return super().capabilities(adapter_name)
 
     # -- a new call gets a new route ----------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any):
@@ -93,14 +95,6 @@ def fixed_route(model: nn.Module, group: int, weights, adapter_name: str | None 
         yield
     finally:
         tuner.shared_route.pinned.pop(adapter, None)
-
-
-def merge_tucka_route(model: nn.Module, group: int, weights, adapter_name: str | None = None, inplace: bool = False):
-    """A plain ``transformers`` model with ``W0 <- W0 + alpha W0 Û M̄ᵀ Ûᵀ`` (row convention: x ↦ x (I + alpha Û M̄
-    Ûᵀ) before W0) in every adapted layer, for the fixed route (``group``, ``weights``): exact for every batch
-    that takes this route."""
-    with fixed_route(model, group, weights, adapter_name):
-        return merge_for_task(model, 0, adapter_name, inplace=inplace)
 
 
 def _tucka_tuner(model: nn.Module) -> TuckaModel:

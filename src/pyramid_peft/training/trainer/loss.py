@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...aux import aux_loss
+from ...losses import aux_loss
 
 
 class AuxiliaryLoss:

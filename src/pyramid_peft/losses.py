@@ -1,7 +1,8 @@
-"""Auxiliary losses (contrastive task embeddings, load balance) collected from the adapted layers.
+"""The loss collector: auxiliary losses (contrastive task embeddings, load balance) of the adapted layers.
 
 Layers keep what their loss needs from the last forward pass; :func:`aux_loss` turns that into one weighted scalar
-to add to the task loss, so no model code is ever edited to carry the term.
+to add to the task loss, so no model code is ever edited to carry the term. It knows the methods only as
+:class:`LossSource` modules, so methods stand on this module and not the other way round.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .methods.base import RoutedTuner
 
+class LossSource:
+    """Mixin of the modules that report weighted auxiliary losses of their last forward (this package's tuners)."""
 
-def find_tuners(model: nn.Module) -> list[RoutedTuner]:
-    """The tuners of this package inside ``model`` (a PeftModel, a tuner, or a module that holds one)."""
-    return [m for m in model.modules() if isinstance(m, RoutedTuner)]
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
 
 def aux_loss(model: nn.Module, breakdown: bool = False):
@@ -25,19 +26,14 @@ def aux_loss(model: nn.Module, breakdown: bool = False):
     returns a dict of the weighted terms instead, for logging.
     """
     terms: dict[str, torch.Tensor] = {}
-    for tuner in find_tuners(model):
-        for name, value in tuner.aux_losses().items():
+    for source in (m for m in model.modules() if isinstance(m, LossSource)):
+        for name, value in source.aux_losses().items():
             terms[name] = terms[name] + value if name in terms else value
     if breakdown:
         return terms
     if not terms:
         return torch.zeros((), device=_device_of(model))
     return torch.stack(list(terms.values())).sum()
-
-
-def uses_task_ids(model: nn.Module) -> bool:
-    """Whether forward passes of ``model`` read ``task_ids`` (all of this package's methods accept them)."""
-    return any(tuner.uses_task_ids for tuner in find_tuners(model))
 
 
 def _device_of(model: nn.Module) -> torch.device:

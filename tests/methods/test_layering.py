@@ -1,0 +1,68 @@
+"""Imports run one way: the methods stand on routing, the loss collector, contrastive and gating, and on the shared
+modules beside ``methods/base.py``; nothing they stand on imports them, and no method imports another method.
+
+Checked by parsing every ``import`` statement of the package (``ast``), so a violation names the file and line.
+"""
+
+import ast
+from pathlib import Path
+
+import pyramid_peft
+
+PACKAGE = Path(pyramid_peft.__file__).parent
+FLOORS = {"routing", "losses", "contrastive", "gating"}  # what methods may stand on, outside methods/
+SHARED = {"base", "capabilities", "config_base", "mixture", "spec", "task_contrastive"}  # beside methods/base.py
+
+
+def imported_modules(path: Path, root: Path = PACKAGE) -> list[tuple[int, str]]:
+    """(line, absolute dotted module) for every import of this package in ``path`` (a file under ``root``)."""
+    module = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join([*base, node.module] if node.module else base)
+            names = [target] if node.module else [f"{target}.{alias.name}" for alias in node.names]
+            found += [(node.lineno, name) for name in names]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+    return [(line, name) for line, name in found if name.startswith("pyramid_peft")]
+
+
+def violations_of_methods(root: Path = PACKAGE) -> list[str]:
+    bad = []
+    for path in sorted((root / "methods").rglob("*.py")):
+        own = path.relative_to(root / "methods").parts
+        for line, name in imported_modules(path, root):
+            parts = name.split(".")[1:]
+            if parts and parts[0] == "methods":
+                inner = parts[1:]
+                allowed = not inner or inner[0] in SHARED or (len(own) > 1 and inner[0] == own[0])
+                allowed = allowed or (path.name == "__init__.py" and len(own) == 1)  # methods/__init__ lists them
+            else:
+                allowed = bool(parts) and parts[0] in FLOORS
+            if not allowed:
+                bad.append(f"{path.relative_to(root)}:{line} imports {name}")
+    return bad
+
+
+def test_methods_import_only_their_floors_and_the_shared_modules():
+    assert violations_of_methods() == []
+
+
+def test_the_floors_do_not_import_the_methods():
+    bad = [f"{floor}.py:{line} imports {name}" for floor in sorted(FLOORS)
+           for line, name in imported_modules(PACKAGE / f"{floor}.py") if name.startswith("pyramid_peft.methods")]
+    assert bad == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    root = tmp_path / "pyramid_peft"
+    (root / "methods" / "ept").mkdir(parents=True)
+    (root / "methods" / "ept" / "_probe_upward.py").write_text(
+        "from ...merge import merge_for_task\nfrom ..moelora import MoeLoraConfig\nfrom ..base import RoutedLayer\n"
+    )
+    found = violations_of_methods(root)
+    assert found == ["methods/ept/_probe_upward.py:1 imports pyramid_peft.merge",
+                     "methods/ept/_probe_upward.py:2 imports pyramid_peft.methods.moelora"]
