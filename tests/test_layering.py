@@ -1,5 +1,6 @@
-"""Imports run one way: the methods stand on routing, the loss collector, contrastive and gating, and on the shared
-modules beside ``methods/base.py``; nothing they stand on imports them, and no method imports another method.
+"""Imports run one way: every module imports only its own package or packages on a lower floor (``FLOOR``); the
+methods stand on routing, the loss collector, contrastive and gating and on the shared modules beside
+``methods/base.py``, and no method imports another method.
 
 Checked by parsing every ``import`` statement of the package (``ast``), so a violation names the file and line.
 """
@@ -12,6 +13,16 @@ import pyramid_peft
 PACKAGE = Path(pyramid_peft.__file__).parent
 FLOORS = {"routing", "losses", "contrastive", "gating"}  # what methods may stand on, outside methods/
 SHARED = {"base", "capabilities", "config_base", "mixture", "spec", "task_contrastive"}  # beside methods/base.py
+# The floors of the house, lowest first: a module may import its own package and anything on a lower floor.
+FLOOR = {
+    **dict.fromkeys(["atomic", "routing", "gating", "tasks", "models"], 0),
+    **dict.fromkeys(["contrastive", "losses", "metrics", "data"], 1),
+    "methods": 2,
+    **dict.fromkeys(["registry", "merge", "accounting", "convert"], 3),
+    "training": 4,
+    "analysis": 5,
+    "cli": 6,
+}
 
 
 def imported_modules(path: Path, root: Path = PACKAGE) -> list[tuple[int, str]]:
@@ -66,3 +77,43 @@ def test_the_check_sees_an_upward_import(tmp_path):
     found = violations_of_methods(root)
     assert found == ["methods/ept/_probe_upward.py:1 imports pyramid_peft.merge",
                      "methods/ept/_probe_upward.py:2 imports pyramid_peft.methods.moelora"]
+
+
+def violations_of_floors(root: Path = PACKAGE) -> list[str]:
+    """Imports of a higher floor, of another package on the same floor, or of the package front (``from .. import``,
+    which runs every registration), by any module below the CLI."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        top = path.relative_to(root).parts[0].removesuffix(".py")
+        if top == "__init__":
+            continue  # the package front re-exports from every floor
+        for line, name in imported_modules(path, root):
+            target = name.split(".")[1:2]
+            if not target or target[0] not in FLOOR:
+                allowed = top == "cli"  # the front, or a name imported from it
+            else:
+                allowed = target[0] == top or FLOOR[target[0]] < FLOOR[top]
+            if not allowed:
+                bad.append(f"{path.relative_to(root)}:{line} imports {name}")
+    return bad
+
+
+def test_every_top_level_module_has_a_floor():
+    modules = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    assert modules - {"__init__"} == set(FLOOR)
+
+
+def test_no_module_imports_a_floor_above_it():
+    assert violations_of_floors() == []
+
+
+def test_the_floor_check_sees_upward_and_front_imports(tmp_path):
+    root = tmp_path / "pyramid_peft"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "probe.py").write_text(
+        "from ..training import train\nfrom .. import EptConfig\nfrom ..metrics import compute_metrics\n"
+        "from ..tasks import get_task\n"
+    )
+    assert violations_of_floors(root) == ["data/probe.py:1 imports pyramid_peft.training",
+                                          "data/probe.py:2 imports pyramid_peft.EptConfig",
+                                          "data/probe.py:3 imports pyramid_peft.metrics"]
