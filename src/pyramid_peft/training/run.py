@@ -36,6 +36,7 @@ from .config import ConfigError, ExperimentConfig, load_config
 from .evaluate import EvalSet, Predictor, answer_token_budget, evaluate_tasks
 from .full import check_full_options, is_full, load_weights
 from .heads import MultiTaskClassifier, needs_task_ids
+from .model_card import write_model_card
 from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
 
 CONFIG_FILE = "config.yaml"
@@ -391,6 +392,7 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
         raise RunError(f"export mode must be 'lora' or 'merged', got {mode!r}.")
     if isinstance(experiment.model, MultiTaskClassifier):
         _save_head(experiment.model, task_id, out / "head.safetensors")
+    write_model_card(experiment, task, mode, out, run_dir)
     return out
 
 
