@@ -42,8 +42,8 @@ def write_model_card(experiment, task: str, mode: str, out: str | Path, run_dir:
         saved["base_model_name_or_path"] = base_model_id(config.model.name)
         atomic_write_text(adapter_config, json.dumps(saved, indent=2) + "\n")
     task_id = config.tasks.index(task)
-    sections = [_header(experiment, task, mode, run_dir, _run_scores(run_dir, task)), _usage(experiment, task, mode, out),
-                _snippet(experiment, task, mode, out)]
+    sections = [_header(experiment, task, mode, run_dir, _run_scores(run_dir, task)),
+                _usage(experiment, task, mode, out), _snippet(experiment, task, mode, out)]
     if mode == "lora" and _routed(experiment):
         sections.append(_max_rank_section(experiment, task_id))
     atomic_write_text(out / CARD_FILE, "\n\n".join(sections) + "\n")
@@ -110,10 +110,11 @@ def _snippet(experiment, task: str, mode: str, out: Path) -> str:
         auto = "AutoModelForSeq2SeqLM" if experiment.family == "seq2seq" else "AutoModelForCausalLM"
         loader = f"PeftModel.from_pretrained({auto}.from_pretrained(base), EXPORT)" if mode == "lora" else \
             f"{auto}.from_pretrained(EXPORT)"
-        return "\n".join(["## Loading", "", "```python", "from peft import PeftModel", f"from transformers import {auto}",
-                          *imports, base, f'EXPORT = "{out.resolve()}"', f"model = {loader}", "```"])
+        return "\n".join(["## Loading", "", "```python", "from peft import PeftModel",
+                          f"from transformers import {auto}", *imports, base, f'EXPORT = "{out.resolve()}"',
+                          f"model = {loader}", "```"])
     data_dir = config.data.data_dir or os.environ.get(DATA_DIR_ENV)
-    regression = get_task(task).is_regression
+    regression = get_task(task).is_regression  # one output: the score itself
     model = ("PeftModel.from_pretrained(AutoModel.from_pretrained(base), EXPORT)" if mode == "lora"
              else "AutoModel.from_pretrained(EXPORT)")
     code = [
@@ -132,7 +133,7 @@ def _snippet(experiment, task: str, mode: str, out: Path) -> str:
         "with torch.no_grad():", "    hidden = model(**batch).last_hidden_state",
         "mask = batch[\"attention_mask\"].unsqueeze(-1).to(hidden.dtype)",
         "logits = ((hidden * mask).sum(1) / mask.sum(1)) @ head[\"weight\"].T + head[\"bias\"]",
-        f"predictions = logits[:, 0].tolist() if {regression} else logits.argmax(-1).tolist()",
+        "predictions = logits[:, 0].tolist()" if regression else "predictions = logits.argmax(-1).tolist()",
         f"print(compute_metrics(\"{task}\", predictions, [label for _, _, label in rows]))",
     ]
     return "\n".join(["## Loading and scoring", "",

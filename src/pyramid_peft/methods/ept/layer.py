@@ -135,6 +135,8 @@ class EptLayer(RoutedLayer):
                     nn.init.zeros_(B)
             if config.resolved_kernel_init == "zeros":
                 nn.init.zeros_(kernels)
+            elif config.resolved_kernel_init == "unit":
+                kernels.uniform_(-math.sqrt(3.0), math.sqrt(3.0))  # unit variance: each ΔW entry is S[i,j] K[p,q]
             else:
                 for e, k in enumerate(config.kernel_sizes):
                     view = self._kernel(adapter_name, e)
@@ -313,8 +315,8 @@ class EptLayer(RoutedLayer):
                 hidden = F.linear(x, down).unflatten(-1, (config.r, group.k))  # (..., r, k)
                 part = F.linear(torch.matmul(hidden, kernel.transpose(-1, -2)).flatten(-2), up)
             else:
-                seed = F.linear(F.linear(x[..., : group.n], A), B)  # (..., m)
-                part = (seed[..., None] * kernel).flatten(-2)
+                projected = F.linear(F.linear(x[..., : group.n], A), B)  # (..., m); `seed` is reused next group
+                part = (projected[..., None] * kernel).flatten(-2)
                 part = F.pad(part, (0, self.out_features - part.shape[-1]))
             out = part if out is None else out + part
         return out
