@@ -59,6 +59,8 @@ def test_the_card_snippet_run_as_written_reproduces_the_runs_score(tiny_run, tas
     for name, value in expected.items():
         assert printed[name] == pytest.approx(value, abs=1e-3), name
     assert f"base model: `{base}`" in card and "non-pad tokens" in card
+    exported_rank = json.loads((out / "adapter_config.json").read_text())["r"]
+    assert f"rank r = 2; as exported, LoRA rank up to {exported_rank} per layer" in card
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
 
 

@@ -37,12 +37,12 @@ def write_model_card(experiment, task: str, mode: str, out: str | Path, run_dir:
     ``run_dir`` (the experiment loaded from it), and fix the exported adapter config's base model name."""
     out, run_dir, config = Path(out), Path(run_dir), experiment.config
     adapter_config = out / "adapter_config.json"
-    if adapter_config.is_file():
-        saved = json.loads(adapter_config.read_text())
+    saved = json.loads(adapter_config.read_text()) if adapter_config.is_file() else None
+    if saved is not None and config.model.name:
         saved["base_model_name_or_path"] = base_model_id(config.model.name)
         atomic_write_text(adapter_config, json.dumps(saved, indent=2) + "\n")
     task_id = config.tasks.index(task)
-    sections = [_header(experiment, task, mode, run_dir, _run_scores(run_dir, task)),
+    sections = [_header(experiment, task, mode, run_dir, _run_scores(run_dir, task), saved),
                 _usage(experiment, task, mode, out), _snippet(experiment, task, mode, out)]
     if mode == "lora" and _routed(experiment):
         sections.append(_max_rank_section(experiment, task_id))
@@ -65,7 +65,7 @@ def _run_scores(run_dir: Path, task: str) -> dict | None:
     return json.loads(path.read_text())["tasks"].get(task) if path.is_file() else None
 
 
-def _header(experiment, task: str, mode: str, run_dir: Path, scores: dict | None) -> str:
+def _header(experiment, task: str, mode: str, run_dir: Path, scores: dict | None, adapter: dict | None) -> str:
     config = experiment.config
     kind = "a stock PEFT LoRA adapter" if mode == "lora" else "a merged model (the weight change added in)"
     lines = [f"# {task}: {config.method.name} on {base_model_id(config.model.name)}", "",
@@ -73,7 +73,9 @@ def _header(experiment, task: str, mode: str, run_dir: Path, scores: dict | None
              f"- base model: `{base_model_id(config.model.name)}`"
              + (f" (config alias `{config.model.name}`)" if config.model.name in HUB_IDS else ""),
              f"- task: `{task}` (task id {config.tasks.index(task)} of {len(config.tasks)}: {', '.join(config.tasks)})",
-             f"- method: `{config.method.name}`, {_rank_line(config.method.options)}",
+             f"- method: `{config.method.name}`, {_rank_line(config.method.options)}"
+             + (f"; as exported, LoRA rank up to {adapter['r']} per layer (`rank_pattern` in adapter_config.json)"
+                if adapter and adapter.get("rank_pattern") else ""),
              f"- inputs: at most {config.data.max_source_length} tokens (`data.max_source_length`)"]
     if scores:
         metrics = ", ".join(f"{k} {v:.2f}" for k, v in scores["metrics"].items() if isinstance(v, (int, float)))
