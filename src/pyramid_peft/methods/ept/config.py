@@ -31,9 +31,9 @@ class EptConfig(RoutedConfig):
 
     Measured (``benchmarks/ept_defaults.py``, ``benchmarks/results/ept-defaults.md``: MiniLM-L6, SST-2 + QNLI
     + MRPC together, 100 steps x 16, heads at lr 2e-3): at lr 2e-3 the defaults reach SST-2 82.5 and a final
-    training loss of 0.633 (LoRA: 85.0, 0.598); the paper form 67.5 and 0.715, Gaussian or standard factors
-    with Kaiming kernels 71.5-72.0 and 0.69-0.71, whatever ``dim_scale``. The paper form stays available
-    through the three options above.
+    training loss of 0.633 (LoRA: 85.0, 0.598); the paper form 67.5 and 0.715 (82.0 at lr 1e-2), Gaussian or
+    standard factors with Kaiming kernels 71.5-72.0 and 0.69-0.71, whatever ``dim_scale``. The paper form stays
+    available through the three options above.
 
     Args:
         target_modules: names (or a regex) of the linear layers to adapt.
