@@ -109,15 +109,17 @@ def test_quickstart_for_20_steps_then_eval_and_export_to_stock_peft(ept_data_dir
                  "32", "--save_steps", "10"]) == 0
     assert main(["eval", str(run)]) == 0
     assert capsys.readouterr().out.count("paper average") == 2
-    assert main(["export", str(run), "--task", "rte", "--lora"]) == 0
+    assert main(["export", str(run), "--task", "qnli", "--lora"]) == 0
 
-    exported = run / "export" / "rte-lora"
+    exported = run / "export" / "qnli-lora"
     adapter_config = json.loads((exported / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"
+    assert adapter_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not the .venv path
+    assert "resolve_model(\"minilm-l6\").path" in (exported / "README.md").read_text()
     experiment = load_run(run)
     tokens = experiment.tokenizer(["A man is playing.", "Someone plays."], return_tensors="pt", padding=True)
-    rte = experiment.config.tasks.index("rte")
-    routed = experiment.peft_model(**tokens, task_ids=torch.full((2,), rte)).last_hidden_state
+    qnli = experiment.config.tasks.index("qnli")
+    routed = experiment.peft_model(**tokens, task_ids=torch.full((2,), qnli)).last_hidden_state
     stock = PeftModel.from_pretrained(AutoModel.from_pretrained(experiment.resolved.path), exported).eval()
     torch.testing.assert_close(stock(**tokens).last_hidden_state, routed, atol=1e-4, rtol=1e-4)
     head = load_file(exported / "head.safetensors")

@@ -13,10 +13,12 @@ def ept_model(family, **overrides):
                     lora_dropout=0.0)
     settings.update(overrides)
     model = get_peft_model(TINY_BUILDERS[family](), EptConfig(**settings))
-    with torch.no_grad():  # move away from the identity init so routes matter
+    with torch.no_grad():  # move away from the identity init (B = 0 by default) so routes matter
         for name, param in model.named_parameters():
             if "ept_kernels" in name:
                 param.normal_(std=0.5)
+            elif "ept_B" in name:
+                param.normal_(std=0.25)  # the scale of the Gaussian init (1/r)
     return model
 
 

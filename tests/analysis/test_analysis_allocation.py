@@ -12,8 +12,9 @@ from conftest import TINY_BUILDERS, tiny_batch
 from pyramid_peft import EptConfig, Routing, make_peft_config
 from pyramid_peft.analysis.allocation import (
     AllocationRecorder, allocation_rows, expert_labels, plot_experts, plot_layers, record_allocation,
-    short_layer_names, summary_rows, task_expert_rates, top_experts, write_csv,
+    selection_caption, short_layer_names, summary_rows, task_expert_rates, top_experts, write_csv,
 )
+from pyramid_peft.analysis import plots
 from pyramid_peft.methods.base import RoutedLayer
 from pyramid_peft.registry import METHODS
 from pyramid_peft.routing import TaskRoutingError
@@ -148,6 +149,41 @@ def test_figures_and_csv_are_written_and_readable(tmp_path):
     lines = csv_path.read_text().splitlines()
     assert lines[0] == "layer,task,expert,rows,selected,selection_rate,mean_weight,mean_weight_when_selected"
     assert len(lines) == 1 + 11 * 2 * 8
+
+
+def test_captions_say_what_a_cell_counts_task_routing_counts_layers():
+    model = ept_bert()
+    plant_routing(model)
+    caption = selection_caption(record_allocation(model, [batch_of(IDS)]))
+    assert "share of the 11 layers whose router picks the expert" in caption
+    assert "Each row sums to 2:" in caption  # top_k = 2
+
+
+def test_captions_of_token_routing_count_rows_and_their_sums():
+    model = ept_bert(router_input="token")
+    caption = selection_caption(record_allocation(model, [batch_of(torch.tensor([0, 1, 0, 1]))]))
+    assert "share of the task's routed rows" in caption and "Each row sums to 2:" in caption
+
+
+def test_heatmap_colours_span_the_data_not_zero_to_one():
+    fig, (ax,) = plots.new_figure(4, 3)
+    matrix = np.array([[0.11, 0.42], [0.2, np.nan]])
+    plots.heatmap(ax, matrix, ["a", "b"], ["x", "y"], title="t", xlabel="x", ylabel="y", colorbar="c")
+    norm = ax.images[0].norm
+    assert (norm.vmin, norm.vmax) == pytest.approx((0.11, 0.42))
+
+
+def test_the_layer_map_puts_one_layer_per_row_with_upright_labels(tmp_path):
+    model = ept_bert()
+    plant_routing(model)
+    layers = record_allocation(model, [batch_of(IDS)])
+    fig, (ax,) = plots.new_figure(4, 3)
+    codes = top_experts(layers).T
+    plots.category_heatmap(ax, codes, short_layer_names(list(layers)), ["cola", "rte"], expert_labels(model, 8),
+                           title="t", xlabel="task", ylabel="layer", colorbar="c")
+    assert [t.get_text() for t in ax.get_yticklabels()] == short_layer_names(list(layers))
+    assert all(t.get_rotation() == 0 for t in ax.get_yticklabels())
+    assert plot_layers(layers, ["cola", "rte"], tmp_path / "l.png", expert_labels(model, 8), "t").is_file()
 
 
 def test_short_layer_names_drop_the_shared_prefix():

@@ -56,6 +56,17 @@ def test_the_markdown_table_has_both_accountings(tmp_path):
     assert "8 tasks, targets q, k, v, o, wi, wo" in table
 
 
+def test_the_wording_cites_no_figure_the_table_does_not_hold(tmp_path):
+    """The sentence above the table once quoted the paper's 0.41M per task above a kron2d row of 0.21M."""
+    import re
+
+    table = appendix_c_table(experiment_config(tmp_path, "t5-base", expert_form="kron2d"), methods=["ept"])
+    prose, rows = table.split("### Per adapted module")
+    assert re.findall(r"\d+\.\d+[MK]", prose.split("\n", 2)[2]) == []  # no counts in the explanation
+    assert "\"per task, no router\" counts as the EPT paper does" in prose and "as MoRE does" in prose
+    assert "208,512 (0.21M)" in rows
+
+
 def test_a_model_name_gives_every_method_and_rejects_overrides():
     table = appendix_c_table("t5-base", methods=["lora", "mixlora", "tucka"])
     assert "| mixlora | T5DenseActDense 768→768 | 24 |" in table  # MixLoRA's experts wrap whole FFN blocks

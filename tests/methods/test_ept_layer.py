@@ -15,6 +15,7 @@ from pyramid_peft.routing import TaskRoute
 pytestmark = pytest.mark.usefixtures("float64_default")  # float64 identities (conftest)
 
 KERNELS = [2, 2, 4, 4, 6, 6, 8, 8]
+PAPER_INIT = dict(factor_init="gaussian", kernel_init="zeros", dim_scale="rank_sq")  # the paper form's start
 
 
 
@@ -25,8 +26,9 @@ def make_layer(d_in=24, d_out=32, seed=0, randomize=True, **overrides):
     settings.update(overrides)
     config = EptConfig(target_modules=["x"], **settings)
     layer = Linear(nn.Linear(d_in, d_out), "default", config, route=TaskRoute(config.num_tasks, "EPT"))
-    if randomize:  # non-zero kernels so every path is exercised
+    if randomize:  # non-zero factors and kernels so every path is exercised
         with torch.no_grad():
+            layer.ept_B["default"].normal_()
             layer.ept_kernels["default"].normal_()
             layer.ept_gate["default"].bias.normal_()
             layer.ept_task_embedding["default"].normal_()
@@ -132,7 +134,7 @@ def test_mixed_batch_matches_for_code1d_and_token_routing(form):
 
 
 def test_paper_mode_is_the_base_model_at_init_and_kernels_learn_first():
-    layer = make_layer(randomize=False)
+    layer = make_layer(randomize=False, **PAPER_INIT)
     x = torch.randn(2, 3, 24)
     with layer.route.call(torch.tensor([0, 1])):
         out = layer(x)
@@ -142,8 +144,21 @@ def test_paper_mode_is_the_base_model_at_init_and_kernels_learn_first():
     assert layer.ept_A["default"].grad.abs().sum() == 0  # S only learns once K != 0
 
 
+def test_default_init_is_the_base_model_at_init_and_its_factor_b_learns_at_once():
+    """The defaults start as LoRA does (B = 0) with unit-variance kernels: B gets a gradient at step 0."""
+    layer = make_layer(d_in=48, d_out=64, randomize=False)
+    x = torch.randn(2, 3, 48)
+    with layer.route.call(torch.tensor([0, 1])):
+        out = layer(x)
+    torch.testing.assert_close(out, layer.base_layer(x), rtol=0, atol=0)
+    out.pow(2).sum().backward()
+    assert layer.ept_B["default"].grad.abs().sum() > 0
+    kernels = layer.ept_kernels["default"]
+    assert kernels.abs().max() <= math.sqrt(3) and abs(kernels.var().item() - 1) < 0.25  # U(-√3, √3): variance 1
+
+
 def test_initialisation_scales():
-    layer = make_layer(d_in=768, d_out=768, r=8, randomize=False)
+    layer = make_layer(d_in=768, d_out=768, r=8, randomize=False, **PAPER_INIT)
     assert layer.ept_A["default"].shape == (8, 384) and layer.ept_B["default"].shape == (384, 8)
     assert abs(layer.ept_A["default"].std().item() - 1 / 8) < 0.01
     assert layer.ept_kernels["default"].abs().sum() == 0

@@ -87,3 +87,40 @@ def test_regression_is_still_generated_and_unknown_scoring_is_refused(tiny_exper
     raw["data"]["answer_scoring"] = "logprob"
     with pytest.raises(ConfigError, match=r"data.answer_scoring='logprob' is not one of: generate, likelihood"):
         from_dict(raw)
+
+
+def test_majority_level_is_the_score_of_always_predicting_the_most_common_label():
+    from pyramid_peft.tasks import get_task
+    from pyramid_peft.training.evaluate import majority_level
+
+    assert majority_level(get_task("sst2"), [1, 1, 0, 1]) == pytest.approx(75.0)
+    assert majority_level(get_task("mnli"), [2, 0, 2, 1, 2]) == pytest.approx(60.0)
+    assert majority_level(get_task("cola"), [1, 1, 0]) == 0.0  # MCC of a constant prediction
+    assert majority_level(get_task("stsb"), [0.4, 3.2, 5.0]) == 0.0  # Pearson of a constant prediction
+
+
+def test_metrics_table_prints_the_majority_level_and_margin_beside_each_score_and_a_legend():
+    from pyramid_peft.training.evaluate import metrics_table
+
+    results = {"tasks": {"rte": {"split": "validation[:139]", "num_examples": 139, "majority": 52.52,
+                                 "metrics": {"accuracy": 60.0, "paper": 60.0}},
+                         "cola": {"split": "validation", "num_examples": 10, "metrics": {"mcc": 3.0, "paper": 3.0}}},
+               "paper_average": 31.5, "full_average": 31.5}
+    lines = metrics_table(results).splitlines()
+    assert lines[0].split()[:5] == ["task", "split", "n", "majority", "vs"]
+    assert lines[1].split()[:5] == ["rte", "validation[:139]", "139", "52.52", "+7.48"]
+    assert lines[2].split()[3:5] == ["-", "-"]  # an older results file without majority levels
+    assert "paper average 31.50" in lines[3] and "majority" in lines[4] and "MCC" in lines[4]
+
+
+def test_evaluate_tasks_records_each_tasks_majority_level_from_its_evaluation_labels():
+    from pyramid_peft.training.evaluate import evaluate_tasks
+
+    class Constant:
+        def predict(self, eval_set, examples):
+            return [0] * len(examples)
+
+    examples = [{"sentence1": "a", "sentence2": None, "label": label} for label in (1, 1, 1, 0)]
+    results = evaluate_tasks(Constant(), [EvalSet(get_task("sst2"), 0, examples, "validation")])
+    assert results["tasks"]["sst2"]["majority"] == pytest.approx(75.0)
+    assert results["tasks"]["sst2"]["metrics"]["accuracy"] == pytest.approx(25.0)

@@ -205,27 +205,48 @@ def summary_rows(layers: dict[str, LayerAllocation], task_names: list[str]) -> l
 def plot_experts(
     layers: dict[str, LayerAllocation], task_names: list[str], path: str | Path, expert_labels: list[str], title: str
 ) -> Path:
-    """Tasks x experts heatmaps over all layers: selection rate and mean gate weight."""
+    """Tasks x experts heatmaps over all layers: selection rate and mean gate weight, each coloured over its own
+    range of values, with a caption that says what a cell counts (:func:`selection_caption`)."""
     rates, weights = task_expert_rates(layers)
-    fig, (left, right) = plots.new_figure(max(10.0, 1.4 * len(expert_labels) + 4), 2.4 + 0.45 * len(task_names), 2)
-    common = dict(xlabel="expert", ylabel="task", vmin=0.0)
-    plots.heatmap(left, rates, task_names, expert_labels, title="selection rate (share of rows routed to it)",
-                  colorbar="selection rate", vmax=1.0, **common)
+    fig, (left, right) = plots.new_figure(max(10.0, 1.4 * len(expert_labels) + 4), 2.8 + 0.45 * len(task_names), 2)
+    common = dict(xlabel="expert", ylabel="task")
+    plots.heatmap(left, rates, task_names, expert_labels, title="selection rate", colorbar="selection rate", **common)
     plots.heatmap(right, weights, task_names, expert_labels, title="mean gate weight (0 where not selected)",
                   colorbar="mean gate weight", **common)
     fig.suptitle(title)
+    plots.caption(fig, selection_caption(layers))
     return plots.save(fig, path)
+
+
+def selection_caption(layers: dict[str, LayerAllocation]) -> str:
+    """What a selection-rate cell counts, read off the counts: with task routing every row of a task takes the same
+    experts in a layer, so the rate is the share of layers that pick the expert; a row sums to the experts each
+    input gets (top_k)."""
+    rates, _ = task_expert_rates(layers)
+    sums = np.nansum(rates[~np.isnan(rates).all(axis=1)], axis=1)
+    task_level = all(bool(((c.selected == 0) | (c.selected == c.rows[:, None])).all()) for c in layers.values())
+    counted = (f"share of the {len(layers)} layers whose router picks the expert for the task (task routing: "
+               "all of a task's inputs take the same experts in a layer)" if task_level else
+               "share of the task's routed rows (examples, or tokens for token routing) over all layers whose "
+               "top-k includes the expert")
+    low, high = (float(sums.min()), float(sums.max())) if sums.size else (0.0, 0.0)
+    total = f"{low:g}" if np.isclose(low, high) else f"{low:g}-{high:g}"
+    return (f"Selection rate = {counted}. Each row sums to {total}: the experts every input uses (top_k). "
+            "Mean gate weight = the expert's combine weight averaged over the same rows. Colours span each map's "
+            "own range.")
 
 
 def plot_layers(
     layers: dict[str, LayerAllocation], task_names: list[str], path: str | Path, expert_labels: list[str], title: str
 ) -> Path:
-    """Tasks x layers heatmap of each task's most selected expert."""
+    """Layers x tasks map of each task's most selected expert, one layer per row so every name reads upright."""
     names = short_layer_names(list(layers))
-    label_room = 0.07 * max(len(n) for n in names)  # the layer names stand vertically under the grid
-    fig, (ax,) = plots.new_figure(min(24.0, max(8.0, 0.22 * len(names) + 4)), 2.0 + 0.4 * len(task_names) + label_room)
-    plots.category_heatmap(ax, top_experts(layers), task_names, names, expert_labels, title=title,
-                           xlabel="adapted layer (execution order)", ylabel="task", colorbar="most selected expert")
+    label_room = 0.075 * max(len(n) for n in names)  # the layer names stand left of the grid
+    fig, (ax,) = plots.new_figure(3.5 + label_room + 0.7 * len(task_names), 2.2 + 0.2 * len(names))
+    plots.category_heatmap(ax, top_experts(layers).T, names, task_names, expert_labels, title=title,
+                           xlabel="task", ylabel="adapted layer (execution order)", colorbar="most selected expert")
+    plots.caption(fig, "Cell: the expert the task's inputs select most often in that layer (ties: the larger total "
+                       "gate weight); white: the task had no inputs.")
     return plots.save(fig, path)
 
 

@@ -6,8 +6,8 @@ Llama-2-7b-shaped model costs nothing. ``configs/models/`` keeps the configurati
 ``meta-llama/Llama-2-7b-hf`` and ``google-t5/t5-base`` all find theirs), then resolved as the training pipeline
 resolves it (an alias, a local path, or a hub id in the local cache).
 
-Both accountings of the EPT lineage are shown (spec §2): "no router" counts the weights that make the weight change
-(EPT's 0.41M/task), "all" adds routers and task-embedding tables (MoRE's 0.81M/task). "Per task" is the total
+Both accountings of the EPT lineage are shown: "no router" counts the weights that make the weight change (as the
+EPT paper counts its own method), "all" adds routers and task-embedding tables (as MoRE counts). "Per task" is the total
 divided by the number of tasks, as MoRE and EPT report it. Classification heads are not adapter parameters and are
 left out.
 """
@@ -168,7 +168,8 @@ def appendix_c_table(config_or_model_name: str, methods: list[str] | str | None 
         f"## Parameters: {setting.label}, {setting.num_tasks} tasks, targets {targets}",
         "",
         "Adapter = the weights that make the weight change; routers and task-embedding tables are counted apart. "
-        "Per task = total / tasks: \"no router\" is EPT's accounting (0.41M/task), \"all\" is MoRE's (0.81M/task).",
+        "Per task = total / tasks. \"per task, no router\" counts as the EPT paper does (adapter weights only), "
+        "\"per task, all\" as MoRE does (adapter + routers + task embeddings).",
     ]
     if OWN_TARGETS & set(chosen):
         lines.append("MixLoRA keeps its own targets: LoRA on the attention projections, experts on every FFN block.")

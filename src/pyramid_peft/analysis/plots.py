@@ -6,6 +6,7 @@ is touched, so the analyses run headless and in long-lived processes without lea
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,12 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def caption(fig: Figure, text: str) -> None:
+    """A small wrapped caption under the figure's panels (the constrained layout makes room for it)."""
+    width = max(40, int(fig.get_figwidth() * 14))  # about 14 characters of 8-point text per inch
+    fig.supxlabel(textwrap.fill(text, width), fontsize=8, ha="center")
+
+
 def heatmap(
     ax,
     matrix: np.ndarray,
@@ -46,7 +53,10 @@ def heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
 ) -> None:
-    """A labelled heatmap with a colorbar; cells are annotated with ``fmt`` when the grid is small enough to read."""
+    """A labelled heatmap with a colorbar; cells are annotated with ``fmt`` when the grid is small enough to read.
+
+    Without ``vmin`` / ``vmax`` the colours span the data's own range (NaN cells left out).
+    """
     image = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
     _label_grid(ax, rows, columns, title, xlabel, ylabel)
     ax.figure.colorbar(image, ax=ax, label=colorbar)
@@ -96,7 +106,7 @@ def _label_grid(ax, rows, columns, title: str, xlabel: str, ylabel: str) -> None
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_yticks(range(len(rows)), labels=list(rows))
+    ax.set_yticks(range(len(rows)), labels=list(rows), fontsize=7 if len(rows) > 24 else None)
     # Long axes (one column per adapted layer) need small, vertical labels to stay legible; long names stand
     # upright, short ones (``E1 k=2``) lean.
     small = len(columns) > 24

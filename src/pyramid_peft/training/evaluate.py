@@ -10,6 +10,7 @@ predictions are gathered, so all ranks return the same metrics.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +205,7 @@ def evaluate_tasks(predictor: Predictor, eval_sets: list[EvalSet], rank: int = 0
             "split": eval_set.split,
             "num_examples": len(references),
             "metrics": compute_metrics(eval_set.task.name, predictions, references),
+            "majority": majority_level(eval_set.task, references),
         }
     results.update(average_scores({name: r["metrics"] for name, r in results["tasks"].items()}))
     return results
@@ -230,15 +232,42 @@ def _predict_sharded(predictor: Predictor, eval_set: EvalSet, rank: int, world_s
     return [by_index[i] for i in ordered], [eval_set.examples[i]["label"] for i in ordered]
 
 
+def majority_level(task: TaskSpec, references: list) -> float:
+    """The paper metric of a constant prediction: the most common label (the mean score for regression).
+
+    That is the majority share of the labels for accuracy tasks, 0 for CoLA's MCC and STS-B's Pearson (both are 0
+    for a constant prediction): a score at or below it means the model has learned nothing usable for the task.
+    """
+    if task.is_regression:
+        constant = sum(references) / len(references)
+    else:
+        constant = Counter(references).most_common(1)[0][0]
+    return compute_metrics(task, [constant] * len(references), references)["paper"]
+
+
+AVERAGES_LEGEND = ("Averages over tasks: \"paper\" of the one metric the EPT paper reports per task (accuracy; MCC for "
+                   "CoLA, Pearson for STS-B), \"full\" of each task's mean over all its metrics (adds F1 for MRPC "
+                   "and QQP, Spearman for STS-B). Metrics x 100; majority = the paper metric of always predicting "
+                   "the most common label (CoLA MCC and STS-B Pearson: 0).")
+
+
 def metrics_table(results: dict) -> str:
-    """A plain-text table of per-task metrics, split names and the averages."""
-    rows = [("task", "split", "n", "metrics")]
+    """A plain-text table of per-task metrics beside each task's majority level, then the averages and a legend.
+
+    ``majority`` is :func:`majority_level` of the task's evaluation labels (results written before it existed
+    show "-"); ``vs maj.`` is the paper metric minus it.
+    """
+    rows = [("task", "split", "n", "majority", "vs maj.", "metrics")]
     for name, result in results["tasks"].items():
         metrics = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if isinstance(v, (int, float)))
-        rows.append((name, result["split"], str(result["num_examples"]), metrics))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+        level = result.get("majority")
+        margin = "-" if level is None else f"{result['metrics']['paper'] - level:+.2f}"
+        rows.append((name, result["split"], str(result["num_examples"]), "-" if level is None else f"{level:.2f}",
+                     margin, metrics))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
     lines.append(f"paper average {results['paper_average']:.2f}   full average {results['full_average']:.2f}")
+    lines.append(AVERAGES_LEGEND)
     return "\n".join(lines)
 
 

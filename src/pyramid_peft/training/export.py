@@ -11,6 +11,7 @@ from ..merge import capabilities_of, export_lora, merge_for_task
 from .experiment import RunError
 from .heads import MultiTaskClassifier
 from .loading import load_run
+from .model_card import write_model_card
 from .run_folder import EXPORT_DIR
 
 
@@ -45,6 +46,7 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
         raise RunError(f"export mode must be 'lora' or 'merged', got {mode!r}.")
     if isinstance(experiment.model, MultiTaskClassifier):
         _save_head(experiment.model, task_id, out / "head.safetensors")
+    write_model_card(experiment, task, mode, out, run_dir)
     return out
 
 
