@@ -99,7 +99,8 @@ def test_multilora_run_exports_merged_and_as_a_stock_lora_folder(tiny_experiment
     """MultiLoRA has no routing: ``ept export --merged`` and ``--lora`` both work, and stock PEFT loads the LoRA."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from pyramid_peft.training.run import export_run, load_run
+    from pyramid_peft.training.export import export_run
+    from pyramid_peft.training.loading import load_run
 
     run = _trained_run(tiny_experiment, tmp_path, "multilora")
     merged_dir = export_run(run, "sst2", "merged", tmp_path / "merged")
@@ -118,7 +119,7 @@ def test_multilora_run_exports_merged_and_as_a_stock_lora_folder(tiny_experiment
 
 
 def test_an_unmergeable_run_is_refused_before_anything_is_written(tiny_experiment, tmp_path):
-    from pyramid_peft.training.run import export_run
+    from pyramid_peft.training.export import export_run
 
     run = _trained_run(tiny_experiment, tmp_path, "hydralora")
     for mode in ("merged", "lora"):

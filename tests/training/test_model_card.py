@@ -19,7 +19,8 @@ from pyramid_peft.models import minilm_path
 from pyramid_peft.training import train
 from pyramid_peft.training.config import from_dict
 from pyramid_peft.training.model_card import HUB_IDS, base_model_id, truncation_error
-from pyramid_peft.training.run import export_run, load_run
+from pyramid_peft.training.export import export_run
+from pyramid_peft.training.loading import load_run
 
 from conftest import TINY_EXPERIMENT_MODELS
 

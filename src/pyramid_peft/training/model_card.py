@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..merge import task_factors, truncate
+from ..merge import capabilities_of, task_factors, truncate
 from ..data.sources import DATA_DIR_ENV
 from ..models import ALIASES
 from ..tasks import get_task
+from .run_folder import METRICS_FILE
 
 CARD_FILE = "README.md"
 # The hub ids of the offline aliases (models.py): what a user elsewhere downloads.
@@ -51,16 +52,12 @@ def write_model_card(experiment, task: str, mode: str, out: str | Path, run_dir:
 
 
 def _routed(experiment) -> bool:
-    """Whether the export came from a task-routed adapter (its per-task factors can be truncated)."""
-    from .. import uses_task_ids
-
-    return not experiment.full and uses_task_ids(experiment.peft_model)
+    """Whether the export went through ``export_lora`` (its per-task factors can be truncated), as in ``export_run``."""
+    return not experiment.full and capabilities_of(experiment.peft_model) is not None
 
 
 def _run_scores(run_dir: Path, task: str) -> dict | None:
     """The task's entry of the run's ``metrics.json`` (split, examples, metrics), if the run has one."""
-    from .run import METRICS_FILE
-
     path = run_dir / METRICS_FILE
     return json.loads(path.read_text())["tasks"].get(task) if path.is_file() else None
 
