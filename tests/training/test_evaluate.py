@@ -10,11 +10,12 @@ from pyramid_peft.training.evaluate import EvalSet, Predictor, answer_log_likeli
 from pyramid_peft.training.experiment import build_experiment, collators, load_splits
 
 
-def test_targets_shift_for_causal_models_and_drop_the_final_eos():
-    labels = torch.tensor([[-100, 3, 5, 2], [-100, -100, 4, -100]])  # row 0 ends in EOS (2); row 1 does not
-    assert answer_targets(labels, "seq2seq", eos_token_id=2).tolist() == [[-100, 3, 5, -100], [-100, -100, 4, -100]]
-    assert answer_targets(labels, "causal", eos_token_id=2).tolist() == [[3, 5, -100], [-100, 4, -100]]
-    assert answer_targets(labels, "seq2seq", eos_token_id=None).tolist() == labels.tolist()
+def test_targets_shift_for_causal_models_and_drop_special_tokens():
+    labels = torch.tensor([[-100, 3, 5, 2], [-100, -100, 4, -100], [7, 4, 8, -100]])  # EOS 2; [CLS] 7, [SEP] 8
+    assert answer_targets(labels, "seq2seq", [2]).tolist() == [[-100, 3, 5, -100], [-100, -100, 4, -100],
+                                                                [7, 4, 8, -100]]
+    assert answer_targets(labels, "causal", [2, 7, 8]).tolist() == [[3, 5, -100], [-100, 4, -100], [4, -100, -100]]
+    assert answer_targets(labels, "seq2seq").tolist() == labels.tolist()
 
 
 def test_log_likelihood_sums_the_target_tokens():
@@ -40,10 +41,12 @@ def reference_scores(model, tokenizer, family, task, example, task_id, route):
             positions = range(len(prompt_ids) - 1, len(prompt_ids) + len(answer_ids) - 1)
         else:
             source, target = task.to_text_to_text(candidate)
-            answer_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-            labels = torch.tensor([answer_ids])
+            target_ids = tokenizer(target)["input_ids"]  # as trained: with the tokenizer's special tokens
+            labels = torch.tensor([target_ids])
             logits = model(input_ids=torch.tensor([tokenizer(source)["input_ids"]]), labels=labels, **kwargs).logits[0]
-            positions = range(len(answer_ids))
+            special = set(tokenizer.all_special_ids)
+            positions = [p for p, t in enumerate(target_ids) if t not in special]  # only the label words compete
+            answer_ids = [target_ids[p] for p in positions]
         log_probs = torch.log_softmax(logits.float(), -1)
         scores.append(sum(log_probs[p, t] for p, t in zip(positions, answer_ids)).item())
     return scores

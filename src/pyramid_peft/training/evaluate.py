@@ -119,8 +119,9 @@ class Predictor:
         (for multiple choice, among the letters of the example's own options: ARC has 3 to 5).
 
         Each example is repeated once per label with that label's answer, batched as for training (the collator's
-        ``for_scoring`` form), so prompt and answer are tokenized exactly as the model was trained on them. The
-        end-of-sequence token after the answer is not scored: only the label words compete. When every answer is
+        ``for_scoring`` form), so prompt and answer are tokenized exactly as the model was trained on them. Special
+        tokens around the answer (end of sequence, a BERT-style tokenizer's [CLS] / [SEP]) are not scored: only the
+        label words compete. When every answer is
         one token (letters, yes / no), the first label's pass scores them all: the distribution at the answer
         position does not depend on the answer.
         """
@@ -130,12 +131,12 @@ class Predictor:
         batch = {k: v.to(_device(self.model)) for k, v in self.collator.for_scoring()(candidates).items()}
         if not self.route_task_ids:
             batch.pop("task_ids")
-        targets = answer_targets(batch["labels"], self.family, self.tokenizer.eos_token_id)
+        targets = answer_targets(batch["labels"], self.family, self.tokenizer.all_special_ids)
         scored = targets != -100
         if (scored.sum(-1) == 1).all():
             answer_at = scored.float().argmax(-1)  # each row's one scored position
             tokens = targets.gather(-1, answer_at[:, None]).view(len(features), num_labels)
-            logits = self._aligned_logits({k: v[::num_labels] for k, v in batch.items()})
+            logits = self._aligned_logits({k: v[::num_labels].contiguous() for k, v in batch.items()})
             first = logits[torch.arange(len(features), device=logits.device), answer_at[::num_labels]]
             scores = torch.log_softmax(first, -1).gather(-1, tokens)
         else:
@@ -171,15 +172,13 @@ def _input_length(task: TaskSpec, example: dict) -> int:
     return len(task.to_text_to_text(example)[0])
 
 
-def answer_targets(labels: torch.Tensor, family: str, eos_token_id: int | None) -> torch.Tensor:
+def answer_targets(labels: torch.Tensor, family: str, special_token_ids=()) -> torch.Tensor:
     """The answer tokens to score, aligned with :meth:`Predictor._aligned_logits`: ``labels`` (-100 elsewhere)
-    shifted left by one for causal models, without each row's final end-of-sequence token."""
+    shifted left by one for causal models, without the tokenizer's special tokens (the end of sequence after the
+    answer, or the [CLS] / [SEP] a BERT-style tokenizer wraps it in): only the label words compete."""
     targets = (labels[:, 1:] if family == "causal" else labels).clone()
-    last = (targets != -100).long().cumsum(-1).argmax(-1)  # first position holding the final count: the last label
-    rows = torch.arange(targets.shape[0], device=targets.device)
-    if eos_token_id is not None:
-        targets[rows, last] = torch.where(targets[rows, last] == eos_token_id, -100, targets[rows, last])
-    return targets
+    special = torch.tensor(sorted(special_token_ids), dtype=targets.dtype, device=targets.device)
+    return targets.masked_fill(torch.isin(targets, special), -100)
 
 
 def answer_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
