@@ -9,7 +9,7 @@ import platform
 import resource
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -157,6 +157,7 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub Markdown table; floats are printed with three significant digits, ``None`` as a dash."""
+
     def cell(value) -> str:
         if value is None:
             return "-"

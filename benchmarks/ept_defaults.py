@@ -39,7 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from common import machine_info
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.training.config import from_dict
 from pyramid_peft.training.run import build_trainer
@@ -49,8 +48,15 @@ RESULTS_DIR = ROOT / "benchmarks" / "results" / "ept-defaults"
 TASKS = ["sst2", "qnli", "mrpc"]
 HEAD_LR = 2.0e-3
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-EPT = {"name": "ept", "r": 8, "lora_alpha": 32, "kernel_sizes": [2, 2, 4, 4, 6, 6, 8, 8], "top_k": 2,
-       "expert_form": "kron2d", "target_modules": TARGETS}
+EPT = {
+    "name": "ept",
+    "r": 8,
+    "lora_alpha": 32,
+    "kernel_sizes": [2, 2, 4, 4, 6, 6, 8, 8],
+    "top_k": 2,
+    "expert_form": "kron2d",
+    "target_modules": TARGETS,
+}
 VARIANTS = {
     "head-only": {"name": "lora", "r": 8, "target_modules": TARGETS},  # run at lr 0: the heads alone learn
     "lora": {"name": "lora", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": TARGETS},
@@ -73,11 +79,23 @@ def experiment(variant: str, lr: float, steps: int, run_dir: str) -> dict:
         "tasks": list(TASKS),
         "data": {"protocol": "ept", "max_source_length": 64, "max_eval_examples": 200},
         "sampling": {"strategy": "uniform", "homogeneous": True},
-        "training": {"output_dir": run_dir, "max_steps": steps, "per_device_train_batch_size": 16,
-                     "per_device_eval_batch_size": 64, "learning_rate": lr, "warmup_steps": 10,
-                     "lr_scheduler_type": "linear", "weight_decay": 0.01, "logging_steps": 10,
-                     "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "disable_tqdm": True,
-                     "dataloader_pin_memory": False, "seed": 0},
+        "training": {
+            "output_dir": run_dir,
+            "max_steps": steps,
+            "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 64,
+            "learning_rate": lr,
+            "warmup_steps": 10,
+            "lr_scheduler_type": "linear",
+            "weight_decay": 0.01,
+            "logging_steps": 10,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
+            "dataloader_pin_memory": False,
+            "seed": 0,
+        },
     }
 
 
@@ -92,15 +110,25 @@ def run_one(variant: str, lr: float, steps: int) -> dict:
         trainer.evaluate()
         wall = time.perf_counter() - start
         losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
-        aux = {entry["step"]: sum(v for k, v in entry.items() if k.startswith("aux_"))
-               for entry in trainer.state.log_history if "loss" in entry}
+        aux = {
+            entry["step"]: sum(v for k, v in entry.items() if k.startswith("aux_"))
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        }
         results = trainer.last_eval_results
     return {
-        "variant": variant, "lr": lr, "steps": steps, "method": VARIANTS[variant], "head_learning_rate": HEAD_LR,
+        "variant": variant,
+        "lr": lr,
+        "steps": steps,
+        "method": VARIANTS[variant],
+        "head_learning_rate": HEAD_LR,
         "metrics": {t: r["metrics"]["paper"] for t, r in results["tasks"].items()},
         "majority": {t: r["majority"] for t, r in results["tasks"].items()},
-        "average": results["paper_average"], "loss": losses, "aux_loss": aux,
-        "wall_seconds": round(wall, 1), "threads": torch.get_num_threads(),
+        "average": results["paper_average"],
+        "loss": losses,
+        "aux_loss": aux,
+        "wall_seconds": round(wall, 1),
+        "threads": torch.get_num_threads(),
         "load_average": {"start": load_start, "end": list(os.getloadavg())},
     }
 
@@ -117,16 +145,32 @@ def table(records: list[dict]) -> str:
     records = sorted(records, key=lambda r: (order.get(r["variant"], 99), r["lr"]))
     tasks = list(TASKS)
     majority = records[0]["majority"]
-    head = ["variant", "lr", *[f"{t} (maj. {majority[t]:.1f})" for t in tasks], "avg",
-            *[f"loss@{s}" for s in LOSS_STEPS], "min", "load"]
+    head = [
+        "variant",
+        "lr",
+        *[f"{t} (maj. {majority[t]:.1f})" for t in tasks],
+        "avg",
+        *[f"loss@{s}" for s in LOSS_STEPS],
+        "min",
+        "load",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        task_loss = {step: value - r["aux_loss"].get(step, 0.0) for step, value in r["loss"].items()} \
-            if "aux_loss" in r else r["loss"]
+        task_loss = (
+            {step: value - r["aux_loss"].get(step, 0.0) for step, value in r["loss"].items()}
+            if "aux_loss" in r
+            else r["loss"]
+        )
         losses = [loss_near(task_loss, s) for s in LOSS_STEPS]
-        cells = [r["variant"], f"{r['lr']:g}", *[f"{r['metrics'][t]:.1f}" for t in tasks], f"{r['average']:.1f}",
-                 *["–" if x is None else f"{x:.3f}{'*' if 'aux_loss' in r else ''}" for x in losses], f"{r['wall_seconds'] / 60:.1f}",
-                 f"{r['load_average']['start'][0]:.1f}-{r['load_average']['end'][0]:.1f}"]
+        cells = [
+            r["variant"],
+            f"{r['lr']:g}",
+            *[f"{r['metrics'][t]:.1f}" for t in tasks],
+            f"{r['average']:.1f}",
+            *["–" if x is None else f"{x:.3f}{'*' if 'aux_loss' in r else ''}" for x in losses],
+            f"{r['wall_seconds'] / 60:.1f}",
+            f"{r['load_average']['start'][0]:.1f}-{r['load_average']['end'][0]:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,14 +180,16 @@ def write_summary(results_dir: Path) -> str:
     if not records:
         raise SystemExit(f"no result files in {results_dir}: run the benchmark first.")
     r0 = records[0]
-    intro = (f"<!-- written by benchmarks/ept_defaults.py -->\n\nMiniLM-L6, tasks {', '.join(TASKS)} trained "
-             f"together, {r0['steps']} steps x 16 examples, heads at lr {HEAD_LR:g}, {r0['threads']} torch "
-             "thread(s); accuracy x 100 on up to 200 eval examples per task (the EPT split's first 200), "
-             "majority share of each eval set in the header; loss@N = mean logged training loss of steps N-29..N "
-             "(for EPT it includes the weighted contrastive term, 0.04-0.14 in these runs' logs; runs that recorded "
-             "it separately show the task loss alone, marked *); "
-             "min = wall minutes of the run; load = 1-minute load average at start-end (2 cores shared with other "
-             "jobs).\n")
+    intro = (
+        f"<!-- written by benchmarks/ept_defaults.py -->\n\nMiniLM-L6, tasks {', '.join(TASKS)} trained "
+        f"together, {r0['steps']} steps x 16 examples, heads at lr {HEAD_LR:g}, {r0['threads']} torch "
+        "thread(s); accuracy x 100 on up to 200 eval examples per task (the EPT split's first 200), "
+        "majority share of each eval set in the header; loss@N = mean logged training loss of steps N-29..N "
+        "(for EPT it includes the weighted contrastive term, 0.04-0.14 in these runs' logs; runs that recorded "
+        "it separately show the task loss alone, marked *); "
+        "min = wall minutes of the run; load = 1-minute load average at start-end (2 cores shared with other "
+        "jobs).\n"
+    )
     markdown = intro + "\n" + table(records) + "\n"
     atomic_write_text(results_dir.parent / "ept-defaults.md", markdown)
     atomic_write_text(results_dir.parent / "ept-defaults.json", json.dumps(records, indent=2) + "\n")
@@ -170,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
                 record = run_one(variant, lr, args.steps)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-                print(f"[ept-defaults] {variant} lr {lr:g}: {record['metrics']} in {record['wall_seconds']} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[ept-defaults] {variant} lr {lr:g}: {record['metrics']} in {record['wall_seconds']} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     print(write_summary(args.results_dir))
 
 

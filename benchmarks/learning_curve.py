@@ -24,22 +24,28 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import machine_info
-from quality import RUNS_DIR, RunKey, load_suite
 from transformers.trainer_utils import get_last_checkpoint
 
+from common import machine_info
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.training import train
 from pyramid_peft.training.guards import TrainingInterrupted
+from quality import RUNS_DIR, RunKey, load_suite
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def curve_points(log_history: list[dict], tasks: list[str]) -> list[dict]:
     """Per evaluation in the Trainer's log: the step, the validation average and each task's paper metric."""
-    return [{"step": entry["step"], "validation_average": entry["eval_paper_average"],
-             **{t: entry[key] for t in tasks if (key := f"eval_{t}_paper") in entry}}
-            for entry in log_history if "eval_paper_average" in entry]
+    return [
+        {
+            "step": entry["step"],
+            "validation_average": entry["eval_paper_average"],
+            **{t: entry[key] for t in tasks if (key := f"eval_{t}_paper") in entry},
+        }
+        for entry in log_history
+        if "eval_paper_average" in entry
+    ]
 
 
 def logged(run_dir: str) -> list[dict]:
@@ -66,9 +72,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the curve (default: {RESULTS})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    every = {"max_steps": args.steps, "eval_strategy": "steps", "eval_steps": args.every, "save_strategy": "steps",
-             "save_steps": args.every, "save_total_limit": 1, "logging_steps": args.every,
-             **({"data.max_eval_examples": args.max_eval} if args.max_eval else {})}
+    every = {
+        "max_steps": args.steps,
+        "eval_strategy": "steps",
+        "eval_steps": args.every,
+        "save_strategy": "steps",
+        "save_steps": args.every,
+        "save_total_limit": 1,
+        "logging_steps": args.every,
+        **({"data.max_eval_examples": args.max_eval} if args.max_eval else {}),
+    }
     suite = load_suite(args.suite, every)
     key = RunKey(args.variant, args.learning_rate, suite.seeds[0])
     config = suite.config(key, RUNS_DIR / "learning-curve" / args.out.name)
@@ -79,10 +92,20 @@ def main() -> None:
         final, stopped_at = None, stop.step
     wall = time.perf_counter() - start
     points = curve_points(logged(config.training["output_dir"]), config.tasks)
-    record = {"suite": args.suite, "variant": args.variant, "learning_rate": args.learning_rate, "steps": args.steps,
-              "points": points, "final": final, "stopped_at_step": stopped_at, "wall_seconds": round(wall, 1),
-              "uptime_start": start_load, "uptime_end": uptime(), "machine": machine_info(),
-              "config": config.to_dict()}
+    record = {
+        "suite": args.suite,
+        "variant": args.variant,
+        "learning_rate": args.learning_rate,
+        "steps": args.steps,
+        "points": points,
+        "final": final,
+        "stopped_at_step": stopped_at,
+        "wall_seconds": round(wall, 1),
+        "uptime_start": start_load,
+        "uptime_end": uptime(),
+        "machine": machine_info(),
+        "config": config.to_dict(),
+    }
     stem = args.out / f"learning-curve-{args.suite}-{args.variant}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(stem.with_suffix(".md"), markdown(record, config.tasks))
@@ -90,19 +113,32 @@ def main() -> None:
 
 
 def markdown(record: dict, tasks: list[str]) -> str:
-    lines = [f"<!-- written by benchmarks/learning_curve.py {record['suite']} --variant {record['variant']} -->", "",
-             f"Learning curve: {record['variant']} at learning rate {record['learning_rate']:g}, linear schedule over "
-             f"{record['steps']} steps; validation split carved from train (never the reported split).", "",
-             "| step | validation average | " + " | ".join(tasks) + " |",
-             "| ---: | ---: | " + " | ".join("---:" for _ in tasks) + " |"]
+    lines = [
+        f"<!-- written by benchmarks/learning_curve.py {record['suite']} --variant {record['variant']} -->",
+        "",
+        f"Learning curve: {record['variant']} at learning rate {record['learning_rate']:g}, linear schedule over "
+        f"{record['steps']} steps; validation split carved from train (never the reported split).",
+        "",
+        "| step | validation average | " + " | ".join(tasks) + " |",
+        "| ---: | ---: | " + " | ".join("---:" for _ in tasks) + " |",
+    ]
     for point in record["points"]:
-        lines.append(f"| {point['step']} | {point['validation_average']:.1f} | "
-                     + " | ".join(f"{point.get(t, float('nan')):.1f}" for t in tasks) + " |")
+        lines.append(
+            f"| {point['step']} | {point['validation_average']:.1f} | "
+            + " | ".join(f"{point.get(t, float('nan')):.1f}" for t in tasks)
+            + " |"
+        )
     if record["stopped_at_step"] is not None:
-        lines += ["", f"Stopped at step {record['stopped_at_step']} of {record['steps']} (SIGTERM): the schedule had "
-                      "not annealed, so every point is a lower bound for a budget of its length."]
-    lines += ["", f"Wall clock {record['wall_seconds'] / 60:.1f} minutes (training and every evaluation), one torch "
-                  f"thread. Load at the start: `{record['uptime_start']}`; at the end: `{record['uptime_end']}`."]
+        lines += [
+            "",
+            f"Stopped at step {record['stopped_at_step']} of {record['steps']} (SIGTERM): the schedule had "
+            "not annealed, so every point is a lower bound for a budget of its length.",
+        ]
+    lines += [
+        "",
+        f"Wall clock {record['wall_seconds'] / 60:.1f} minutes (training and every evaluation), one torch "
+        f"thread. Load at the start: `{record['uptime_start']}`; at the end: `{record['uptime_end']}`.",
+    ]
     return "\n".join(lines) + "\n"
 
 

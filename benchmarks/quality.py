@@ -45,9 +45,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import machine_info
 from transformers.trainer_utils import get_last_checkpoint
 
+from common import machine_info
 from pyramid_peft import count_parameters, method_names
 from pyramid_peft.analysis.significance import collapsed
 from pyramid_peft.analysis.sweeps import Sweep, TableLayout
@@ -56,10 +56,10 @@ from pyramid_peft.metrics import average_scores, compute_metrics
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import EvalSet, Predictor
+from pyramid_peft.training.experiment import collators, eval_sets, load_splits
 from pyramid_peft.training.full import FULL, full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
 from pyramid_peft.training.heads import needs_task_ids
-from pyramid_peft.training.experiment import collators, eval_sets, load_splits
 from pyramid_peft.training.loading import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +71,15 @@ RESULTS_DIR = ROOT / "benchmarks" / "results" / "lr-selected"
 RUNS_DIR = Path("runs/benchmarks")
 LOCK_POLL_SECONDS = 30
 # --smoke: two learning rates, two steps, one task, 8 evaluation rows per split, two seeds, LoRA and EPT.
-SMOKE_SET = {"max_steps": 2, "per_device_train_batch_size": 4, "warmup_steps": 0, "logging_steps": 1,
-             "save_strategy": "no", "report_to": "none", "data.max_eval_examples": 8}
+SMOKE_SET = {
+    "max_steps": 2,
+    "per_device_train_batch_size": 4,
+    "warmup_steps": 0,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "data.max_eval_examples": 8,
+}
 SMOKE_BENCHMARK = {"learning_rates": [1.0e-3, 1.0e-2], "max_extensions": 0, "seeds": [0, 1]}
 SMOKE_TASKS = {"glue8": ["rte"], "commonsense4": ["boolq"]}
 SMOKE_VARIANTS = ("zero-shot", "lora", "ept-kron2d")
@@ -142,8 +149,10 @@ def check_grid(grid: list[float], where: str) -> None:
         return
     ratios = [b / a for a, b in zip(grid, grid[1:])] if all(lr > 0 for lr in grid) else [0.0]
     if not ratios or min(ratios) <= 1 or max(ratios) > min(ratios) * 1.01:
-        raise ValueError(f"{where}: learning_rates {grid} must be >= 2 increasing positive values a constant factor "
-                         "apart (log-spaced), e.g. [3.16e-4, 1.0e-3, 3.16e-3, 1.0e-2].")
+        raise ValueError(
+            f"{where}: learning_rates {grid} must be >= 2 increasing positive values a constant factor "
+            "apart (log-spaced), e.g. [3.16e-4, 1.0e-3, 3.16e-3, 1.0e-2]."
+        )
 
 
 # -- choosing the learning rate -------------------------------------------------------------------------------
@@ -181,8 +190,9 @@ def variant_plan(suite: Suite, variant: str, done: dict[RunKey, dict]) -> tuple[
         missing = [k for k in missing if k not in done]
         if missing:
             return missing, None
-        scores = {lr: done[RunKey(variant, lr, suite.seeds[0])]["validation"]["average"]["paper_average"]
-                  for lr in grid}
+        scores = {
+            lr: done[RunKey(variant, lr, suite.seeds[0])]["validation"]["average"]["paper_average"] for lr in grid
+        }
         extensions_left = suite.max_extensions - (len(grid) - len(suite.grids[variant]))
         chosen, extra = choose(scores, grid_ratio(suite.grids[variant]), extensions_left)
         if chosen is not None:
@@ -192,8 +202,13 @@ def variant_plan(suite: Suite, variant: str, done: dict[RunKey, dict]) -> tuple[
 
 def sweep_grid(suite: Suite, variant: str, done: dict[RunKey, dict]) -> list[float]:
     """Every learning rate the variant's sweep has a result for (its grid with any extensions)."""
-    return sorted({k.learning_rate for k in done if k.variant == variant and k.seed == suite.seeds[0]
-                   and k.learning_rate is not None})
+    return sorted(
+        {
+            k.learning_rate
+            for k in done
+            if k.variant == variant and k.seed == suite.seeds[0] and k.learning_rate is not None
+        }
+    )
 
 
 # -- run files and locks --------------------------------------------------------------------------------------
@@ -261,8 +276,11 @@ def run_suite(suite: Suite, variants: list[str], results_dir: Path, runs_dir: Pa
     SIGTERM / Ctrl-C (after saving its checkpoint) stops the suite."""
     for variant in variants:
         if not suite.runnable(variant):
-            print(f"[quality] {variant}: method {suite.sweep.config(variant).method.name!r} is not in pyramid_peft "
-                  f"({', '.join(method_names())}); skipped", flush=True)
+            print(
+                f"[quality] {variant}: method {suite.sweep.config(variant).method.name!r} is not in pyramid_peft "
+                f"({', '.join(method_names())}); skipped",
+                flush=True,
+            )
     failed: set[RunKey] = set()
     while pending := pending_runs(suite, variants, load_done(suite, results_dir), failed):
         claimed = next((k for k in pending if claim(result_path(results_dir, suite, k))), None)
@@ -290,9 +308,11 @@ def run_and_write(suite: Suite, key: RunKey, path: Path, runs_dir: Path, failed:
         return
     atomic_write_text(path, json.dumps(record, separators=(",", ":")) + "\n")
     flags = [t for t, r in record["reported"].items() if r["collapsed"]]
-    print(f"[quality] {path.name}: validation {record['validation']['average']['paper_average']:.2f}, "
-          f"{record['wall_seconds']:.0f} s" + (f"; WARNING: one class predicted on {flags}" if flags else ""),
-          flush=True)
+    print(
+        f"[quality] {path.name}: validation {record['validation']['average']['paper_average']:.2f}, "
+        f"{record['wall_seconds']:.0f} s" + (f"; WARNING: one class predicted on {flags}" if flags else ""),
+        flush=True,
+    )
 
 
 def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
@@ -311,7 +331,9 @@ def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
     evaluation = evaluate_run_splits(experiment, train_results)
     done_at = time.perf_counter()
     return {
-        "variant": key.variant, "seed": key.seed, "learning_rate": key.learning_rate,
+        "variant": key.variant,
+        "seed": key.seed,
+        "learning_rate": key.learning_rate,
         "method": config.method.name if trained else "none",
         "params": adapter_parameters(config) if trained else {},
         "metrics": {t: r["metrics"] for t, r in evaluation["reported"].items()},
@@ -352,9 +374,15 @@ def evaluate_run_splits(experiment, train_results: dict | None) -> dict:
     experiment.model.eval()
     _, collator = collators(experiment)
     config = experiment.config
-    predictor = Predictor.for_run(experiment.model, experiment.family, collator, experiment.tokenizer,
-                                  config.training_arguments(), needs_task_ids(experiment.model),
-                                  answer_scoring=config.data.answer_scoring)
+    predictor = Predictor.for_run(
+        experiment.model,
+        experiment.family,
+        collator,
+        experiment.tokenizer,
+        config.training_arguments(),
+        needs_task_ids(experiment.model),
+        answer_scoring=config.data.answer_scoring,
+    )
     splits = load_splits(experiment)
     if train_results is None:
         with experiment.peft_model.disable_adapter():
@@ -372,18 +400,26 @@ def _evaluate_both(predictor: Predictor, experiment, splits: list, train_results
             result = {**train_results["tasks"][eval_set.task.name], "fingerprint": fingerprint(eval_set.examples)}
         validation[eval_set.task.name] = result
     reported = {s.task.name: evaluate_set(predictor, s, keep=True) for s in eval_sets(experiment, splits, True)}
-    return {"validation": {"average": average_scores({t: r["metrics"] for t, r in validation.items()}),
-                           "tasks": validation},
-            "reported": reported}
+    return {
+        "validation": {
+            "average": average_scores({t: r["metrics"] for t, r in validation.items()}),
+            "tasks": validation,
+        },
+        "reported": reported,
+    }
 
 
 def evaluate_set(predictor: Predictor, eval_set: EvalSet, keep: bool = False) -> dict:
     """One task's evaluation; with ``keep``, its predictions and labels in row order."""
     predictions = predictor.predict(eval_set, eval_set.examples)
     labels = [example["label"] for example in eval_set.examples]
-    result = {"split": eval_set.split, "num_examples": len(labels), "fingerprint": fingerprint(eval_set.examples),
-              "metrics": compute_metrics(eval_set.task, predictions, labels),
-              "collapsed": collapsed(predictions, eval_set.task.is_regression)}
+    result = {
+        "split": eval_set.split,
+        "num_examples": len(labels),
+        "fingerprint": fingerprint(eval_set.examples),
+        "metrics": compute_metrics(eval_set.task, predictions, labels),
+        "collapsed": collapsed(predictions, eval_set.task.is_regression),
+    }
     if keep:
         result.update(predictions=predictions, labels=labels)
     return result

@@ -19,13 +19,12 @@ import json
 import statistics
 from pathlib import Path
 
-from quality import RunKey, Suite, load_done, sweep_grid, variant_plan
-
 from pyramid_peft.analysis.params import paper_units
 from pyramid_peft.analysis.significance import TaskRuns, bootstrap_score, paired_verdict
 from pyramid_peft.analysis.sweeps import task_title
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.tasks import get_task
+from quality import RunKey, Suite, load_done, sweep_grid, variant_plan
 
 PARAM_COLUMNS = {"per_task": "params/task (all)", "per_task_without_router": "params/task (no router)"}
 COLLAPSE_MARK = "†"
@@ -42,12 +41,27 @@ def write_report(suite: Suite, results_dir: Path) -> str:
         print(f"[quality] WARNING: {warning}", flush=True)
     plot = results_dir / f"{suite.key}-sweep.png"
     plot_sweep(rows, plot)
-    markdown = "\n\n".join([f"<!-- written by benchmarks/quality.py {suite.key} -->", budget_line(suite),
-                            sweep_table(rows), f"![validation average against learning rate]({plot.name})",
-                            final_table(suite, rows), verdict_table(verdicts), missing_line(suite, done)]) + "\n"
+    markdown = (
+        "\n\n".join(
+            [
+                f"<!-- written by benchmarks/quality.py {suite.key} -->",
+                budget_line(suite),
+                sweep_table(rows),
+                f"![validation average against learning rate]({plot.name})",
+                final_table(suite, rows),
+                verdict_table(verdicts),
+                missing_line(suite, done),
+            ]
+        )
+        + "\n"
+    )
     atomic_write_text(results_dir / f"{suite.key}.md", markdown)
-    summary = {"suite": suite.key, "budget": budget(suite), "rows": {v: _json_row(r) for v, r in rows.items()},
-               "verdicts": verdicts}
+    summary = {
+        "suite": suite.key,
+        "budget": budget(suite),
+        "rows": {v: _json_row(r) for v, r in rows.items()},
+        "verdicts": verdicts,
+    }
     atomic_write_text(results_dir / f"{suite.key}.json", json.dumps(summary, indent=2) + "\n")
     return markdown
 
@@ -58,16 +72,22 @@ def variant_row(suite: Suite, variant: str, done: dict[RunKey, dict]) -> dict:
     _, chosen = variant_plan(suite, variant, done)
     trained = suite.trained(variant)
     rates = sweep_grid(suite, variant, done) if trained else [None]
-    sweep = {lr: done[RunKey(variant, lr, suite.seeds[0])] for lr in rates if RunKey(variant, lr, suite.seeds[0])
-             in done}
+    sweep = {
+        lr: done[RunKey(variant, lr, suite.seeds[0])] for lr in rates if RunKey(variant, lr, suite.seeds[0]) in done
+    }
     finals = [done[k] for k in (RunKey(variant, chosen if trained else None, s) for s in suite.seeds) if k in done]
     if trained and chosen is None:
         finals = []
     first = finals[0] if finals else next(iter(sweep.values()))
     return {
-        "method": first["method"], "params": first.get("params", {}), "chosen": chosen, "trained": trained,
-        "sweep": {lr: {"validation": r["validation"]["average"]["paper_average"], "collapsed": collapsed_tasks(r)}
-                  for lr, r in sweep.items()},
+        "method": first["method"],
+        "params": first.get("params", {}),
+        "chosen": chosen,
+        "trained": trained,
+        "sweep": {
+            lr: {"validation": r["validation"]["average"]["paper_average"], "collapsed": collapsed_tasks(r)}
+            for lr, r in sweep.items()
+        },
         "at_edge": bool(trained and chosen is not None and chosen in (min(rates), max(rates)) and len(rates) > 1),
         "finals": finals,
     }
@@ -78,37 +98,58 @@ def collapsed_tasks(record: dict) -> list[str]:
 
 
 def collapse_warnings(done: dict[RunKey, dict]) -> list[str]:
-    return [f"{k.name} predicts one class for every example of {', '.join(tasks)}"
-            for k, r in sorted(done.items(), key=lambda item: item[0].name) if (tasks := collapsed_tasks(r))]
+    return [
+        f"{k.name} predicts one class for every example of {', '.join(tasks)}"
+        for k, r in sorted(done.items(), key=lambda item: item[0].name)
+        if (tasks := collapsed_tasks(r))
+    ]
 
 
 def task_runs(records: list[dict], tasks: list[str]) -> list[TaskRuns]:
     """The bootstrap's view of a variant's final runs: per task its paper metric, labels and every seed's
     predictions on the reported split."""
-    return [TaskRuns(get_task(t).paper_metric, records[0]["reported"][t]["labels"],
-                     [r["reported"][t]["predictions"] for r in records]) for t in tasks]
+    return [
+        TaskRuns(
+            get_task(t).paper_metric,
+            records[0]["reported"][t]["labels"],
+            [r["reported"][t]["predictions"] for r in records],
+        )
+        for t in tasks
+    ]
 
 
 def _tasks(rows: dict) -> list[str]:
-    return list(next(r for r in rows.values() if r["finals"])["finals"][0]["reported"]) if any(
-        r["finals"] for r in rows.values()) else []
+    return (
+        list(next(r for r in rows.values() if r["finals"])["finals"][0]["reported"])
+        if any(r["finals"] for r in rows.values())
+        else []
+    )
 
 
 # -- tables ---------------------------------------------------------------------------------------------------
 def sweep_table(rows: dict) -> str:
     rates = sorted({lr for r in rows.values() if r["trained"] for lr in r["sweep"]})
-    lines = ["### Learning-rate sweep (validation average, carved from train; first seed)", "",
-             "| Method | " + " | ".join(f"{lr:.3g}" for lr in rates) + " | chosen |",
-             "| --- | " + " | ".join("---:" for _ in rates) + " | ---: |"]
+    lines = [
+        "### Learning-rate sweep (validation average, carved from train; first seed)",
+        "",
+        "| Method | " + " | ".join(f"{lr:.3g}" for lr in rates) + " | chosen |",
+        "| --- | " + " | ".join("---:" for _ in rates) + " | ---: |",
+    ]
     for variant, row in rows.items():
         if not row["trained"]:
             continue
         cells = [_sweep_cell(row["sweep"].get(lr), lr == row["chosen"]) for lr in rates]
-        chosen = "sweep running" if row["chosen"] is None else f"{row['chosen']:.3g}" + (
-            " (grid edge)" if row["at_edge"] else "")
+        chosen = (
+            "sweep running"
+            if row["chosen"] is None
+            else f"{row['chosen']:.3g}" + (" (grid edge)" if row["at_edge"] else "")
+        )
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {chosen} |")
-    lines += ["", f"{COLLAPSE_MARK}k: the run predicted one class for every example of k tasks. (grid edge): the best "
-                  "rate is still at the edge of the grid after its extensions."]
+    lines += [
+        "",
+        f"{COLLAPSE_MARK}k: the run predicted one class for every example of k tasks. (grid edge): the best "
+        "rate is still at the edge of the grid after its extensions.",
+    ]
     return "\n".join(lines)
 
 
@@ -122,8 +163,12 @@ def _sweep_cell(entry: dict | None, chosen: bool) -> str:
 def final_table(suite: Suite, rows: dict) -> str:
     tasks = [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
     header = ["Method", "lr", *PARAM_COLUMNS.values(), *(task_title(t) for t in tasks), "AVG", "95% CI"]
-    lines = [f"### {suite.sweep.table.title} (reported split, final runs)", "", "| " + " | ".join(header) + " |",
-             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |"]
+    lines = [
+        f"### {suite.sweep.table.title} (reported split, final runs)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |",
+    ]
     for variant, row in rows.items():
         if not row["finals"]:
             continue
@@ -132,11 +177,19 @@ def final_table(suite: Suite, rows: dict) -> str:
         averages = [r["average"]["paper_average"] for r in row["finals"]]
         rate = "–" if row["chosen"] is None else f"{row['chosen']:.3g}"
         params = [_param_cell(row["params"].get(k)) for k in PARAM_COLUMNS]
-        lines.append("| " + " | ".join([variant, rate, *params, *cells, _spread(averages),
-                                        f"[{interval.low:.1f}, {interval.high:.1f}]"]) + " |")
-    lines += ["", "Each task's paper metric (x100; MCC for CoLA, Pearson for STS-B, accuracy else) on the reported "
-                  f"split, mean ± std over seeds; 95% CI: percentile bootstrap of the average over evaluation examples "
-                  f"(within tasks) and seeds. {COLLAPSE_MARK}k: k seeds predicted one class on that task."]
+        lines.append(
+            "| "
+            + " | ".join(
+                [variant, rate, *params, *cells, _spread(averages), f"[{interval.low:.1f}, {interval.high:.1f}]"]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "Each task's paper metric (x100; MCC for CoLA, Pearson for STS-B, accuracy else) on the reported "
+        f"split, mean ± std over seeds; 95% CI: percentile bootstrap of the average over evaluation examples "
+        f"(within tasks) and seeds. {COLLAPSE_MARK}k: k seeds predicted one class on that task.",
+    ]
     return "\n".join(lines)
 
 
@@ -177,22 +230,37 @@ def _verdict(name: str, mine: dict, peer: str, theirs: dict, covers: list[str], 
     same_seeds = [r["seed"] for r in mine["finals"]] == [r["seed"] for r in theirs["finals"]]
     verdict = paired_verdict(task_runs(mine["finals"], tasks), task_runs(theirs["finals"], tasks), same_seeds)
     difference = verdict.difference
-    return {"ept": name, "peer": peer, "accountings": covers, "word": verdict.word,
-            "difference": difference.estimate, "low": difference.low, "high": difference.high}
+    return {
+        "ept": name,
+        "peer": peer,
+        "accountings": covers,
+        "word": verdict.word,
+        "difference": difference.estimate,
+        "low": difference.low,
+        "high": difference.high,
+    }
 
 
 def verdict_table(verdicts: list[dict]) -> str:
     if not verdicts:
         return "### Verdict\n\nNo EPT form and peer both have final runs yet."
-    lines = ["### Verdict: EPT against every peer with at least its parameters per task", "",
-             "| EPT | peer | peer has >= params in | EPT - peer (average) | 95% CI | verdict |",
-             "| --- | --- | --- | ---: | ---: | --- |"]
+    lines = [
+        "### Verdict: EPT against every peer with at least its parameters per task",
+        "",
+        "| EPT | peer | peer has >= params in | EPT - peer (average) | 95% CI | verdict |",
+        "| --- | --- | --- | ---: | ---: | --- |",
+    ]
     for v in verdicts:
         accountings = ", ".join(PARAM_COLUMNS[k].removeprefix("params/task ") for k in v["accountings"])
-        lines.append(f"| {v['ept']} | {v['peer']} | {accountings} | {v['difference']:+.2f} | "
-                     f"[{v['low']:+.2f}, {v['high']:+.2f}] | {v['word']} |")
-    lines += ["", "Paired bootstrap over evaluation examples (the same rows for both) and seeds (the same seeds for "
-                  "both where both ran them): better / worse when the 95% interval of the difference excludes 0."]
+        lines.append(
+            f"| {v['ept']} | {v['peer']} | {accountings} | {v['difference']:+.2f} | "
+            f"[{v['low']:+.2f}, {v['high']:+.2f}] | {v['word']} |"
+        )
+    lines += [
+        "",
+        "Paired bootstrap over evaluation examples (the same rows for both) and seeds (the same seeds for "
+        "both where both ran them): better / worse when the 95% interval of the difference excludes 0.",
+    ]
     return "\n".join(lines)
 
 
@@ -209,12 +277,22 @@ def plot_sweep(rows: dict, path: Path) -> None:
         if not row["trained"] or not row["sweep"]:
             continue
         rates = sorted(row["sweep"])
-        line, = axes.plot(rates, [row["sweep"][lr]["validation"] for lr in rates], marker="o", label=variant)
+        (line,) = axes.plot(rates, [row["sweep"][lr]["validation"] for lr in rates], marker="o", label=variant)
         if row["chosen"] is not None:
-            axes.plot([row["chosen"]], [row["sweep"][row["chosen"]]["validation"]], marker="o", markersize=12,
-                      fillstyle="none", color=line.get_color())
-    axes.set(xscale="log", xlabel="peak learning rate", ylabel="validation average (x100)",
-             title="Learning-rate sweep (ringed: chosen)")
+            axes.plot(
+                [row["chosen"]],
+                [row["sweep"][row["chosen"]]["validation"]],
+                marker="o",
+                markersize=12,
+                fillstyle="none",
+                color=line.get_color(),
+            )
+    axes.set(
+        xscale="log",
+        xlabel="peak learning rate",
+        ylabel="validation average (x100)",
+        title="Learning-rate sweep (ringed: chosen)",
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, ncol=2)
     figure.tight_layout()
@@ -229,9 +307,15 @@ def budget(suite: Suite) -> dict:
     """The shared budget: steps, batch, schedule, evaluation cap, protocol, seeds, grid rule."""
     config = suite.sweep.config(next(iter(suite.sweep.variants)))
     keys = ("max_steps", "per_device_train_batch_size", "warmup_steps", "lr_scheduler_type")
-    return {**{k: config.training.get(k) for k in keys}, "max_source_length": config.data.max_source_length,
-            "protocol": config.data.protocol, "max_eval_examples": config.data.max_eval_examples,
-            "sampling": config.sampling.strategy, "seeds": suite.seeds, "max_extensions": suite.max_extensions}
+    return {
+        **{k: config.training.get(k) for k in keys},
+        "max_source_length": config.data.max_source_length,
+        "protocol": config.data.protocol,
+        "max_eval_examples": config.data.max_eval_examples,
+        "sampling": config.sampling.strategy,
+        "seeds": suite.seeds,
+        "max_extensions": suite.max_extensions,
+    }
 
 
 def budget_line(suite: Suite) -> str:
@@ -246,10 +330,15 @@ def missing_line(suite: Suite, done: dict[RunKey, dict]) -> str:
 
 def _json_row(row: dict) -> dict:
     finals = row["finals"]
-    return {"method": row["method"], "params": row["params"], "chosen_learning_rate": row["chosen"],
-            "sweep": {f"{lr:.3g}" if lr is not None else "none": s for lr, s in row["sweep"].items()},
-            "at_edge": row["at_edge"], "seeds": [r["seed"] for r in finals],
-            "average": [r["average"]["paper_average"] for r in finals],
-            "metrics": {t: [r["metrics"][t]["paper"] for r in finals] for t in (finals[0]["metrics"] if finals else [])},
-            "collapsed": {r["seed"]: collapsed_tasks(r) for r in finals},
-            "wall_seconds": [r["wall_seconds"] for r in finals]}
+    return {
+        "method": row["method"],
+        "params": row["params"],
+        "chosen_learning_rate": row["chosen"],
+        "sweep": {f"{lr:.3g}" if lr is not None else "none": s for lr, s in row["sweep"].items()},
+        "at_edge": row["at_edge"],
+        "seeds": [r["seed"] for r in finals],
+        "average": [r["average"]["paper_average"] for r in finals],
+        "metrics": {t: [r["metrics"][t]["paper"] for r in finals] for t in (finals[0]["metrics"] if finals else [])},
+        "collapsed": {r["seed"]: collapsed_tasks(r) for r in finals},
+        "wall_seconds": [r["wall_seconds"] for r in finals],
+    }

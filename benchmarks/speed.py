@@ -32,9 +32,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -123,18 +123,43 @@ ALL_SHAPES = ((768, 768), (768, 3072), (4096, 4096), (4096, 11008))
 
 PLANS = {
     "full": Plan(
-        mode="full", shapes=ALL_SHAPES, tokens=2048, layer_rounds=15, big_rounds=5, literal_big_rounds=3,
-        models=(MINILM, SMOLLM2), methods=None, inference_model="minilm-l6", inference_rounds=21, rss_steps=3,
+        mode="full",
+        shapes=ALL_SHAPES,
+        tokens=2048,
+        layer_rounds=15,
+        big_rounds=5,
+        literal_big_rounds=3,
+        models=(MINILM, SMOLLM2),
+        methods=None,
+        inference_model="minilm-l6",
+        inference_rounds=21,
+        rss_steps=3,
     ),
     "quick": Plan(
-        mode="quick", shapes=ALL_SHAPES[:2], tokens=2048, layer_rounds=7, big_rounds=3, literal_big_rounds=2,
-        models=(replace(MINILM, rounds=3),), methods=None, inference_model="minilm-l6", inference_rounds=9,
+        mode="quick",
+        shapes=ALL_SHAPES[:2],
+        tokens=2048,
+        layer_rounds=7,
+        big_rounds=3,
+        literal_big_rounds=2,
+        models=(replace(MINILM, rounds=3),),
+        methods=None,
+        inference_model="minilm-l6",
+        inference_rounds=9,
         rss_steps=1,
     ),
     "smoke": Plan(
-        mode="smoke", shapes=((768, 768),), tokens=512, layer_rounds=2, big_rounds=2, literal_big_rounds=2,
-        models=(replace(MINILM, batch=8, seq=32, rounds=2),), methods=("base", "lora", "ept"),
-        inference_model="minilm-l6", inference_rounds=2, rss_steps=1,
+        mode="smoke",
+        shapes=((768, 768),),
+        tokens=512,
+        layer_rounds=2,
+        big_rounds=2,
+        literal_big_rounds=2,
+        models=(replace(MINILM, batch=8, seq=32, rounds=2),),
+        methods=("base", "lora", "ept"),
+        inference_model="minilm-l6",
+        inference_rounds=2,
+        rss_steps=1,
     ),
 }
 
@@ -358,14 +383,28 @@ def bench_training(base: nn.Module, family: str, case: ModelCase, plan: Plan, me
                 name: rss_in_subprocess(case.alias, method, plan.mode, env) for name, env in ALLOCATORS.items()
             }
     add_rss_ratios(rows)
-    return {"batch": case.batch, "seq": case.seq, "targets": case.targets, "ept_fused_rank": fused_rank,
-            "methods": rows}
+    return {
+        "batch": case.batch,
+        "seq": case.seq,
+        "targets": case.targets,
+        "ept_fused_rank": fused_rank,
+        "methods": rows,
+    }
 
 
 def rss_in_subprocess(alias: str, method: str, mode: str, env: dict[str, str]) -> dict:
     """Peak RSS of ``method`` training on ``alias``, measured in a fresh interpreter with ``env`` added."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", alias, method, "--mode", mode,
-               "--threads", str(torch.get_num_threads())]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--rss-child",
+        alias,
+        method,
+        "--mode",
+        mode,
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env={**os.environ, **env})
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -478,14 +517,20 @@ def render(results: dict) -> str:
         markdown_table(
             ["shape", "tokens", "variant", "ms", "min-max", "x base", "x LoRA", "saved MiB"],
             [
-                [f"{l['d_in']}x{l['d_out']}", l["tokens"], name, *timing_cells(v), v.get("saved_mib")]
-                for l in results["layers"] for name, v in l["variants"].items()
+                [f"{layer['d_in']}x{layer['d_out']}", layer["tokens"], name, *timing_cells(v), v.get("saved_mib")]
+                for layer in results["layers"]
+                for name, v in layer["variants"].items()
             ],
         ),
         markdown_table(
             ["shape", "literal / factored (layer)", "literal / factored (adapter overhead)"],
-            [[f"{l['d_in']}x{l['d_out']}", *(l["literal_vs_factored"].get(key) for key in ("layer", "overhead"))]
-             for l in results["layers"]],
+            [
+                [
+                    f"{layer['d_in']}x{layer['d_out']}",
+                    *(layer["literal_vs_factored"].get(key) for key in ("layer", "overhead")),
+                ]
+                for layer in results["layers"]
+            ],
         ),
     ]
     for alias, model in results["models"].items():
@@ -494,25 +539,36 @@ def render(results: dict) -> str:
             parts.append(f"error: {model['error']}")
             continue
         if model["ept_fused_rank"] is not None:
-            parts.append(f"EPT's route for the task fuses its experts into factors of mean rank "
-                         f"{model['ept_fused_rank']:.0f}.")
-        parts.append(markdown_table(
-            ["method", "s", "min-max", "x base", "x LoRA"]
-            + [f"{label} MiB, {allocator} (x LoRA)" for allocator in ALLOCATORS for label in ("peak RSS", "training")],
-            [[name, *timing_cells(v), *rss_cells(v.get("rss", {}))] for name, v in model["methods"].items()],
-        ))
+            parts.append(
+                f"EPT's route for the task fuses its experts into factors of mean rank {model['ept_fused_rank']:.0f}."
+            )
+        parts.append(
+            markdown_table(
+                ["method", "s", "min-max", "x base", "x LoRA"]
+                + [
+                    f"{label} MiB, {allocator} (x LoRA)"
+                    for allocator in ALLOCATORS
+                    for label in ("peak RSS", "training")
+                ],
+                [[name, *timing_cells(v), *rss_cells(v.get("rss", {}))] for name, v in model["methods"].items()],
+            )
+        )
     if results["inference"]:
         inference = results["inference"]
         parts.append(f"## Inference: {inference['model']}, batch {inference['batch']} x {inference['seq']}, eval")
-        parts.append(markdown_table(
-            ["variant", "ms", "min-max", "x base"],
-            [[name, *timing_cells(v)[:3]] for name, v in inference["variants"].items()],
-        ))
+        parts.append(
+            markdown_table(
+                ["variant", "ms", "min-max", "x base"],
+                [[name, *timing_cells(v)[:3]] for name, v in inference["variants"].items()],
+            )
+        )
     parts.append("## Targets")
-    parts.append(markdown_table(
-        ["target", "measured", "goal", "met"],
-        [[name, t["value"], t["target"], t["met"]] for name, t in results["targets"].items()],
-    ))
+    parts.append(
+        markdown_table(
+            ["target", "measured", "goal", "met"],
+            [[name, t["value"], t["target"], t["met"]] for name, t in results["targets"].items()],
+        )
+    )
     return "\n\n".join(parts) + "\n"
 
 
@@ -539,8 +595,14 @@ def rss_cells(rss: dict) -> list:
 # -- command -------------------------------------------------------------------------------------------------------
 def run(plan: Plan) -> dict:
     """Every part of ``plan``; a model that fails to load is recorded and the run goes on."""
-    results = {"mode": plan.mode, "machine": machine_info(), "plan": asdict(plan), "layers": [], "models": {},
-               "inference": {}}
+    results = {
+        "mode": plan.mode,
+        "machine": machine_info(),
+        "plan": asdict(plan),
+        "layers": [],
+        "models": {},
+        "inference": {},
+    }
     for d_in, d_out in plan.shapes:
         print(f"layer {d_in}x{d_out} ...", file=sys.stderr, flush=True)
         results["layers"].append(bench_layer(d_in, d_out, plan))

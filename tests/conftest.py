@@ -27,8 +27,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=96, d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=96,
+        d_model=32,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        d_kv=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return T5ForConditionalGeneration(config).eval()
 
@@ -36,8 +44,16 @@ def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
 def build_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -45,7 +61,11 @@ def build_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def build_tiny_bert(seed: int = 0) -> BertModel:
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         max_position_embeddings=64,
     )
     return BertModel(config).eval()
@@ -98,12 +118,35 @@ def ept_data_dir() -> Path:
 # Tiny experiments for the training pipeline: random-init models built from a config, the MiniLM tokenizer -------
 
 TINY_EXPERIMENT_MODELS = {
-    "seq2seq": {"model_type": "t5", "d_model": 32, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2,
-                "num_heads": 4, "d_kv": 8, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 102},
-    "causal": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 102},
-    "encoder": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                "num_attention_heads": 4},
+    "seq2seq": {
+        "model_type": "t5",
+        "d_model": 32,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "d_kv": 8,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 102,
+    },
+    "causal": {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": 0,
+        "eos_token_id": 102,
+    },
+    "encoder": {
+        "model_type": "bert",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    },
 }
 TINY_EXPERIMENT_TARGETS = {
     "seq2seq": ["q", "k", "v", "o", "wi", "wo"],
@@ -130,9 +173,18 @@ def tiny_experiment(tmp_path, ept_data_dir):
             "method": method_options,
             "tasks": list(tasks),
             "data": {"data_dir": str(ept_data_dir), "max_source_length": 48, "max_eval_examples": 6},
-            "training": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "per_device_train_batch_size": 4,
-                         "per_device_eval_batch_size": 6, "learning_rate": 1e-3, "logging_steps": 1,
-                         "save_steps": 2, "report_to": "none", "seed": 0, **training},
+            "training": {
+                "output_dir": str(tmp_path / "run"),
+                "max_steps": 3,
+                "per_device_train_batch_size": 4,
+                "per_device_eval_batch_size": 6,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "save_steps": 2,
+                "report_to": "none",
+                "seed": 0,
+                **training,
+            },
         }
 
     return make

@@ -21,8 +21,15 @@ def t5_base_skeleton():
     [("code1d", 6_489_600, 3_244_032), ("kron2d", 4_913_664, 1_668_096)],
 )
 def test_t5_base_counts_match_the_spec(form, total, without_router):
-    config = EptConfig(target_modules=TARGETS, num_tasks=8, r=8, lora_alpha=32, top_k=2,
-                       kernel_sizes=[2, 2, 4, 4, 6, 6, 8, 8], expert_form=form)
+    config = EptConfig(
+        target_modules=TARGETS,
+        num_tasks=8,
+        r=8,
+        lora_alpha=32,
+        top_k=2,
+        kernel_sizes=[2, 2, 4, 4, 6, 6, 8, 8],
+        expert_form=form,
+    )
     with torch.device("meta"):
         model = get_peft_model(t5_base_skeleton(), config)
     counts = count_parameters(model)

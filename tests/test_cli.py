@@ -105,8 +105,23 @@ def test_quickstart_for_20_steps_then_eval_and_export_to_stock_peft(ept_data_dir
     monkeypatch.setenv("EPT_DATA_DIR", str(ept_data_dir))
     run = tmp_path / "X"
     quickstart = str(REPO / "configs" / "quickstart.yaml")
-    assert main(["train", quickstart, "--max_steps", "20", "--output_dir", str(run), "--data.max_eval_examples",
-                 "32", "--save_steps", "10"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                quickstart,
+                "--max_steps",
+                "20",
+                "--output_dir",
+                str(run),
+                "--data.max_eval_examples",
+                "32",
+                "--save_steps",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", str(run)]) == 0
     assert capsys.readouterr().out.count("paper average") == 2
     assert main(["export", str(run), "--task", "qnli", "--lora"]) == 0
@@ -115,7 +130,7 @@ def test_quickstart_for_20_steps_then_eval_and_export_to_stock_peft(ept_data_dir
     adapter_config = json.loads((exported / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA"
     assert adapter_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not the .venv path
-    assert "resolve_model(\"minilm-l6\").path" in (exported / "README.md").read_text()
+    assert 'resolve_model("minilm-l6").path' in (exported / "README.md").read_text()
     experiment = load_run(run)
     tokens = experiment.tokenizer(["A man is playing.", "Someone plays."], return_tensors="pt", padding=True)
     qnli = experiment.config.tasks.index("qnli")
@@ -130,8 +145,11 @@ def test_unknown_names_get_did_you_mean_and_the_valid_choices(tiny_experiment, t
     raw = tiny_experiment("seq2seq", tasks=("rte", "sst2"), max_steps=1)
     path = str(write_config(raw, tmp_path))
     for argv, expected in (
-        (["--method.name", "loraa"], "method.name='loraa' is not one of: lora, ept, hydralora, mixlora, moelora, more, "
-                                     "multilora, tucka, full. Did you mean 'lora'?"),
+        (
+            ["--method.name", "loraa"],
+            "method.name='loraa' is not one of: lora, ept, hydralora, mixlora, moelora, more, "
+            "multilora, tucka, full. Did you mean 'lora'?",
+        ),
         (["--method.rank", "4"], "unknown key 'method.rank'. Did you mean 'r'? Valid keys: alp, "),
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -148,8 +166,7 @@ def test_unknown_names_get_did_you_mean_and_the_valid_choices(tiny_experiment, t
     assert "Did you mean 'sst2'? Its tasks: rte, sst2." in err
 
 
-def test_eval_finds_the_data_the_run_recorded_with_no_environment_set(tiny_experiment, tmp_path, monkeypatch,
-                                                                       capsys):
+def test_eval_finds_the_data_the_run_recorded_with_no_environment_set(tiny_experiment, tmp_path, monkeypatch, capsys):
     raw = tiny_experiment("encoder", max_steps=1)
     data_dir = raw["data"].pop("data_dir")
     monkeypatch.setenv("EPT_DATA_DIR", data_dir)  # how the scripts (and a checkout beside ../shared) find it

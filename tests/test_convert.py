@@ -12,6 +12,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent / "methods"))
 
 import _reference as ref  # noqa: E402
+
 from conftest import shared_dir  # noqa: E402
 from pyramid_peft import ConversionError, EptConfig, TuckaConfig, convert_reference  # noqa: E402
 from pyramid_peft.cli import main  # noqa: E402

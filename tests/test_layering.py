@@ -63,8 +63,12 @@ def test_methods_import_only_their_floors_and_the_shared_modules():
 
 
 def test_the_floors_do_not_import_the_methods():
-    bad = [f"{floor}.py:{line} imports {name}" for floor in sorted(FLOORS)
-           for line, name in imported_modules(PACKAGE / f"{floor}.py") if name.startswith("pyramid_peft.methods")]
+    bad = [
+        f"{floor}.py:{line} imports {name}"
+        for floor in sorted(FLOORS)
+        for line, name in imported_modules(PACKAGE / f"{floor}.py")
+        if name.startswith("pyramid_peft.methods")
+    ]
     assert bad == []
 
 
@@ -75,8 +79,10 @@ def test_the_check_sees_an_upward_import(tmp_path):
         "from ...merge import merge_for_task\nfrom ..moelora import MoeLoraConfig\nfrom ..base import RoutedLayer\n"
     )
     found = violations_of_methods(root)
-    assert found == ["methods/ept/_probe_upward.py:1 imports pyramid_peft.merge",
-                     "methods/ept/_probe_upward.py:2 imports pyramid_peft.methods.moelora"]
+    assert found == [
+        "methods/ept/_probe_upward.py:1 imports pyramid_peft.merge",
+        "methods/ept/_probe_upward.py:2 imports pyramid_peft.methods.moelora",
+    ]
 
 
 def violations_of_floors(root: Path = PACKAGE) -> list[str]:
@@ -99,7 +105,9 @@ def violations_of_floors(root: Path = PACKAGE) -> list[str]:
 
 
 def test_every_top_level_module_has_a_floor():
-    modules = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    modules = {
+        p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()
+    }
     assert modules - {"__init__"} == set(FLOOR)
 
 
@@ -114,6 +122,8 @@ def test_the_floor_check_sees_upward_and_front_imports(tmp_path):
         "from ..training import train\nfrom .. import EptConfig\nfrom ..metrics import compute_metrics\n"
         "from ..tasks import get_task\n"
     )
-    assert violations_of_floors(root) == ["data/probe.py:1 imports pyramid_peft.training",
-                                          "data/probe.py:2 imports pyramid_peft.EptConfig",
-                                          "data/probe.py:3 imports pyramid_peft.metrics"]
+    assert violations_of_floors(root) == [
+        "data/probe.py:1 imports pyramid_peft.training",
+        "data/probe.py:2 imports pyramid_peft.EptConfig",
+        "data/probe.py:3 imports pyramid_peft.metrics",
+    ]

@@ -15,8 +15,9 @@ KEY = {"t5": "logits", "llama": "logits", "bert": "last_hidden_state"}
 
 
 def routed_model(family, **overrides):
-    settings = dict(target_modules=TINY_TARGETS[family], num_tasks=3, r=4, kernel_sizes=[2, 2, 4, 4, 6, 6, 8, 8],
-                    lora_dropout=0.0)
+    settings = dict(
+        target_modules=TINY_TARGETS[family], num_tasks=3, r=4, kernel_sizes=[2, 2, 4, 4, 6, 6, 8, 8], lora_dropout=0.0
+    )
     settings.update(overrides)
     model = get_peft_model(TINY_BUILDERS[family](), EptConfig(**settings))
     with torch.no_grad():

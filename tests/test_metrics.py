@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from pyramid_peft.metrics import (accuracy, average_scores, compute_metrics, f1_binary, matthews_corr, pearson,
-                                  spearman)
+from pyramid_peft.metrics import accuracy, average_scores, compute_metrics, f1_binary, matthews_corr, pearson, spearman
 from pyramid_peft.tasks import get_task
 
 # Confusion counts of these lists: TP 4 (positions 0, 4, 6, 7), FP 1 (1), TN 2 (2, 3), FN 1 (5).
@@ -36,7 +35,9 @@ def test_unparseable_predictions_count_as_wrong():
     # None on a positive reference becomes a false negative, on a negative one a false positive.
     assert f1_binary([None, None, 1], [1, 0, 1]) == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))
     # [None, 1, 0, 1, 1] vs [1, 1, 0, 0, 1] scores as [0, 1, 0, 1, 1]: TP 2, FP 1, TN 1, FN 1.
-    assert matthews_corr([None, 1, 0, 1, 1], [1, 1, 0, 0, 1]) == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
+    assert matthews_corr([None, 1, 0, 1, 1], [1, 1, 0, 0, 1]) == pytest.approx(
+        (2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2)
+    )
     assert accuracy([None, 1], [1, 1]) == 0.5
 
 
@@ -48,7 +49,7 @@ def test_pearson_by_hand():
 
 def test_spearman_by_hand():
     # Ranks 1, 2, 3, 4 against 1, 3, 2, 4: squared rank differences sum to 2.
-    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(1 - 6 * 2 / (4 * (4 ** 2 - 1)))
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(1 - 6 * 2 / (4 * (4**2 - 1)))
 
 
 def test_stsb_unparseable_becomes_zero_and_constant_predictions_score_zero():
@@ -76,7 +77,8 @@ def test_compute_metrics_parses_generated_text():
     scores = compute_metrics("rte", ["Entailment.", "not_entailment", "maybe"], [0, 1, 0])
     assert scores["accuracy"] == pytest.approx(200 / 3)
     assert compute_metrics("stsb", ["1.0", "2.0", "oops"], [1.0, 2.0, 3.0])["pearson"] == pytest.approx(
-        100 * pearson([1.0, 2.0, 0.0], [1.0, 2.0, 3.0]))
+        100 * pearson([1.0, 2.0, 0.0], [1.0, 2.0, 3.0])
+    )
 
 
 def test_average_scores():

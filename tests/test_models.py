@@ -15,8 +15,7 @@ from pyramid_peft.models import (
     resolve_model,
 )
 
-TINY_T5 = {"model_type": "t5", "vocab_size": 64, "d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2,
-           "d_kv": 8}
+TINY_T5 = {"model_type": "t5", "vocab_size": 64, "d_model": 16, "d_ff": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8}
 
 
 @pytest.mark.parametrize(
@@ -113,5 +112,6 @@ def test_model_name_problem_accepts_aliases_folders_and_reachable_hub_ids(tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     offline = model_name_problem("org/some-model")
     assert "is not in the local hub cache and HF_HUB_OFFLINE is set" in offline and "minilm-l6" in offline
-    assert "is not a hub id" in model_name_problem("not a/model/name") and "Did you mean 'smollm2-135m'?" in \
-        model_name_problem("smollm2")
+    assert "is not a hub id" in model_name_problem(
+        "not a/model/name"
+    ) and "Did you mean 'smollm2-135m'?" in model_name_problem("smollm2")

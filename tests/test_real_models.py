@@ -42,7 +42,8 @@ def test_minilm_train_step_merge_export_and_reload(minilm, tmp_path):
     batch = tokenizer(["a great movie", "the cat sat on the mat today", "no"], padding=True, return_tensors="pt")
     ids = torch.tensor([0, 3, 7])
     model = get_peft_model(
-        AutoModel.from_pretrained(path), EptConfig(target_modules=MINILM_TARGETS, exclude_modules=["pooler.dense"], num_tasks=8)
+        AutoModel.from_pretrained(path),
+        EptConfig(target_modules=MINILM_TARGETS, exclude_modules=["pooler.dense"], num_tasks=8),
     )
     assert len(find_tuners(model)[0].routed_layers()) == 6 * 6  # every linear of the 6 blocks
     out = model(**batch, task_ids=ids)
@@ -59,7 +60,9 @@ def test_minilm_train_step_merge_export_and_reload(minilm, tmp_path):
     assert (lora(**batch).last_hidden_state - routed).abs().max() <= tolerance
     model.save_pretrained(tmp_path / "ept")
     reloaded = PeftModel.from_pretrained(AutoModel.from_pretrained(path), tmp_path / "ept").eval()
-    torch.testing.assert_close(reloaded(**batch, task_ids=torch.full((3,), 5)).last_hidden_state, routed, rtol=0, atol=0)
+    torch.testing.assert_close(
+        reloaded(**batch, task_ids=torch.full((3,), 5)).last_hidden_state, routed, rtol=0, atol=0
+    )
 
 
 def test_smollm2_train_step_generate_and_merge(smollm2):
@@ -75,8 +78,9 @@ def test_smollm2_train_step_generate_and_merge(smollm2):
     kernels = [p.grad for n, p in model.named_parameters() if "ept_kernels" in n]
     assert len(kernels) == 30 * 6 and all(g.abs().sum() > 0 for g in kernels)
     model = perturb(model, 0.02).eval()
-    generated = model.generate(**batch, task_ids=ids, num_beams=2, max_new_tokens=3, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)
+    generated = model.generate(
+        **batch, task_ids=ids, num_beams=2, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     assert generated.shape == (2, batch["input_ids"].shape[1] + 3)
     routed = model(**batch, task_ids=torch.full((2,), 2)).logits
     merged = merge_for_task(model, 2)

@@ -30,8 +30,9 @@ def test_make_peft_config_names_the_methods():
 
 
 def trained_ept(family):
-    config = EptConfig(target_modules=TINY_TARGETS[family], num_tasks=4, r=4, kernel_sizes=[2, 4, 4, 8],
-                       lora_dropout=0.0)
+    config = EptConfig(
+        target_modules=TINY_TARGETS[family], num_tasks=4, r=4, kernel_sizes=[2, 4, 4, 8], lora_dropout=0.0
+    )
     model = get_peft_model(TINY_BUILDERS[family](), config)
     with torch.no_grad():
         for param in model.parameters():

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 from pyramid_peft.cli import main
 from pyramid_peft.data import DataSourceError, load_examples
+from pyramid_peft.training import RunError, build_experiment, load_run, train
 from pyramid_peft.training.checkpoints import (
     MANIFEST_FILE,
     SAMPLER_STATE_FILE,
@@ -34,7 +35,6 @@ from pyramid_peft.training.checkpoints import (
 )
 from pyramid_peft.training.config import ConfigError, ModelSection, from_dict
 from pyramid_peft.training.guards import NonFiniteLossError, StopSignals, TrainingInterrupted
-from pyramid_peft.training import RunError, build_experiment, load_run, train
 from pyramid_peft.training.loading import load_trained
 from pyramid_peft.training.run import _check_processes, build_trainer
 from pyramid_peft.training.trainer import MultiTaskTrainer
@@ -42,8 +42,9 @@ from pyramid_peft.training.trainer import MultiTaskTrainer
 SRC = Path(__file__).resolve().parents[1] / "src"
 ADAPTER = "adapter_model.safetensors"
 # Python lets only the main thread handle signals; elsewhere a test's SIGTERM would kill the test process.
-main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                                      reason="signal handlers need the main thread")
+main_thread_only = pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="signal handlers need the main thread"
+)
 
 
 def write_config(raw: dict, folder: Path) -> Path:
@@ -109,8 +110,15 @@ def test_checkpoints_hold_the_whole_training_state_and_appear_only_complete(tiny
     with pytest.raises(OSError, match="disk full"):
         train(from_dict(raw))
     names = {p.name for p in (run / "checkpoint-2").iterdir()}
-    assert {ADAPTER, "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", SAMPLER_STATE_FILE,
-            MANIFEST_FILE} <= names
+    assert {
+        ADAPTER,
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        SAMPLER_STATE_FILE,
+        MANIFEST_FILE,
+    } <= names
     assert checkpoint_problem(run / "checkpoint-2") is None
     assert json.loads((run / "checkpoint-2" / SAMPLER_STATE_FILE).read_text())["step"] == 2
     assert not (run / "checkpoint-4").exists() and (run / STAGING_DIR / "checkpoint-4").is_dir()
@@ -147,8 +155,9 @@ def test_resuming_with_other_sampling_settings_is_refused(tiny_experiment, tmp_p
     raw = tiny_experiment("seq2seq", max_steps=2)
     train(from_dict(raw))
     checkpoint = Path(raw["training"]["output_dir"]) / "checkpoint-2"  # a finished run: continued in a new folder
-    raw["training"].update(output_dir=str(tmp_path / "next"), resume_from_checkpoint=str(checkpoint),
-                           per_device_train_batch_size=2)
+    raw["training"].update(
+        output_dir=str(tmp_path / "next"), resume_from_checkpoint=str(checkpoint), per_device_train_batch_size=2
+    )
     with pytest.raises(CheckpointError, match=r"checkpoint-2: .*'batch_size': 4.*original tasks, batch size"):
         train(from_dict(raw))
 
@@ -234,8 +243,9 @@ def test_an_empty_split_names_its_file(tmp_path, rows):
         load_examples("rte", "train", tmp_path)
 
 
-def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_experiment, tmp_path,
-                                                                                 monkeypatch, capsys):
+def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tiny_experiment, tmp_path, monkeypatch, capsys
+):
     raw = tiny_experiment("seq2seq", max_steps=4)
     run = Path(raw["training"]["output_dir"])
     original = MultiTaskTrainer.compute_loss
@@ -340,6 +350,12 @@ def test_the_same_seed_gives_the_same_run_twice(tiny_experiment, tmp_path):
     first, second = ((run / "metrics.json").read_text() for run in runs)
     assert first == second and json.loads(first)["tasks"]["stsb"]["metrics"]["pearson"] != 0
     assert_same_weights(runs[0] / "adapter" / ADAPTER, runs[1] / "adapter" / ADAPTER)
-    losses = [[e["loss"] for e in json.loads((r / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-               if "loss" in e] for r in runs]
+    losses = [
+        [
+            e["loss"]
+            for e in json.loads((r / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+            if "loss" in e
+        ]
+        for r in runs
+    ]
     assert losses[0] == losses[1] and len(losses[0]) == 4

@@ -24,8 +24,7 @@ def write_config(raw: dict, folder) -> str:
     return str(path)
 
 
-def test_every_problem_of_a_config_is_reported_at_once_before_anything_is_written(tiny_experiment, tmp_path,
-                                                                                  capsys):
+def test_every_problem_of_a_config_is_reported_at_once_before_anything_is_written(tiny_experiment, tmp_path, capsys):
     raw = tiny_experiment("encoder")
     raw["method"]["r"] = "four"
     raw["tasks"] = ["rte", "rte", "sst-2"]
@@ -34,15 +33,18 @@ def test_every_problem_of_a_config_is_reported_at_once_before_anything_is_writte
     raw["model"]["name"] = "minilm"
     code, err = exit_code_and_error(["train", write_config(raw, tmp_path)], capsys)
     assert code == 2 and "has 8 problems" in err
-    for expected in ("method.r='four' is a str; expected int.",
-                     "tasks: rte listed more than once",
-                     "Unknown task 'sst-2'", "Did you mean 'sst2'?",
-                     "training.learning_rate=-0.001 must be positive (> 0).",
-                     "training.per_device_train_batch_size=0 must be positive",
-                     "sampling.temperature=0 must be positive",
-                     "sampling.strategy='temprature' is not one of: uniform, proportional, temperature, exp. Did you "
-                     "mean 'temperature'?",
-                     "model.name 'minilm' is not an offline alias or a local folder"):
+    for expected in (
+        "method.r='four' is a str; expected int.",
+        "tasks: rte listed more than once",
+        "Unknown task 'sst-2'",
+        "Did you mean 'sst2'?",
+        "training.learning_rate=-0.001 must be positive (> 0).",
+        "training.per_device_train_batch_size=0 must be positive",
+        "sampling.temperature=0 must be positive",
+        "sampling.strategy='temprature' is not one of: uniform, proportional, temperature, exp. Did you "
+        "mean 'temperature'?",
+        "model.name 'minilm' is not an offline alias or a local folder",
+    ):
         assert expected in err, expected
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing loaded, nothing written
@@ -52,8 +54,9 @@ def test_a_wrong_type_from_a_file_or_an_override_names_key_value_and_type(tiny_e
     path = write_config(tiny_experiment("encoder"), tmp_path)
     code, err = exit_code_and_error(["train", path, "--method.r", "abc"], capsys)
     assert code == 2 and "method.r='abc' is a str; expected int." in err
-    code, err = exit_code_and_error(["train", path, "--learning_rate", "fast", "--data.max_source_length", "1.5"],
-                                    capsys)
+    code, err = exit_code_and_error(
+        ["train", path, "--learning_rate", "fast", "--data.max_source_length", "1.5"], capsys
+    )
     assert "training.learning_rate='fast' is a str; expected float." in err
     assert "data.max_source_length=1.5 is a float; expected int." in err
 
@@ -73,8 +76,7 @@ def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
         load_config(path)
 
 
-def test_an_unknown_model_name_shows_the_aliases_and_the_hub_id_form(tiny_experiment, tmp_path, monkeypatch,
-                                                                     capsys):
+def test_an_unknown_model_name_shows_the_aliases_and_the_hub_id_form(tiny_experiment, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     raw = tiny_experiment("encoder")
     raw["model"] = {"name": "minilm-l7"}
@@ -89,8 +91,9 @@ def test_an_unknown_model_name_shows_the_aliases_and_the_hub_id_form(tiny_experi
 
 def routed_bert():
     model = TINY_BUILDERS["bert"]()
-    return get_peft_model(model, EptConfig(target_modules=TINY_TARGETS["bert"], num_tasks=2, r=2,
-                                           kernel_sizes=[2, 4], top_k=1)).eval()
+    return get_peft_model(
+        model, EptConfig(target_modules=TINY_TARGETS["bert"], num_tasks=2, r=2, kernel_sizes=[2, 4], top_k=1)
+    ).eval()
 
 
 def test_fewer_task_ids_than_rows_are_an_error_outside_generate():
@@ -101,12 +104,15 @@ def test_fewer_task_ids_than_rows_are_an_error_outside_generate():
     torch.testing.assert_close(one, model(**batch, task_ids=torch.ones(4, dtype=torch.long)).last_hidden_state)
 
 
-@pytest.mark.parametrize(("ids", "named"), [
-    (["rte", "sst2", "rte", "rte"], r"got str values \['rte', 'sst2', 'rte', 'rte'\]"),
-    ("rte", r"got a str 'rte'"),
-    ([0.0, 1.5, 0.0, 1.0], r"got float values \[0.0, 1.5, 0.0, 1.0\]"),
-    (torch.tensor([0.0, 1.0, 0.0, 1.0]), "got a tensor of dtype torch.float32"),
-])
+@pytest.mark.parametrize(
+    ("ids", "named"),
+    [
+        (["rte", "sst2", "rte", "rte"], r"got str values \['rte', 'sst2', 'rte', 'rte'\]"),
+        ("rte", r"got a str 'rte'"),
+        ([0.0, 1.5, 0.0, 1.0], r"got float values \[0.0, 1.5, 0.0, 1.0\]"),
+        (torch.tensor([0.0, 1.0, 0.0, 1.0]), "got a tensor of dtype torch.float32"),
+    ],
+)
 def test_task_ids_that_are_not_integers_are_named_as_such(ids, named):
     with pytest.raises(TaskRoutingError, match=rf"task_ids must be integer task indices, {named}"):
         routed_bert()(**tiny_batch("bert", batch=4), task_ids=ids)

@@ -30,8 +30,11 @@ def write_config(raw: dict, folder: Path) -> Path:
 
 def snapshot(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder``, by relative path."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def exit_code_and_error(argv: list[str], capsys) -> tuple[int, str]:
@@ -83,8 +86,9 @@ def test_eval_and_export_use_the_config_the_adapter_was_trained_with(finished_ru
     assert "another base model" not in err
 
 
-def test_overwrite_moves_the_finished_run_aside_and_a_killed_rerun_loses_nothing(finished_run, tiny_experiment,
-                                                                                 monkeypatch, capsys):
+def test_overwrite_moves_the_finished_run_aside_and_a_killed_rerun_loses_nothing(
+    finished_run, tiny_experiment, monkeypatch, capsys
+):
     raw, run, results, files = finished_run
 
     def killed(config):  # stands in for a kill -9 right after the rerun started
@@ -152,8 +156,7 @@ def test_the_last_good_checkpoint_has_finite_weights_and_losses(tmp_path):
     assert newest_sound_checkpoint(tmp_path) is None
 
 
-def test_a_non_finite_loss_names_a_checkpoint_whose_weights_are_finite(tiny_experiment, tmp_path, monkeypatch,
-                                                                        capsys):
+def test_a_non_finite_loss_names_a_checkpoint_whose_weights_are_finite(tiny_experiment, tmp_path, monkeypatch, capsys):
     raw = tiny_experiment("seq2seq", max_steps=6, save_steps=1)
     run = Path(raw["training"]["output_dir"])
     original = torch.optim.AdamW.step
@@ -175,7 +178,8 @@ def test_a_non_finite_loss_names_a_checkpoint_whose_weights_are_finite(tiny_expe
 
 
 def test_not_mergeable_and_config_errors_are_one_line_with_exit_2_and_a_traceback_with_debug(
-        tiny_experiment, tmp_path, monkeypatch, capsys):
+    tiny_experiment, tmp_path, monkeypatch, capsys
+):
     raw = tiny_experiment("encoder", method="hydralora", max_steps=1)
     run = Path(raw["training"]["output_dir"])
     assert main(["train", str(write_config(raw, tmp_path))]) == 0

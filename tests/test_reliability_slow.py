@@ -36,13 +36,28 @@ def tiny_encoder_config(data_dir: Path, output_dir: Path, folder: Path, **traini
     """A tiny BERT with heads and EPT top-1 of two experts on RTE and STS-B, written as a config file."""
     raw = {
         "model": {"tokenizer": "minilm-l6", "config": {**TINY_EXPERIMENT_MODELS["encoder"], "vocab_size": 30522}},
-        "method": {"name": "ept", "r": 2, "lora_alpha": 4, "kernel_sizes": [2, 4], "top_k": 1,
-                   "target_modules": TINY_EXPERIMENT_TARGETS["encoder"]},
+        "method": {
+            "name": "ept",
+            "r": 2,
+            "lora_alpha": 4,
+            "kernel_sizes": [2, 4],
+            "top_k": 1,
+            "target_modules": TINY_EXPERIMENT_TARGETS["encoder"],
+        },
         "tasks": ["rte", "stsb"],
         "data": {"data_dir": str(data_dir), "max_source_length": 48, "max_eval_examples": 6},
-        "training": {"output_dir": str(output_dir), "max_steps": MAX_STEPS, "per_device_train_batch_size": 4,
-                     "per_device_eval_batch_size": 6, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 3,
-                     "report_to": "none", "seed": 0, **training},
+        "training": {
+            "output_dir": str(output_dir),
+            "max_steps": MAX_STEPS,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 6,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "report_to": "none",
+            "seed": 0,
+            **training,
+        },
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -67,8 +82,9 @@ def signal_after_checkpoint(process: subprocess.Popen, checkpoint: Path, signum:
 
 def finished(run: Path) -> dict:
     """What a finished run leaves: every adapter tensor, metrics.json, and the logged losses step by step."""
-    tensors = {f"{f.name}:{k}": v for f in sorted((run / "adapter").glob("*.safetensors"))
-               for k, v in load_file(f).items()}
+    tensors = {
+        f"{f.name}:{k}": v for f in sorted((run / "adapter").glob("*.safetensors")) for k, v in load_file(f).items()
+    }
     state = json.loads((run / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
     losses = [(e["step"], e["loss"], e["grad_norm"]) for e in state["log_history"] if "loss" in e]
     return {"tensors": tensors, "metrics": (run / "metrics.json").read_text(), "losses": losses}
@@ -132,22 +148,33 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ept_data_dir, t
     raw["method"]["lora_dropout"] = 0.0
     config.write_text(yaml.safe_dump(raw))
 
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "pyramid_peft.cli", "train", str(config)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
+        "-m",
+        "pyramid_peft.cli",
+        "train",
+        str(config),
+    ]
     done = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert main(["train", str(config), "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size",
-                 "8"]) == 0
+    assert (
+        main(["train", str(config), "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8"]) == 0
+    )
 
-    two, one = (json.loads((tmp_path / name / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-                for name in ("two", "one"))
+    two, one = (
+        json.loads((tmp_path / name / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        for name in ("two", "one")
+    )
     two_losses, one_losses = ([e["loss"] for e in history if "loss" in e] for history in (two, one))
     assert len(one_losses) == 4
     torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), rtol=TWO_PROCESS_RTOL, atol=0)
     for name in ("adapter_model.safetensors", "heads.safetensors"):
         two_weights, one_weights = (load_file(tmp_path / run / "adapter" / name) for run in ("two", "one"))
         for key in one_weights:
-            torch.testing.assert_close(two_weights[key], one_weights[key], rtol=TWO_PROCESS_RTOL,
-                                       atol=TWO_PROCESS_ATOL)
+            torch.testing.assert_close(two_weights[key], one_weights[key], rtol=TWO_PROCESS_RTOL, atol=TWO_PROCESS_ATOL)
     two_metrics, one_metrics = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("two", "one"))
     assert two_metrics["paper_average"] == pytest.approx(one_metrics["paper_average"], rel=TWO_PROCESS_RTOL)

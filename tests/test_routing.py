@@ -9,8 +9,9 @@ from pyramid_peft import EptConfig, TaskRoutingError, aux_loss
 
 
 def ept_model(family, **overrides):
-    settings = dict(target_modules=TINY_TARGETS[family], num_tasks=3, r=4, kernel_sizes=[2, 2, 4, 4], top_k=2,
-                    lora_dropout=0.0)
+    settings = dict(
+        target_modules=TINY_TARGETS[family], num_tasks=3, r=4, kernel_sizes=[2, 2, 4, 4], top_k=2, lora_dropout=0.0
+    )
     settings.update(overrides)
     model = get_peft_model(TINY_BUILDERS[family](), EptConfig(**settings))
     with torch.no_grad():  # move away from the identity init (B = 0 by default) so routes matter
@@ -90,8 +91,15 @@ def test_beam_search_and_returned_sequences_route_per_example(family):
     model = ept_model(family).eval()
     batch = tiny_batch(family)
     ids = torch.tensor([0, 2, 1, 2])
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"]),
-                  num_beams=3, num_return_sequences=2, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    kwargs = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=torch.ones_like(batch["input_ids"]),
+        num_beams=3,
+        num_return_sequences=2,
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+    )
     together = model.generate(**kwargs, task_ids=ids)
     assert together.shape[0] == 8
     for i, task in enumerate(ids.tolist()):

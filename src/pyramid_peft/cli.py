@@ -82,8 +82,15 @@ def _convert(args) -> int:
         with torch.device("meta"):  # shapes only: the check needs no weights
             base = load_model(resolve_model(args.base), random_init=True)
     try:
-        out = convert_reference(args.src, args.out, source=args.source, base_model=base, top_k=args.top_k,
-                                num_tasks=args.num_tasks, gate=args.gate)
+        out = convert_reference(
+            args.src,
+            args.out,
+            source=args.source,
+            base_model=base,
+            top_k=args.top_k,
+            num_tasks=args.num_tasks,
+            gate=args.gate,
+        )
     except ConversionError as err:
         print(f"ept convert: error: {err}", file=sys.stderr)
         return 2
@@ -102,16 +109,22 @@ def _take_flag(overrides: list[str], flag: str) -> tuple[list[str], bool]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ept", description="Multi-task parameter-efficient fine-tuning.")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"show the traceback of an error (also: {DEBUG_ENV}=1; may also follow the command)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error (also: {DEBUG_ENV}=1; may also follow the command)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train from a YAML config; extra --key value pairs override it")
     train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs=argparse.REMAINDER,
-                       help="e.g. --max_steps 20 --method.r 4; --resume_from_checkpoint [DIR] resumes an interrupted "
-                            "run (default: the newest valid checkpoint in output_dir); --overwrite moves a run "
-                            "already in output_dir aside")
+    train.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="e.g. --max_steps 20 --method.r 4; --resume_from_checkpoint [DIR] resumes an interrupted "
+        "run (default: the newest valid checkpoint in output_dir); --overwrite moves a run "
+        "already in output_dir aside",
+    )
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a finished run on its evaluation (or test) split")
@@ -134,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         "params", help="the Appendix-C parameter table of a config's model and method (weights are never loaded)"
     )
     params.add_argument("config", help="a YAML config, or a model name such as t5-base or meta-llama/Llama-2-7b-hf")
-    params.add_argument("overrides", nargs=argparse.REMAINDER,
-                        help="config overrides; '--methods NAME... | all' tabulates other methods on the same model")
+    params.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="config overrides; '--methods NAME... | all' tabulates other methods on the same model",
+    )
     params.set_defaults(func=_params)
 
     convert = commands.add_parser("convert", help="import an adapter trained with the public EPT or TuckA code")
@@ -187,8 +203,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .training.guards import NonFiniteLossError
 
     # OSError covers missing files and models that are neither a local folder nor reachable on the hub.
-    return (ConfigError, DataSourceError, ModelNotAvailableError, ModelSpecError, RunError, UnknownTaskError, OSError,
-            CheckpointError, NonFiniteLossError, NotMergeableError, TaskRoutingError)
+    return (
+        ConfigError,
+        DataSourceError,
+        ModelNotAvailableError,
+        ModelSpecError,
+        RunError,
+        UnknownTaskError,
+        OSError,
+        CheckpointError,
+        NonFiniteLossError,
+        NotMergeableError,
+        TaskRoutingError,
+    )
 
 
 if __name__ == "__main__":

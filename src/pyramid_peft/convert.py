@@ -51,8 +51,13 @@ class ConversionError(ValueError):
 
 
 def convert_reference(
-    src, out, source: str = "ept-code", base_model: nn.Module | None = None, top_k: int | None = None,
-    num_tasks: int | None = None, gate: str | None = None,
+    src,
+    out,
+    source: str = "ept-code",
+    base_model: nn.Module | None = None,
+    top_k: int | None = None,
+    num_tasks: int | None = None,
+    gate: str | None = None,
 ) -> Path:
     """Convert the public code's adapter folder ``src`` into a pyramid-peft adapter folder ``out`` (atomically).
 
@@ -123,11 +128,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def split_by_module(tensors: dict[str, torch.Tensor], src: Path) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name: {tensor name: tensor}}`` from keys ``base_model.model.<module>.<tensor>``."""
-    pattern = re.compile(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_expert_kernels\.\d+|lora_gate\.0\.(?:weight|bias)"
-                         r"|lora_task_embedding\.weight|tucka_(?:g|c|u|ec))$")
+    pattern = re.compile(
+        r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_expert_kernels\.\d+|lora_gate\.0\.(?:weight|bias)"
+        r"|lora_task_embedding\.weight|tucka_(?:g|c|u|ec))$"
+    )
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in tensors.items():
-        match = pattern.match(key[len(PREFIX):]) if key.startswith(PREFIX) else None
+        match = pattern.match(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
         if match is None:
             raise ConversionError(
                 f"key {key!r} in {src} is not a tensor of the public EPT or TuckA layer (expected "
@@ -156,10 +163,16 @@ def _convert_ept(modules, settings, src, top_k, num_tasks, gate):
             raise ConversionError(f"num_tasks={num_tasks} exceeds the {rows} rows of {name!r}'s task table in {src}.")
         state.update(_ept_state(name, parts, len(sizes), num_tasks))
     config = EptConfig.reference_code(
-        target_modules=_exact(modules), num_tasks=num_tasks, r=r,
-        lora_alpha=settings.get("lora_alpha", 8), lora_dropout=settings.get("lora_dropout", 0.0),
-        kernel_sizes=kernel_sizes, top_k=top_k or min(2, len(kernel_sizes)), gate_form=gate or "code",
-        base_model_name_or_path=settings.get("base_model_name_or_path"), task_type=settings.get("task_type"),
+        target_modules=_exact(modules),
+        num_tasks=num_tasks,
+        r=r,
+        lora_alpha=settings.get("lora_alpha", 8),
+        lora_dropout=settings.get("lora_dropout", 0.0),
+        kernel_sizes=kernel_sizes,
+        top_k=top_k or min(2, len(kernel_sizes)),
+        gate_form=gate or "code",
+        base_model_name_or_path=settings.get("base_model_name_or_path"),
+        task_type=settings.get("task_type"),
     )
     return config, state
 
@@ -169,14 +182,18 @@ def _ept_kernel_sizes(name: str, parts: dict, src: Path) -> list[int]:
     kernels = sorted((int(t.rsplit(".", 1)[1]), v) for t, v in parts.items() if t.startswith("lora_expert_kernels."))
     if missing or not kernels:
         what = missing or ["lora_expert_kernels.<e>"]
-        raise ConversionError(f"module {name!r} in {src} lacks {what}: not a checkpoint of the public EPT code "
-                              "(use --from tucka-code for TuckA).")
+        raise ConversionError(
+            f"module {name!r} in {src} lacks {what}: not a checkpoint of the public EPT code "
+            "(use --from tucka-code for TuckA)."
+        )
     if [e for e, _ in kernels] != list(range(len(kernels))):
         raise ConversionError(f"module {name!r}: expert kernels {[e for e, _ in kernels]} are not numbered 0..E-1.")
     for e, kernel in kernels:
         if kernel.dim() != 4 or kernel.shape[0] != 1 or kernel.shape[3] != 1:
-            raise ConversionError(f"key '{PREFIX}{name}.lora_expert_kernels.{e}' has shape {tuple(kernel.shape)}; "
-                                  "expected (1, floor(d_out/k), k, 1).")
+            raise ConversionError(
+                f"key '{PREFIX}{name}.lora_expert_kernels.{e}' has shape {tuple(kernel.shape)}; "
+                "expected (1, floor(d_out/k), k, 1)."
+            )
     return [kernel.shape[2] for _, kernel in kernels]
 
 
@@ -195,8 +212,10 @@ def _check_ept_shapes(name: str, parts: dict, sizes: list[int], r: int, src: Pat
     }
     for tensor, shape in expected.items():
         if tuple(parts[tensor].shape) != shape:
-            raise ConversionError(f"key '{PREFIX}{name}.{tensor}' of module {name!r} has shape "
-                                  f"{tuple(parts[tensor].shape)}, expected {shape} (r={r}, kernels {sizes}).")
+            raise ConversionError(
+                f"key '{PREFIX}{name}.{tensor}' of module {name!r} has shape "
+                f"{tuple(parts[tensor].shape)}, expected {shape} (r={r}, kernels {sizes})."
+            )
     return table.shape[0]
 
 
@@ -225,8 +244,10 @@ def _convert_tucka(modules, settings, src, num_tasks):
     k, p, r, t, _ = sizes
     routers = [name for name, parts in modules.items() if "tucka_ec" in parts]
     if len(routers) != 1:
-        raise ConversionError(f"{src} has centroids (tucka_ec) on {routers or 'no module'}: a TuckA checkpoint has "
-                              "them on exactly one module, the router.")
+        raise ConversionError(
+            f"{src} has centroids (tucka_ec) on {routers or 'no module'}: a TuckA checkpoint has "
+            "them on exactly one module, the router."
+        )
     router = routers[0]
     centroids = modules[router]["tucka_ec"]
     if tuple(centroids.shape) != (k * t, modules[router]["tucka_u"].shape[0]):
@@ -237,9 +258,17 @@ def _convert_tucka(modules, settings, src, num_tasks):
     state[f"{PREFIX}{router}.tucka_centroids"] = centroids
     state[f"{PREFIX}{router}.tucka_centroids_ready"] = torch.tensor(True)  # trained centroids: never re-initialise
     config = TuckaConfig(
-        target_modules=_exact(modules), num_tasks=num_tasks or 8, r=r, k=k, t=t, p=p,
-        alpha=settings.get("alpha", 1.0), ec_perturb_scale=settings.get("ec_perturb_scale", 1.0), router_module=router,
-        base_model_name_or_path=settings.get("base_model_name_or_path"), task_type=settings.get("task_type"),
+        target_modules=_exact(modules),
+        num_tasks=num_tasks or 8,
+        r=r,
+        k=k,
+        t=t,
+        p=p,
+        alpha=settings.get("alpha", 1.0),
+        ec_perturb_scale=settings.get("ec_perturb_scale", 1.0),
+        router_module=router,
+        base_model_name_or_path=settings.get("base_model_name_or_path"),
+        task_type=settings.get("task_type"),
     )
     return config, state
 
@@ -247,8 +276,10 @@ def _convert_tucka(modules, settings, src, num_tasks):
 def _check_tucka_shapes(name: str, parts: dict, src: Path) -> tuple[int, int, int, int, int]:
     missing = [t for t in TUCKA_TENSORS if t not in parts]
     if missing:
-        raise ConversionError(f"module {name!r} in {src} lacks {missing}: not a checkpoint of the public TuckA code "
-                              "(use --from ept-code for EPT).")
+        raise ConversionError(
+            f"module {name!r} in {src} lacks {missing}: not a checkpoint of the public TuckA code "
+            "(use --from ept-code for EPT)."
+        )
     core, mode, factor = parts["tucka_g"], parts["tucka_c"], parts["tucka_u"]
     if core.dim() != 4 or core.shape[2] != core.shape[3]:
         raise ConversionError(f"key '{PREFIX}{name}.tucka_g' has shape {tuple(core.shape)}; expected (k, p, r, r).")
@@ -286,8 +317,11 @@ def _expected_shapes(config, linear: nn.Linear) -> dict[str, tuple[int, ...]]:
     if isinstance(config, TuckaConfig):
         return {"tucka_u": (d_in, config.r), "tucka_ec": (config.k * config.t, d_in)}
     k_min = min(config.kernel_sizes)
-    shapes = {"lora_A.weight": (config.r, d_in // k_min), "lora_B.weight": (d_out // k_min, config.r),
-              "lora_gate.0.weight": (len(config.kernel_sizes), d_in)}
+    shapes = {
+        "lora_A.weight": (config.r, d_in // k_min),
+        "lora_B.weight": (d_out // k_min, config.r),
+        "lora_gate.0.weight": (len(config.kernel_sizes), d_in),
+    }
     for e, k in enumerate(config.kernel_sizes):
         shapes[f"lora_expert_kernels.{e}"] = (1, d_out // k, k, 1)
     return shapes

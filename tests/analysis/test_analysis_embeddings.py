@@ -9,7 +9,12 @@ from peft import get_peft_model
 from conftest import TINY_BUILDERS
 from pyramid_peft import make_peft_config
 from pyramid_peft.analysis.embeddings import (
-    analyze_model, cosine_similarity, pca_2d, select_layer, task_embedding_tables, task_vectors,
+    analyze_model,
+    cosine_similarity,
+    pca_2d,
+    select_layer,
+    task_embedding_tables,
+    task_vectors,
 )
 
 TASKS = ["cola", "sst2", "mrpc", "rte"]

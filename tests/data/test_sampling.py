@@ -17,7 +17,7 @@ GLUE_TRAIN_SIZES = [8551, 392702, 3668, 104743, 363846, 2490, 67349, 5749]  # co
 def test_probabilities_by_hand():
     assert task_probabilities(SIZES, "uniform") == pytest.approx([1 / 3] * 3)
     assert task_probabilities(SIZES, "proportional") == pytest.approx([0.05, 0.2, 0.75])
-    tempered = [0.05 ** 0.5, 0.2 ** 0.5, 0.75 ** 0.5]
+    tempered = [0.05**0.5, 0.2**0.5, 0.75**0.5]
     assert task_probabilities(SIZES, "temperature", 2.0) == pytest.approx([w / sum(tempered) for w in tempered])
     exps = [math.exp(0.05), math.exp(0.2), math.exp(0.75)]
     assert task_probabilities(SIZES, "exp") == pytest.approx([w / sum(exps) for w in exps])
@@ -28,11 +28,15 @@ def test_exp_strategy_reproduces_the_spec_table():
     assert task_probabilities(GLUE_TRAIN_SIZES, "exp").round(4).tolist() == expected
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(sizes=[], strategy="uniform"), "non-empty"), (dict(sizes=[3, 0], strategy="uniform"), "positive"),
-    (dict(sizes=[3], strategy="balanced"), "choose one of: uniform, proportional, temperature, exp"),
-    (dict(sizes=[3], strategy="temperature", temperature=0), "temperature must be positive"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(sizes=[], strategy="uniform"), "non-empty"),
+        (dict(sizes=[3, 0], strategy="uniform"), "positive"),
+        (dict(sizes=[3], strategy="balanced"), "choose one of: uniform, proportional, temperature, exp"),
+        (dict(sizes=[3], strategy="temperature", temperature=0), "temperature must be positive"),
+    ],
+)
 def test_probability_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         task_probabilities(**bad)
@@ -41,8 +45,9 @@ def test_probability_errors(bad, message):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("homogeneous", [True, False])
 def test_empirical_task_proportions_match(strategy, homogeneous):
-    sampler = MultiTaskBatchSampler(SIZES, batch_size=4, strategy=strategy, temperature=2.0,
-                                    homogeneous=homogeneous, seed=3)
+    sampler = MultiTaskBatchSampler(
+        SIZES, batch_size=4, strategy=strategy, temperature=2.0, homogeneous=homogeneous, seed=3
+    )
     counts = Counter(task for batch in sampler.batches(3000) for task, _ in batch)
     empirical = np.array([counts[task] for task in range(len(SIZES))]) / sum(counts.values())
     # 3000 task draws (12000 when mixed): a standard error below 0.01 for every task.
@@ -63,8 +68,10 @@ def test_mixed_batches_mix_tasks():
 
 @pytest.mark.parametrize("homogeneous", [True, False])
 def test_ranks_share_tasks_and_split_examples(homogeneous):
-    ranks = [MultiTaskBatchSampler(SIZES, batch_size=4, homogeneous=homogeneous, seed=5, rank=rank, world_size=2)
-             for rank in (0, 1)]
+    ranks = [
+        MultiTaskBatchSampler(SIZES, batch_size=4, homogeneous=homogeneous, seed=5, rank=rank, world_size=2)
+        for rank in (0, 1)
+    ]
     single = MultiTaskBatchSampler(SIZES, batch_size=8, homogeneous=homogeneous, seed=5)
     for batch0, batch1, global_batch in zip(ranks[0].batches(50), ranks[1].batches(50), single.batches(50)):
         if homogeneous:

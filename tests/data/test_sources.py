@@ -74,7 +74,7 @@ def test_without_ept_data_dir_the_shared_folder_beside_the_checkout_is_found(mon
 def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path):
     path = write_glue(tmp_path, "rte", "train.jsonl", [json.dumps(RTE_ROW), json.dumps(RTE_ROW)])
     text = path.read_bytes()
-    path.write_bytes(text[: len(text) // 2 + 20] + b"\xff" + text[len(text) // 2 + 20:])
+    path.write_bytes(text[: len(text) // 2 + 20] + b"\xff" + text[len(text) // 2 + 20 :])
     with pytest.raises(DataSourceError, match=rf"{path}, line 2, column \d+: byte 0xff is not UTF-8.*re-encode"):
         load_examples("rte", "train", tmp_path)
     boolq = tmp_path / "commonsense" / "boolq" / "train.json"
@@ -84,26 +84,43 @@ def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path):
         load_examples("boolq", "train", tmp_path)
 
 
-@pytest.mark.parametrize("task, split, rows", [
-    ("rte", "validation", 277), ("qnli", "train", 9999), ("mnli", "heldout", 1000), ("qqp", "train", 8999),
-    ("boolq", "test", 3270), ("openbookqa", "test", 500), ("arc_challenge", "train", 1119),
-])
+@pytest.mark.parametrize(
+    "task, split, rows",
+    [
+        ("rte", "validation", 277),
+        ("qnli", "train", 9999),
+        ("mnli", "heldout", 1000),
+        ("qqp", "train", 8999),
+        ("boolq", "test", 3270),
+        ("openbookqa", "test", 500),
+        ("arc_challenge", "train", 1119),
+    ],
+)
 def test_local_row_counts(task, split, rows, ept_data_dir):
     assert len(load_examples(task, split, ept_data_dir)) == rows
 
 
 def test_local_examples_have_the_documented_shape(ept_data_dir):
     cola = load_examples("cola", "validation", ept_data_dir)[0]
-    assert cola == {"idx": 0, "sentence1": "The sailors rode the breeze clear of the rocks.", "sentence2": None,
-                    "label": 1}
+    assert cola == {
+        "idx": 0,
+        "sentence1": "The sailors rode the breeze clear of the rocks.",
+        "sentence2": None,
+        "label": 1,
+    }
     stsb = load_examples("stsb", "validation", ept_data_dir)[1]
     assert stsb["label"] == 4.75 and isinstance(stsb["label"], float)
     arc = load_examples("arc_easy", "train", ept_data_dir)
     assert {len(example["choices"]) for example in arc} == {3, 4, 5}
     assert arc[0] == {
-        "question": "Which factor will most likely cause a person to develop a fever?", "passage": "",
-        "choices": ["a leg muscle relaxing after exercise", "a bacterial population in the bloodstream",
-                    "several viral particles on the skin", "carbohydrates being digested in the stomach"],
+        "question": "Which factor will most likely cause a person to develop a fever?",
+        "passage": "",
+        "choices": [
+            "a leg muscle relaxing after exercise",
+            "a bacterial population in the bloodstream",
+            "several viral particles on the skin",
+            "carbohydrates being digested in the stomach",
+        ],
         "label": 1,
     }
 
@@ -163,10 +180,11 @@ def test_unlabelled_glue_rows_are_dropped(tmp_path):
 
 
 def test_malformed_commonsense_row_names_file_and_line(tmp_path):
-    instruction = ("Please choose the correct answer to the question: Q{n}?\n\nAnswer1: x Answer2: y Answer3: z "
-                   "Answer4: w\n\nAnswer format: answer1/answer2/answer3/answer4")
-    rows = [{"instruction": instruction.format(n=n), "input": "", "output": "", "answer": "answer1"}
-            for n in range(3)]
+    instruction = (
+        "Please choose the correct answer to the question: Q{n}?\n\nAnswer1: x Answer2: y Answer3: z "
+        "Answer4: w\n\nAnswer format: answer1/answer2/answer3/answer4"
+    )
+    rows = [{"instruction": instruction.format(n=n), "input": "", "output": "", "answer": "answer1"} for n in range(3)]
     rows[2]["answer"] = "answer7"
     folder = tmp_path / "commonsense" / "openbookqa"
     folder.mkdir(parents=True)
@@ -174,14 +192,17 @@ def test_malformed_commonsense_row_names_file_and_line(tmp_path):
     (folder / "test.json").write_text(text, encoding="utf-8")
     # The bad row's opening brace is the line just before its "instruction" line.
     expected_line = next(i for i, line in enumerate(text.splitlines(), start=1) if "Q2?" in line) - 1
-    with pytest.raises(DataSourceError,
-                       match=f"test.json, line {expected_line}: label 6 does not index one of the 4 options"):
+    with pytest.raises(
+        DataSourceError, match=f"test.json, line {expected_line}: label 6 does not index one of the 4 options"
+    ):
         load_examples("openbookqa", "test", tmp_path)
 
 
 def test_hub_glue_rows_are_converted(monkeypatch, no_env_data_dir):
-    hub_rows = [{"premise": "P0", "hypothesis": "H0", "label": 2, "idx": 0},
-                {"premise": "P1", "hypothesis": "H1", "label": -1, "idx": 1}]
+    hub_rows = [
+        {"premise": "P0", "hypothesis": "H0", "label": 2, "idx": 0},
+        {"premise": "P1", "hypothesis": "H1", "label": -1, "idx": 1},
+    ]
     calls = fake_hub(monkeypatch, {("nyu-mll/glue", "mnli", "validation_matched"): hub_rows})
     assert load_examples("mnli", "validation") == [{"idx": 0, "sentence1": "P0", "sentence2": "H0", "label": 2}]
     assert calls == [("nyu-mll/glue", "mnli", "validation_matched")]
@@ -193,27 +214,39 @@ def test_hub_single_sentence_glue(monkeypatch, no_env_data_dir):
 
 
 def test_hub_commonsense_rows_are_converted(monkeypatch, no_env_data_dir):
-    arc_row = {"id": "x", "question": "Which?", "answerKey": "3",
-               "choices": {"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]}}
-    obqa_row = {"id": "y", "question_stem": "What?", "answerKey": "B",
-                "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]}}
+    arc_row = {
+        "id": "x",
+        "question": "Which?",
+        "answerKey": "3",
+        "choices": {"text": ["a", "b", "c", "d"], "label": ["1", "2", "3", "4"]},
+    }
+    obqa_row = {
+        "id": "y",
+        "question_stem": "What?",
+        "answerKey": "B",
+        "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]},
+    }
     boolq_row = {"question": "is it", "answer": True, "passage": "It is."}
-    calls = fake_hub(monkeypatch, {
-        ("allenai/ai2_arc", "ARC-Challenge", "test"): [arc_row],
-        ("allenai/openbookqa", "main", "train"): [obqa_row],
-        ("google/boolq", None, "validation"): [boolq_row],
-    })
+    calls = fake_hub(
+        monkeypatch,
+        {
+            ("allenai/ai2_arc", "ARC-Challenge", "test"): [arc_row],
+            ("allenai/openbookqa", "main", "train"): [obqa_row],
+            ("google/boolq", None, "validation"): [boolq_row],
+        },
+    )
     assert load_examples("arc_challenge", "test") == [
-        {"question": "Which?", "passage": "", "choices": ["a", "b", "c", "d"], "label": 2}]
+        {"question": "Which?", "passage": "", "choices": ["a", "b", "c", "d"], "label": 2}
+    ]
     assert load_examples("openbookqa", "train")[0]["label"] == 1
     assert load_examples("boolq", "test") == [
-        {"question": "is it", "passage": "It is.", "choices": ["no", "yes"], "label": 1}]
+        {"question": "is it", "passage": "It is.", "choices": ["no", "yes"], "label": 1}
+    ]
     assert calls[-1] == ("google/boolq", None, "validation")  # LLM-Adapters' BoolQ test is the official dev set
 
 
 def test_malformed_hub_row_names_dataset_and_row(monkeypatch, no_env_data_dir):
-    bad = {"id": "x", "question": "Which?", "answerKey": "E",
-           "choices": {"text": ["a", "b"], "label": ["A", "B"]}}
+    bad = {"id": "x", "question": "Which?", "answerKey": "E", "choices": {"text": ["a", "b"], "label": ["A", "B"]}}
     fake_hub(monkeypatch, {("allenai/ai2_arc", "ARC-Easy", "train"): [bad]})
     with pytest.raises(DataSourceError, match=r"allenai/ai2_arc \(ARC-Easy\) split train, row 0: answerKey 'E'"):
         load_examples("arc_easy", "train")

@@ -103,6 +103,7 @@ def test_unknown_protocol(ept_data_dir):
 
 # The "selection" protocol: choose on rows carved from train, report on the whole dev set -----------------------
 
+
 def positions(rows, universe):
     """Positions in ``universe`` of each of ``rows`` (rows are dicts; identity by content and position order)."""
     index = {}
@@ -111,15 +112,23 @@ def positions(rows, universe):
     return [index[repr(sorted(row.items()))].pop(0) for row in rows]
 
 
-@pytest.mark.parametrize("task, sizes", [("rte", (1992, 498, 277)), ("cola", (7551, 1000, 1043)),
-                                         ("qnli", (8999, 1000, 5463)), ("sst2", (66349, 1000, 872)), ("stsb", (4749, 1000, 1500))])
+@pytest.mark.parametrize(
+    "task, sizes",
+    [
+        ("rte", (1992, 498, 277)),
+        ("cola", (7551, 1000, 1043)),
+        ("qnli", (8999, 1000, 5463)),
+        ("sst2", (66349, 1000, 872)),
+        ("stsb", (4749, 1000, 1500)),
+    ],
+)
 def test_selection_carves_validation_from_train_and_reports_on_whole_dev(task, sizes, ept_data_dir):
     splits = build_splits(task, "selection", ept_data_dir)
     assert (len(splits.train), len(splits.eval), len(splits.test)) == sizes
     dev = load_examples(task, "validation", ept_data_dir)
-    assert splits.test[:len(dev)] == dev  # the whole dev set, in its order
+    assert splits.test[: len(dev)] == dev  # the whole dev set, in its order
     train = load_examples(task, "train", ept_data_dir)
-    carved = positions(splits.test[len(dev):] + splits.eval, train)
+    carved = positions(splits.test[len(dev) :] + splits.eval, train)
     trained = positions(splits.train, train)
     assert not set(carved) & set(trained) and len(set(carved)) == len(carved)  # disjoint rows of train
     assert len(carved) + len(trained) == len(train)
@@ -152,13 +161,18 @@ def test_selection_on_commonsense_reports_on_the_test_file(ept_data_dir):
 
 
 def test_selection_caps_validation_and_reported_rows_with_max_eval(ept_data_dir):
-    full, capped = build_splits("rte", "selection", ept_data_dir), build_splits("rte", "selection", ept_data_dir, max_eval=8)
+    full, capped = (
+        build_splits("rte", "selection", ept_data_dir),
+        build_splits("rte", "selection", ept_data_dir, max_eval=8),
+    )
     assert (capped.eval, capped.test, capped.train) == (full.eval[:8], full.test[:8], full.train)
     assert capped.test_split.endswith("(first 8 rows)")
 
 
 def test_selection_names_where_the_validation_rows_come_from(ept_data_dir):
     assert build_splits("rte", "selection", ept_data_dir).eval_split == (
-        "train[498 rows, seed 2026] (validation carved from train)")
+        "train[498 rows, seed 2026] (validation carved from train)"
+    )
     assert build_splits("qqp", "selection", ept_data_dir).eval_split == (
-        "train[1000 rows after 1000, seed 2026] (validation carved from train)")
+        "train[1000 rows after 1000, seed 2026] (validation carved from train)"
+    )

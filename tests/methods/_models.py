@@ -70,8 +70,12 @@ def assert_merge_and_export_match(model, family: str, tmp_path, task: int, task_
 def generate_with_beams(model, family: str, task_ids: torch.Tensor) -> torch.Tensor:
     batch = tiny_batch(family)
     return model.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=task_ids,
-        num_beams=2, max_new_tokens=3, do_sample=False,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        task_ids=task_ids,
+        num_beams=2,
+        max_new_tokens=3,
+        do_sample=False,
     )
 
 

@@ -11,13 +11,20 @@ import textwrap
 
 import pytest
 import torch
+from _models import assert_merge_and_export_match, assert_save_reload_exact, main_output, perturb, training_loss
 from peft import get_peft_model
 
-from _models import assert_merge_and_export_match, assert_save_reload_exact, main_output, perturb, training_loss
 from conftest import TINY_BUILDERS, tiny_batch
 from pyramid_peft import (
-    Merging, NotMergeableError, Routing, TaskRoutingError, aux_loss, count_parameters, export_lora,
-    make_peft_config, merge_for_task,
+    Merging,
+    NotMergeableError,
+    Routing,
+    TaskRoutingError,
+    aux_loss,
+    count_parameters,
+    export_lora,
+    make_peft_config,
+    merge_for_task,
 )
 from pyramid_peft.registry import METHODS
 
@@ -52,8 +59,10 @@ def check_forward(model, family: str) -> None:
         with pytest.raises(TaskRoutingError):
             main_output(model, batch)
     if routing is not Routing.BATCH:  # a batch-routed method routes the whole batch at once, by design
-        alone = [main_output(model, {k: v[i : i + 1] for k, v in batch.items()}, task_ids=IDS[i : i + 1])
-                 for i in range(len(IDS))]
+        alone = [
+            main_output(model, {k: v[i : i + 1] for k, v in batch.items()}, task_ids=IDS[i : i + 1])
+            for i in range(len(IDS))
+        ]
         torch.testing.assert_close(out, torch.cat(alone), rtol=1e-4, atol=1e-5)
 
 

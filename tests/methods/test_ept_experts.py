@@ -9,9 +9,6 @@ from pyramid_peft.methods.ept import experts
 pytestmark = pytest.mark.usefixtures("float64_default")  # float64 identities (conftest)
 
 
-
-
-
 def reference_kron(S, K):
     """kron(S, K) written out entry by entry: Y[i*k + p, j*k + q] = S[i, j] K[p, q]."""
     m, n = S.shape

@@ -18,8 +18,6 @@ KERNELS = [2, 2, 4, 4, 6, 6, 8, 8]
 PAPER_INIT = dict(factor_init="gaussian", kernel_init="zeros", dim_scale="rank_sq")  # the paper form's start
 
 
-
-
 def make_layer(d_in=24, d_out=32, seed=0, randomize=True, **overrides):
     torch.manual_seed(seed)
     settings = dict(num_tasks=3, r=4, lora_alpha=8, lora_dropout=0.0, kernel_sizes=KERNELS, top_k=2)
@@ -194,12 +192,10 @@ def test_task_ids_are_required_and_checked():
     x = torch.randn(2, 3, 24)
     with pytest.raises(TaskRoutingError, match="task_ids"):
         layer(x)
-    with pytest.raises(TaskRoutingError, match=r"outside \[0, 3\)"):
-        with layer.route.call(torch.tensor([0, 3])):
-            layer(x)
-    with pytest.raises(TaskRoutingError, match="one task id per example"):
-        with layer.route.call(torch.tensor([0, 1, 2])):
-            layer(x)
+    with pytest.raises(TaskRoutingError, match=r"outside \[0, 3\)"), layer.route.call(torch.tensor([0, 3])):
+        layer(x)
+    with pytest.raises(TaskRoutingError, match="one task id per example"), layer.route.call(torch.tensor([0, 1, 2])):
+        layer(x)
 
 
 @pytest.mark.parametrize(

@@ -4,14 +4,21 @@ import math
 
 import pytest
 import torch
+from _models import (
+    T5_BASE_TARGETS,
+    adapted_shapes,
+    adapter_grads,
+    assert_equals_base,
+    generate_with_beams,
+    main_output,
+    peft_tiny,
+    perturb,
+    t5_base_skeleton,
+    training_loss,
+)
 from peft import get_peft_model
 from torch import nn
 
-from _models import (
-    assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, generate_with_beams, main_output,
-    peft_tiny, perturb, t5_base_skeleton, training_loss,
-)
 from conftest import tiny_batch
 from pyramid_peft import count_parameters, make_peft_config
 from pyramid_peft.methods.hydralora import HydraLoraConfig

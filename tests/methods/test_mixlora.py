@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import generate_with_beams, main_output, perturb, training_loss
 from peft import get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
 import pyramid_peft
-from _models import generate_with_beams, main_output, perturb, training_loss
 from conftest import TINY_BUILDERS, tiny_batch
 from pyramid_peft import Merging, NotMergeableError, Routing, count_parameters, export_lora, merge_for_task
-from pyramid_peft.methods.mixlora import ExpertOutput, FeedForward, MixLoraConfig
 from pyramid_peft.gating import switch_balance_loss, topk_softmax
+from pyramid_peft.methods.mixlora import ExpertOutput, FeedForward, MixLoraConfig
 from pyramid_peft.registry import make_peft_config, method_names
 
 E, R, ALPHA, K = 4, 4, 8, 2  # experts, rank, alpha (scale 2), top-k
@@ -25,8 +25,17 @@ D, D_FF = 32, 64  # tiny models' d_model and FFN width (conftest)
 def build_gated_t5(seed: int = 0) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=96, d_model=D, d_ff=D_FF, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, feed_forward_proj="gated-gelu",
+        vocab_size=96,
+        d_model=D,
+        d_ff=D_FF,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        d_kv=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        feed_forward_proj="gated-gelu",
     )
     return T5ForConditionalGeneration(config).eval()
 
@@ -272,8 +281,10 @@ def test_balance_loss_leaves_padding_out():
     batch["attention_mask"][0, 5:] = 0  # right padding in the first row
     layers = ffn_layers(model)
     rows = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: rows.__setitem__(i, args[0].detach()))
-             for i, layer in enumerate(layers)]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, args, i=i: rows.__setitem__(i, args[0].detach()))
+        for i, layer in enumerate(layers)
+    ]
     model(**batch)
     for hook in hooks:
         hook.remove()
@@ -380,7 +391,11 @@ def test_config_defaults_registry_and_validation():
     assert (config.capabilities().routing, config.capabilities().merging) == (Routing.TOKEN, Merging.NONE)
     assert "mixlora" in method_names() and isinstance(make_peft_config("mixlora", r=4), MixLoraConfig)
     bad_settings = (
-        dict(top_k=0), dict(top_k=9), dict(num_experts=0), dict(jitter_noise=1.0), dict(router_aux_loss_coef=-1)
+        dict(top_k=0),
+        dict(top_k=9),
+        dict(num_experts=0),
+        dict(jitter_noise=1.0),
+        dict(router_aux_loss_coef=-1),
     )
     for bad in bad_settings:
         with pytest.raises(ValueError):

@@ -2,14 +2,21 @@
 
 import pytest
 import torch
+from _models import (
+    T5_BASE_TARGETS,
+    adapted_shapes,
+    adapter_grads,
+    assert_equals_base,
+    generate_with_beams,
+    main_output,
+    peft_tiny,
+    perturb,
+    t5_base_skeleton,
+    training_loss,
+)
 from peft import get_peft_model
 from torch import nn
 
-from _models import (
-    assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, generate_with_beams, main_output, peft_tiny, perturb,
-    t5_base_skeleton, training_loss,
-)
 from conftest import tiny_batch
 from pyramid_peft import TaskRoutingError, count_parameters, make_peft_config
 from pyramid_peft.methods.moelora import MoeLoraConfig
@@ -27,8 +34,15 @@ def tiny(family, **overrides):
 
 def make_layer(d_in=10, d_out=7, r=6, num_experts=3, num_tasks=3):
     torch.manual_seed(0)
-    config = MoeLoraConfig(target_modules=["x"], num_tasks=num_tasks, r=r, num_experts=num_experts, lora_alpha=12,
-                           task_embedding_dim=5, lora_dropout=0.0)
+    config = MoeLoraConfig(
+        target_modules=["x"],
+        num_tasks=num_tasks,
+        r=r,
+        num_experts=num_experts,
+        lora_alpha=12,
+        task_embedding_dim=5,
+        lora_dropout=0.0,
+    )
     layer = Linear(nn.Linear(d_in, d_out), "default", config, route=TaskRoute(num_tasks, "MOELoRA")).double()
     with torch.no_grad():
         layer.moelora_B["default"].normal_()
@@ -69,7 +83,7 @@ def test_mixed_task_batch_equals_per_task_batches_in_a_model(family):
     batch = tiny_batch(family)
     mixed = main_output(model, batch, task_ids=IDS)
     for task in range(3):
-        rows = IDS == task
+        rows = task == IDS
         alone = main_output(model, {k: v[rows] for k, v in batch.items()}, task_ids=IDS[rows])
         torch.testing.assert_close(mixed[rows], alone, rtol=0, atol=1e-5)
 
@@ -137,8 +151,12 @@ def test_generate_with_beams_routes_each_example(family):
     # the beams of each example follow that example's task: same sequences as generating it alone
     for n in (0, 2):  # tasks 2 and 1
         alone = model.generate(
-            input_ids=batch["input_ids"][n : n + 1], attention_mask=batch["attention_mask"][n : n + 1],
-            task_ids=IDS[n : n + 1], num_beams=2, max_new_tokens=3, do_sample=False,
+            input_ids=batch["input_ids"][n : n + 1],
+            attention_mask=batch["attention_mask"][n : n + 1],
+            task_ids=IDS[n : n + 1],
+            num_beams=2,
+            max_new_tokens=3,
+            do_sample=False,
         )
         assert torch.equal(alone[0], together[n, : alone.shape[1]])
 

@@ -4,15 +4,23 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import (
+    T5_BASE_TARGETS,
+    adapted_shapes,
+    adapter_grads,
+    assert_equals_base,
+    assert_save_reload_exact,
+    generate_with_beams,
+    main_output,
+    peft_tiny,
+    perturb,
+    t5_base_skeleton,
+    training_loss,
+)
 from peft import PeftModel, get_peft_model
 from torch import nn
 
 import pyramid_peft
-from _models import (
-    assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_save_reload_exact,
-    generate_with_beams, main_output, peft_tiny, perturb, t5_base_skeleton, training_loss,
-)
 from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
 from pyramid_peft import count_parameters, make_peft_config
 from pyramid_peft.methods.more import MoreConfig
@@ -50,7 +58,12 @@ def test_nested_rank_forward_equals_float64_reference(num_experts, rank_scale):
     torch.manual_seed(0)
     r, tasks = 6, 4
     config = MoreConfig(
-        target_modules=["x"], num_tasks=tasks, r=r, lora_alpha=3.0, lora_dropout=0.0, num_experts=num_experts,
+        target_modules=["x"],
+        num_tasks=tasks,
+        r=r,
+        lora_alpha=3.0,
+        lora_dropout=0.0,
+        num_experts=num_experts,
         rank_scale=rank_scale,
     )
     route = TaskRoute(tasks, "MoRE")
@@ -150,7 +163,7 @@ def test_mixed_batch_equals_task_homogeneous_batches(family):
     mixed = main_output(model, batch, task_ids=IDS)
     for task in IDS.unique().tolist():
         alone = main_output(model, batch, task_ids=torch.full_like(IDS, task))
-        rows = IDS == task
+        rows = task == IDS
         torch.testing.assert_close(mixed[rows], alone[rows], rtol=0, atol=1e-6)
     assert len({tuple(c.tolist()) for c in choices(model)}) > 1
 
@@ -182,11 +195,14 @@ def test_contrastive_loss_equals_reference(family, expect_encoder_only):
 
 def test_a_second_adapter_gets_the_same_contrastive_modules_as_the_first():
     model = tiny("t5", contrastive_weight=0.3)
-    model.add_adapter("second", MoreConfig(num_tasks=3, r=R, contrastive_weight=0.3,
-                                           target_modules=set(TINY_TARGETS["t5"])))
+    model.add_adapter(
+        "second", MoreConfig(num_tasks=3, r=R, contrastive_weight=0.3, target_modules=set(TINY_TARGETS["t5"]))
+    )
     layers = dict(model.base_model.routed_layers())
-    flags = {adapter: {n for n, layer in layers.items() if layer.more_contrastive[adapter]}
-             for adapter in ("default", "second")}
+    flags = {
+        adapter: {n for n, layer in layers.items() if layer.more_contrastive[adapter]}
+        for adapter in ("default", "second")
+    }
     assert flags["default"] == flags["second"] == {n for n in layers if ".encoder." in f".{n}"}
 
 
@@ -243,8 +259,11 @@ def test_expert_ranks():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"r": 0}, "r=0"), ({"num_experts": 9}, "num_experts=9"), ({"route_mode": "frozen"}, "route_mode"),
-        ({"contrastive_pooling": "last"}, "contrastive_pooling"), ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"r": 0}, "r=0"),
+        ({"num_experts": 9}, "num_experts=9"),
+        ({"route_mode": "frozen"}, "route_mode"),
+        ({"contrastive_pooling": "last"}, "contrastive_pooling"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
     ],
 )
 def test_config_errors(overrides, message):

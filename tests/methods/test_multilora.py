@@ -4,14 +4,22 @@ import math
 
 import pytest
 import torch
+from _models import (
+    T5_BASE_TARGETS,
+    adapted_shapes,
+    adapter_grads,
+    assert_equals_base,
+    assert_merge_and_export_match,
+    generate_with_beams,
+    main_output,
+    peft_tiny,
+    perturb,
+    t5_base_skeleton,
+    training_loss,
+)
 from peft import get_peft_model
 from torch import nn
 
-from _models import (
-    assert_equals_base,
-    T5_BASE_TARGETS, adapted_shapes, adapter_grads, assert_merge_and_export_match, generate_with_beams, main_output,
-    peft_tiny, perturb, t5_base_skeleton, training_loss,
-)
 from conftest import tiny_batch
 from pyramid_peft import count_parameters, make_peft_config
 from pyramid_peft.merge import task_factors
@@ -78,8 +86,9 @@ def test_task_ids_are_accepted_and_ignored(family):
     batch = tiny_batch(family)
     without = main_output(model, batch)
     torch.testing.assert_close(main_output(model, batch, task_ids=IDS), without, rtol=0, atol=0)
-    torch.testing.assert_close(main_output(model, batch, task_ids=torch.zeros(4, dtype=torch.long)), without,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        main_output(model, batch, task_ids=torch.zeros(4, dtype=torch.long)), without, rtol=0, atol=0
+    )
 
 
 def test_merge_and_export_reproduce_the_model_for_any_task(tmp_path, family):

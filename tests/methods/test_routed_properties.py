@@ -14,6 +14,7 @@ The number of examples comes from the Hypothesis profile (``tests/conftest.py``;
 
 import tempfile
 
+import _reference as ref
 import pytest
 import torch
 from hypothesis import assume, given
@@ -21,7 +22,6 @@ from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-import _reference as ref
 from pyramid_peft import EptConfig, MoeLoraConfig, MoreConfig, TuckaConfig, export_lora, merge_for_task
 from pyramid_peft.methods.tucka import fixed_route
 
@@ -47,13 +47,22 @@ class Pair(nn.Module):
 def ept_configs(draw, mergeable: bool = False):
     kernels = draw(st.lists(st.integers(1, 8), min_size=1, max_size=5))  # repeated, single, unsorted
     return EptConfig(
-        target_modules=["q", "o"], num_tasks=NUM_TASKS, lora_dropout=0.0, kernel_sizes=kernels,
-        r=draw(st.integers(1, 4)), lora_alpha=draw(st.sampled_from([1.0, 4.0, 8.0])),
-        top_k=draw(st.integers(1, len(kernels))), expert_form=draw(st.sampled_from(["kron2d", "code1d"])),
-        alp=draw(st.booleans()), dim_scale=draw(st.sampled_from(["none", "rank_sq", "rank_lin", "coord_lin"])),
-        gate_form=draw(st.sampled_from(["paper", "code"])), router_tau=draw(st.sampled_from([1.0, 0.5])),
+        target_modules=["q", "o"],
+        num_tasks=NUM_TASKS,
+        lora_dropout=0.0,
+        kernel_sizes=kernels,
+        r=draw(st.integers(1, 4)),
+        lora_alpha=draw(st.sampled_from([1.0, 4.0, 8.0])),
+        top_k=draw(st.integers(1, len(kernels))),
+        expert_form=draw(st.sampled_from(["kron2d", "code1d"])),
+        alp=draw(st.booleans()),
+        dim_scale=draw(st.sampled_from(["none", "rank_sq", "rank_lin", "coord_lin"])),
+        gate_form=draw(st.sampled_from(["paper", "code"])),
+        router_tau=draw(st.sampled_from([1.0, 0.5])),
         router_input="task" if mergeable else draw(st.sampled_from(["task", "token", "task+token"])),
-        kernel_init="kaiming", contrastive_weight=draw(st.sampled_from([0.0, 0.1])), contrastive_modules="all",
+        kernel_init="kaiming",
+        contrastive_weight=draw(st.sampled_from([0.0, 0.1])),
+        contrastive_modules="all",
     )
 
 
@@ -61,8 +70,13 @@ def ept_configs(draw, mergeable: bool = False):
 def moelora_configs(draw):
     experts = draw(st.integers(1, 4))
     return MoeLoraConfig(
-        target_modules=["q", "o"], num_tasks=NUM_TASKS, lora_dropout=0.0, num_experts=experts,
-        r=experts * draw(st.integers(1, 2)), task_embedding_dim=draw(st.integers(1, 6)), lora_alpha=4.0,
+        target_modules=["q", "o"],
+        num_tasks=NUM_TASKS,
+        lora_dropout=0.0,
+        num_experts=experts,
+        r=experts * draw(st.integers(1, 2)),
+        task_embedding_dim=draw(st.integers(1, 6)),
+        lora_alpha=4.0,
     )
 
 
@@ -70,8 +84,14 @@ def moelora_configs(draw):
 def more_configs(draw):
     r = draw(st.integers(1, 5))
     return MoreConfig(
-        target_modules=["q", "o"], num_tasks=NUM_TASKS, lora_dropout=0.0, r=r, num_experts=draw(st.integers(1, r)),
-        rank_scale=draw(st.booleans()), route_mode=draw(st.sampled_from(["intended", "reference"])), lora_alpha=4.0,
+        target_modules=["q", "o"],
+        num_tasks=NUM_TASKS,
+        lora_dropout=0.0,
+        r=r,
+        num_experts=draw(st.integers(1, r)),
+        rank_scale=draw(st.booleans()),
+        route_mode=draw(st.sampled_from(["intended", "reference"])),
+        lora_alpha=4.0,
         contrastive_weight=draw(st.sampled_from([0.0, 0.1])),
     )
 
@@ -79,9 +99,15 @@ def more_configs(draw):
 @st.composite
 def tucka_configs(draw):
     return TuckaConfig(
-        target_modules=["q", "o"], num_tasks=NUM_TASKS, routing="example", r=draw(st.integers(1, 3)),
-        k=draw(st.integers(1, 3)), t=draw(st.integers(1, 3)), p=draw(st.integers(1, 2)),
-        alpha=draw(st.sampled_from([1.0, 2.0])), centroid_init="kaiming",
+        target_modules=["q", "o"],
+        num_tasks=NUM_TASKS,
+        routing="example",
+        r=draw(st.integers(1, 3)),
+        k=draw(st.integers(1, 3)),
+        t=draw(st.integers(1, 3)),
+        p=draw(st.integers(1, 2)),
+        alpha=draw(st.sampled_from([1.0, 2.0])),
+        centroid_init="kaiming",
     )
 
 
@@ -232,8 +258,16 @@ def test_literal_transposed_convolutions_equal_the_factored_experts(case, data):
 def test_generate_with_mixed_tasks_and_beams_equals_one_example_at_a_time(make):
     from conftest import build_tiny_t5, tiny_batch
 
-    config = make(target_modules=["q", "v", "wi"], num_tasks=NUM_TASKS, r=2, lora_alpha=8, kernel_sizes=[4, 2, 4, 1],
-                  top_k=2, lora_dropout=0.0, kernel_init="kaiming")
+    config = make(
+        target_modules=["q", "v", "wi"],
+        num_tasks=NUM_TASKS,
+        r=2,
+        lora_alpha=8,
+        kernel_sizes=[4, 2, 4, 1],
+        top_k=2,
+        lora_dropout=0.0,
+        kernel_init="kaiming",
+    )
     model = get_peft_model(build_tiny_t5(), config).eval()
     with torch.no_grad():
         for param in model.parameters():

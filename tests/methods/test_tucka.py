@@ -4,21 +4,35 @@ routing, merging a fixed route, gradient checkpointing, save/reload, beams and c
 
 import pytest
 import torch
+from _models import (
+    T5_BASE_TARGETS,
+    adapted_shapes,
+    generate_with_beams,
+    main_output,
+    peft_tiny,
+    perturb,
+    t5_base_skeleton,
+    training_loss,
+)
 from peft import PeftModel, get_peft_model
 from torch import nn
 
 import pyramid_peft
-from _models import (
-    T5_BASE_TARGETS, adapted_shapes, generate_with_beams, main_output, peft_tiny,
-    perturb, t5_base_skeleton, training_loss,
-)
 from conftest import TINY_BUILDERS, tiny_batch
 from pyramid_peft import (
-    Capabilities, Merging, Routing, count_parameters, export_lora, make_peft_config,
+    Capabilities,
+    Merging,
+    Routing,
+    count_parameters,
+    export_lora,
+    make_peft_config,
     merge_tucka_route,
 )
 from pyramid_peft.methods.tucka import (
-    TuckaConfig, TuckaLayer, TuckaRoutingError, fixed_route,
+    TuckaConfig,
+    TuckaLayer,
+    TuckaRoutingError,
+    fixed_route,
 )
 
 R, K, T, P, ALPHA = 4, 2, 3, 2, 0.7
@@ -321,8 +335,12 @@ def test_t5_base_count_with_the_glue_settings():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"r": 0}, "r=0"), ({"k": 0}, "k=0"), ({"routing": "token"}, "routing"), ({"balance": "aux"}, "balance"),
-        ({"centroid_init": "zeros"}, "centroid_init"), ({"alb_gamma": 0}, "alb_gamma"),
+        ({"r": 0}, "r=0"),
+        ({"k": 0}, "k=0"),
+        ({"routing": "token"}, "routing"),
+        ({"balance": "aux"}, "balance"),
+        ({"centroid_init": "zeros"}, "centroid_init"),
+        ({"alb_gamma": 0}, "alb_gamma"),
     ],
 )
 def test_config_errors(overrides, message):

@@ -9,15 +9,25 @@ from pyramid_peft.data import ClassificationCollator, build_splits, load_example
 from pyramid_peft.data.sources import DataSourceError
 from pyramid_peft.tasks import LocalFiles, TaskSpec, get_task, register_task, unregister_task
 
-TOY = TaskSpec(name="toysent", family="glue", prompt_prefix="toysent", label_words=("negative", "positive"),
-               paper_metric="accuracy", metrics=("accuracy",), fields=(("sentence", "sentence1"),), title="Toy",
-               local=LocalFiles("toysent", (("train", "train.jsonl"), ("validation", "validation.jsonl"))))
+TOY = TaskSpec(
+    name="toysent",
+    family="glue",
+    prompt_prefix="toysent",
+    label_words=("negative", "positive"),
+    paper_metric="accuracy",
+    metrics=("accuracy",),
+    fields=(("sentence", "sentence1"),),
+    title="Toy",
+    local=LocalFiles("toysent", (("train", "train.jsonl"), ("validation", "validation.jsonl"))),
+)
 
 
 def toy_rows(count, offset=0):
     words = ["good", "bad"]
-    return [{"idx": offset + i, "sentence1": f"a {words[i % 2]} film number {i}", "sentence2": None,
-             "label": 1 - i % 2} for i in range(count)]
+    return [
+        {"idx": offset + i, "sentence1": f"a {words[i % 2]} film number {i}", "sentence2": None, "label": 1 - i % 2}
+        for i in range(count)
+    ]
 
 
 @pytest.fixture
@@ -64,12 +74,22 @@ def test_the_toy_task_trains_and_evaluates_end_to_end(toy_task, tiny_experiment)
 
 def test_a_local_only_task_without_its_file_and_a_task_without_any_source_fail_clearly(tmp_path):
     register_task(TOY)
-    nowhere = TaskSpec(name="nowhere", family="glue", prompt_prefix="nowhere", label_words=("a", "b"),
-                       paper_metric="accuracy", metrics=("accuracy",), fields=(("sentence", "sentence1"),))
+    nowhere = TaskSpec(
+        name="nowhere",
+        family="glue",
+        prompt_prefix="nowhere",
+        label_words=("a", "b"),
+        paper_metric="accuracy",
+        metrics=("accuracy",),
+        fields=(("sentence", "sentence1"),),
+    )
     register_task(nowhere)
     try:
-        with pytest.raises(DataSourceError, match=r"(?s)toysent split 'train'.*toysent/train.jsonl does not exist"
-                                                   r".*has no hub copy"):
+        with pytest.raises(
+            DataSourceError,
+            match=r"(?s)toysent split 'train'.*toysent/train.jsonl does not exist"
+            r".*has no hub copy",
+        ):
             load_examples("toysent", "train", tmp_path)
         with pytest.raises(DataSourceError, match="names no data.*LocalFiles or a HubSource"):
             load_examples("nowhere", "train", tmp_path)

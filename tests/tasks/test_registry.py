@@ -37,8 +37,20 @@ def first_train_row(task, data_dir):
 
 
 def test_task_names_and_order():
-    assert TASK_NAMES == ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte",
-                          "boolq", "openbookqa", "arc_easy", "arc_challenge")
+    assert TASK_NAMES == (
+        "cola",
+        "sst2",
+        "mrpc",
+        "qqp",
+        "stsb",
+        "mnli",
+        "qnli",
+        "rte",
+        "boolq",
+        "openbookqa",
+        "arc_easy",
+        "arc_challenge",
+    )
     assert all(isinstance(get_task(name), TaskSpec) for name in TASK_NAMES)
 
 
@@ -51,14 +63,23 @@ def test_label_words_and_label_space(task):
     assert spec.family == ("glue" if task in GLUE_TEMPLATES else "commonsense")
 
 
-@pytest.mark.parametrize("task, paper_metric, metrics", [
-    ("cola", "mcc", ("mcc",)), ("stsb", "pearson", ("pearson", "spearman")),
-    ("mrpc", "accuracy", ("accuracy", "f1")), ("qqp", "accuracy", ("accuracy", "f1")),
-    ("sst2", "accuracy", ("accuracy",)), ("mnli", "accuracy", ("accuracy",)), ("qnli", "accuracy", ("accuracy",)),
-    ("rte", "accuracy", ("accuracy",)), ("boolq", "accuracy", ("accuracy",)),
-    ("openbookqa", "accuracy", ("accuracy",)), ("arc_easy", "accuracy", ("accuracy",)),
-    ("arc_challenge", "accuracy", ("accuracy",)),
-])
+@pytest.mark.parametrize(
+    "task, paper_metric, metrics",
+    [
+        ("cola", "mcc", ("mcc",)),
+        ("stsb", "pearson", ("pearson", "spearman")),
+        ("mrpc", "accuracy", ("accuracy", "f1")),
+        ("qqp", "accuracy", ("accuracy", "f1")),
+        ("sst2", "accuracy", ("accuracy",)),
+        ("mnli", "accuracy", ("accuracy",)),
+        ("qnli", "accuracy", ("accuracy",)),
+        ("rte", "accuracy", ("accuracy",)),
+        ("boolq", "accuracy", ("accuracy",)),
+        ("openbookqa", "accuracy", ("accuracy",)),
+        ("arc_easy", "accuracy", ("accuracy",)),
+        ("arc_challenge", "accuracy", ("accuracy",)),
+    ],
+)
 def test_metrics(task, paper_metric, metrics):
     assert get_task(task).paper_metric == paper_metric
     assert get_task(task).metrics == metrics
@@ -77,12 +98,18 @@ def test_glue_formats_on_a_real_row(task, ept_data_dir):
 
 def test_exact_strings_of_known_rows(ept_data_dir):
     rte = get_task("rte").to_text_to_text(first_train_row("rte", ept_data_dir))
-    assert rte == ("rte sentence1: No Weapons of Mass Destruction Found in Iraq Yet. "
-                   "sentence2: Weapons of Mass Destruction Found in Iraq.", "not_entailment")
+    assert rte == (
+        "rte sentence1: No Weapons of Mass Destruction Found in Iraq Yet. "
+        "sentence2: Weapons of Mass Destruction Found in Iraq.",
+        "not_entailment",
+    )
     obqa = get_task("openbookqa").to_text_to_text(first_train_row("openbookqa", ept_data_dir))
-    assert obqa == ("openbookqa question: The sun is responsible for choices: (A) puppies learning new tricks "
-                    "(B) children growing up and getting old (C) flowers wilting in a vase "
-                    "(D) plants sprouting, blooming and wilting", "D")
+    assert obqa == (
+        "openbookqa question: The sun is responsible for choices: (A) puppies learning new tricks "
+        "(B) children growing up and getting old (C) flowers wilting in a vase "
+        "(D) plants sprouting, blooming and wilting",
+        "D",
+    )
 
 
 @pytest.mark.parametrize("task", list(MULTIPLE_CHOICE_PREFIXES))
@@ -103,7 +130,8 @@ def test_boolq_formats_on_a_real_row(ept_data_dir):
     assert spec.to_classification(row) == (row["question"], None, row["label"])
     with_passage = {**row, "passage": "Persian is spoken in both."}
     assert spec.to_text_to_text(with_passage)[0] == (
-        f"boolq passage: Persian is spoken in both. question: {row['question']}")
+        f"boolq passage: Persian is spoken in both. question: {row['question']}"
+    )
     assert spec.to_classification(with_passage)[1] == "Persian is spoken in both."
 
 

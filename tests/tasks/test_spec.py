@@ -7,11 +7,18 @@ import pytest
 from pyramid_peft.tasks import HubSource, LocalFiles, TaskSpec, get_task
 from pyramid_peft.tasks.spec import format_stsb_score
 
-PAIR = TaskSpec(name="pair", family="glue", prompt_prefix="pair", label_words=("no", "yes"), paper_metric="accuracy",
-                metrics=("accuracy",), fields=(("first", "sentence1"), ("second", "sentence2")), title="PAIR",
-                local=LocalFiles("pair-dir", (("train", "t.jsonl"), ("validation", "v.jsonl"))),
-                hub=HubSource("someone/pair", None, (("train", "train"), ("validation", "dev"), ("test", "test")),
-                              ("a", "b")))
+PAIR = TaskSpec(
+    name="pair",
+    family="glue",
+    prompt_prefix="pair",
+    label_words=("no", "yes"),
+    paper_metric="accuracy",
+    metrics=("accuracy",),
+    fields=(("first", "sentence1"), ("second", "sentence2")),
+    title="PAIR",
+    local=LocalFiles("pair-dir", (("train", "t.jsonl"), ("validation", "v.jsonl"))),
+    hub=HubSource("someone/pair", None, (("train", "train"), ("validation", "dev"), ("test", "test")), ("a", "b")),
+)
 
 
 def test_local_files_and_hub_source_name_their_splits():
@@ -48,8 +55,19 @@ def test_stsb_scores_round_to_the_nearest_fifth_with_ties_up():
     assert [format_stsb_score(s) for s in (3.47, 0.1, 0.5, 5.0)] == ["3.4", "0.2", "0.6", "5.0"]
 
 
-@pytest.mark.parametrize("task, small", [("cola", True), ("stsb", True), ("mrpc", True), ("rte", True),
-                                         ("sst2", False), ("qnli", False), ("mnli", False), ("qqp", False)])
+@pytest.mark.parametrize(
+    "task, small",
+    [
+        ("cola", True),
+        ("stsb", True),
+        ("mrpc", True),
+        ("rte", True),
+        ("sst2", False),
+        ("qnli", False),
+        ("mnli", False),
+        ("qqp", False),
+    ],
+)
 def test_the_small_tasks_are_the_four_the_protocols_halve(task, small):
     assert get_task(task).small == small
 

@@ -18,8 +18,12 @@ from pyramid_peft.training.experiment import peft_config
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT_CONFIGS = [
     REPO / "configs" / name
-    for name in ("quickstart.yaml", "smollm2-commonsense.yaml", "paper/t5-base-glue.yaml",
-                 "paper/llama2-7b-commonsense.yaml")
+    for name in (
+        "quickstart.yaml",
+        "smollm2-commonsense.yaml",
+        "paper/t5-base-glue.yaml",
+        "paper/llama2-7b-commonsense.yaml",
+    )
 ]
 
 
@@ -61,8 +65,23 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
     path = write(tmp_path, "method: {name: ept, r: 8}\ntasks: [rte]\ntraining: {max_steps: 300, output_dir: a}\n")
     config = load_config(
         path,
-        ["--max_steps", "20", "--output_dir", "X", "--method.r", "4", "--tasks", "rte", "sst2", "--bf16",
-         "--data.max_eval_examples=50", "--learning_rate", "3e-4", "--eval_strategy", "no"],
+        [
+            "--max_steps",
+            "20",
+            "--output_dir",
+            "X",
+            "--method.r",
+            "4",
+            "--tasks",
+            "rte",
+            "sst2",
+            "--bf16",
+            "--data.max_eval_examples=50",
+            "--learning_rate",
+            "3e-4",
+            "--eval_strategy",
+            "no",
+        ],
     )
     assert config.training["max_steps"] == 20 and config.training["output_dir"] == "X"
     assert config.training["bf16"] is True and config.training["learning_rate"] == pytest.approx(3e-4)
@@ -74,13 +93,18 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
 
 def test_yaml_reads_no_as_a_string_and_exponents_as_floats():
     assert read_yaml("eval_strategy: no\nlr: 3e-4\nsteps: 20\nflag: true") == {
-        "eval_strategy": "no", "lr": 3e-4, "steps": 20, "flag": True
+        "eval_strategy": "no",
+        "lr": 3e-4,
+        "steps": 20,
+        "flag": True,
     }
 
 
 def test_parse_overrides_lists_flags_and_errors():
     assert parse_overrides(["--method.kernel_sizes", "2", "4", "--fp16", "--seed=3"]) == {
-        "method.kernel_sizes": [2, 4], "fp16": True, "seed": 3
+        "method.kernel_sizes": [2, 4],
+        "fp16": True,
+        "seed": 3,
     }
     with pytest.raises(ConfigError, match="no key before it"):
         parse_overrides(["20"])

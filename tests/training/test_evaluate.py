@@ -12,8 +12,11 @@ from pyramid_peft.training.experiment import build_experiment, collators, load_s
 
 def test_targets_shift_for_causal_models_and_drop_special_tokens():
     labels = torch.tensor([[-100, 3, 5, 2], [-100, -100, 4, -100], [7, 4, 8, -100]])  # EOS 2; [CLS] 7, [SEP] 8
-    assert answer_targets(labels, "seq2seq", [2]).tolist() == [[-100, 3, 5, -100], [-100, -100, 4, -100],
-                                                                [7, 4, 8, -100]]
+    assert answer_targets(labels, "seq2seq", [2]).tolist() == [
+        [-100, 3, 5, -100],
+        [-100, -100, 4, -100],
+        [7, 4, 8, -100],
+    ]
     assert answer_targets(labels, "causal", [2, 7, 8]).tolist() == [[3, 5, -100], [-100, 4, -100], [4, -100, -100]]
     assert answer_targets(labels, "seq2seq").tolist() == labels.tolist()
 
@@ -60,7 +63,7 @@ def test_likelihood_scoring_picks_the_reference_argmax(tiny_experiment, family, 
     model = experiment.model.eval()
     torch.manual_seed(0)
     with torch.no_grad():  # a random adapter, so routing by task changes the answer
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.normal_(0, 0.5)
     _, collator = collators(experiment)
@@ -72,8 +75,10 @@ def test_likelihood_scoring_picks_the_reference_argmax(tiny_experiment, family, 
             examples = [{**ex, "choices": ex["choices"][:2], "label": ex["label"] % 2} for ex in examples]
         with torch.no_grad():
             predicted = predictor.predict(EvalSet(task, task_id, examples, "eval"), examples)
-            expected = [max(range(len(scores)), key=scores.__getitem__) for scores in
-                        (reference_scores(model, tokenizer, family, task, ex, task_id, True) for ex in examples)]
+            expected = [
+                max(range(len(scores)), key=scores.__getitem__)
+                for scores in (reference_scores(model, tokenizer, family, task, ex, task_id, True) for ex in examples)
+            ]
         assert predicted == expected
 
 
@@ -82,8 +87,9 @@ def test_regression_is_still_generated_and_unknown_scoring_is_refused(tiny_exper
     raw["data"]["answer_scoring"] = "likelihood"
     experiment = build_experiment(from_dict(raw))
     _, collator = collators(experiment)
-    predictor = Predictor(experiment.model.eval(), "seq2seq", collator, experiment.tokenizer,
-                          answer_scoring="likelihood")
+    predictor = Predictor(
+        experiment.model.eval(), "seq2seq", collator, experiment.tokenizer, answer_scoring="likelihood"
+    )
     examples = load_splits(experiment)[0].eval[:2]
     predictions = predictor.predict(EvalSet(get_task("stsb"), 0, examples, "eval"), examples)
     assert all(p is None or isinstance(p, float) for p in predictions)
@@ -105,10 +111,19 @@ def test_majority_level_is_the_score_of_always_predicting_the_most_common_label(
 def test_metrics_table_prints_the_majority_level_and_margin_beside_each_score_and_a_legend():
     from pyramid_peft.training.evaluate import metrics_table
 
-    results = {"tasks": {"rte": {"split": "validation[:139]", "num_examples": 139, "majority": 52.52,
-                                 "metrics": {"accuracy": 60.0, "paper": 60.0}},
-                         "cola": {"split": "validation", "num_examples": 10, "metrics": {"mcc": 3.0, "paper": 3.0}}},
-               "paper_average": 31.5, "full_average": 31.5}
+    results = {
+        "tasks": {
+            "rte": {
+                "split": "validation[:139]",
+                "num_examples": 139,
+                "majority": 52.52,
+                "metrics": {"accuracy": 60.0, "paper": 60.0},
+            },
+            "cola": {"split": "validation", "num_examples": 10, "metrics": {"mcc": 3.0, "paper": 3.0}},
+        },
+        "paper_average": 31.5,
+        "full_average": 31.5,
+    }
     lines = metrics_table(results).splitlines()
     assert lines[0].split()[:5] == ["task", "split", "n", "majority", "vs"]
     assert lines[1].split()[:5] == ["rte", "validation[:139]", "139", "52.52", "+7.48"]

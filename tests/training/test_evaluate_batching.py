@@ -6,13 +6,18 @@ import torch
 
 from pyramid_peft.training.config import from_dict
 from pyramid_peft.training.evaluate import EvalSet, Predictor
-from pyramid_peft.training.heads import needs_task_ids
 from pyramid_peft.training.experiment import build_experiment, collators, load_splits
+from pyramid_peft.training.heads import needs_task_ids
 
 
-@pytest.mark.parametrize(("family", "tasks", "scoring"), [("encoder", ("rte", "stsb"), "generate"),
-                                                          ("seq2seq", ("rte", "stsb"), "generate"),
-                                                          ("causal", ("boolq",), "likelihood")])
+@pytest.mark.parametrize(
+    ("family", "tasks", "scoring"),
+    [
+        ("encoder", ("rte", "stsb"), "generate"),
+        ("seq2seq", ("rte", "stsb"), "generate"),
+        ("causal", ("boolq",), "likelihood"),
+    ],
+)
 def test_length_batching_gives_the_same_predictions_in_the_same_order(tiny_experiment, family, tasks, scoring):
     raw = tiny_experiment(family, method="lora", tasks=tasks)
     raw["data"].update(max_eval_examples=13, answer_scoring=scoring)
@@ -26,10 +31,19 @@ def test_length_batching_gives_the_same_predictions_in_the_same_order(tiny_exper
     _, collator = collators(experiment)
     for task_id, (task, split) in enumerate(zip(experiment.tasks, load_splits(experiment))):
         eval_set = EvalSet(task, task_id, split.eval, "eval")
-        runs = {by_length: Predictor(model, family, collator, experiment.tokenizer, batch_size=4,
-                                     route_task_ids=needs_task_ids(model), answer_scoring=scoring,
-                                     by_length=by_length).predict(eval_set, split.eval)
-                for by_length in (True, False)}
+        runs = {
+            by_length: Predictor(
+                model,
+                family,
+                collator,
+                experiment.tokenizer,
+                batch_size=4,
+                route_task_ids=needs_task_ids(model),
+                answer_scoring=scoring,
+                by_length=by_length,
+            ).predict(eval_set, split.eval)
+            for by_length in (True, False)
+        }
         if task.is_regression and family == "encoder":  # floats: padding changes the rounding of masked sums only
             assert runs[True] == pytest.approx(runs[False], abs=1e-5)
             assert len(set(runs[True])) > 1

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pyramid_peft.training import RunError, build_experiment, evaluate_run, export_run, train
 from pyramid_peft.training.config import ConfigError, from_dict
 from pyramid_peft.training.full import full_parameter_count, load_full_weights
-from pyramid_peft.training import RunError, build_experiment, evaluate_run, export_run, train
 from pyramid_peft.training.run import build_trainer
 
 
@@ -41,8 +41,12 @@ def test_run_folder_holds_the_whole_encoder_and_reloads_to_the_same_metrics(tiny
 def test_resume_from_checkpoint_equals_the_straight_run(tiny_experiment, tmp_path):
     raw = full_experiment(tiny_experiment, max_steps=4)
     train(from_dict(raw))
-    resumed = full_experiment(tiny_experiment, max_steps=4, output_dir=str(tmp_path / "resumed"),
-                              resume_from_checkpoint=str(Path(raw["training"]["output_dir"]) / "checkpoint-2"))
+    resumed = full_experiment(
+        tiny_experiment,
+        max_steps=4,
+        output_dir=str(tmp_path / "resumed"),
+        resume_from_checkpoint=str(Path(raw["training"]["output_dir"]) / "checkpoint-2"),
+    )
     train(from_dict(resumed))
     straight = load_file(Path(raw["training"]["output_dir"]) / "adapter" / "model.safetensors")
     again = load_file(tmp_path / "resumed" / "adapter" / "model.safetensors")
@@ -100,8 +104,9 @@ def test_method_options_are_refused_by_name(tiny_experiment):
 
 
 def test_parameter_count_is_every_trainable_weight_over_the_tasks(tiny_experiment):
-    experiment = build_experiment(from_dict(full_experiment(tiny_experiment, tasks=("rte", "stsb", "sst2"))),
-                                  random_init=True)
+    experiment = build_experiment(
+        from_dict(full_experiment(tiny_experiment, tasks=("rte", "stsb", "sst2"))), random_init=True
+    )
     encoder = experiment.peft_model
     total = sum(p.numel() for p in encoder.parameters())
     counts = full_parameter_count(encoder, num_tasks=3)

@@ -16,18 +16,28 @@ NUM_LABELS = [2, 1, 3]
 
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+    )
     return BertModel(config)
 
 
 def classifier(method="ept", seed=0):
-    config = (EptConfig(target_modules=TARGETS, num_tasks=3, r=2, kernel_sizes=[2, 4], top_k=1)
-              if method == "ept" else LoraConfig(r=2, target_modules=TARGETS))
+    config = (
+        EptConfig(target_modules=TARGETS, num_tasks=3, r=2, kernel_sizes=[2, 4], top_k=1)
+        if method == "ept"
+        else LoraConfig(r=2, target_modules=TARGETS)
+    )
     encoder = get_peft_model(tiny_bert(seed), config)
     torch.manual_seed(seed + 1)
-    return MultiTaskClassifier(encoder, TASKS, NUM_LABELS, hidden_size=16, route_task_ids=uses_task_ids(encoder),
-                               dropout=0.0)
+    return MultiTaskClassifier(
+        encoder, TASKS, NUM_LABELS, hidden_size=16, route_task_ids=uses_task_ids(encoder), dropout=0.0
+    )
 
 
 def batch(task_ids, seed=3):
@@ -36,8 +46,12 @@ def batch(task_ids, seed=3):
     mask = torch.ones(n, 6, dtype=torch.long)
     mask[0, 4:] = 0
     labels = torch.tensor([3.7 if t == 1 else float(i % NUM_LABELS[t]) for i, t in enumerate(task_ids)])
-    return {"input_ids": torch.randint(1, 64, (n, 6), generator=g), "attention_mask": mask,
-            "task_ids": torch.tensor(task_ids), "labels": labels}
+    return {
+        "input_ids": torch.randint(1, 64, (n, 6), generator=g),
+        "attention_mask": mask,
+        "task_ids": torch.tensor(task_ids),
+        "labels": labels,
+    }
 
 
 def test_mean_pool_ignores_padding():
@@ -52,8 +66,9 @@ def test_each_example_goes_through_its_own_head_in_a_mixed_batch():
     assert out.logits.shape == (5, 3)
     assert torch.isinf(out.logits[0, 2]) and torch.isinf(out.logits[1, 1:]).all()  # padding past each head
 
-    hidden = model.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           task_ids=inputs["task_ids"]).last_hidden_state
+    hidden = model.encoder(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], task_ids=inputs["task_ids"]
+    ).last_hidden_state
     pooled = mean_pool(hidden, inputs["attention_mask"])
     expected = (
         F.cross_entropy(model.heads[0](pooled[[0, 3]]), inputs["labels"][[0, 3]].long(), reduction="sum")

@@ -13,16 +13,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+from conftest import TINY_EXPERIMENT_MODELS
 from pyramid_peft import export_lora
 from pyramid_peft.merge import task_factors
 from pyramid_peft.models import minilm_path
 from pyramid_peft.training import train
 from pyramid_peft.training.config import from_dict
-from pyramid_peft.training.model_card import HUB_IDS, base_model_id, truncation_error
 from pyramid_peft.training.export import export_run
 from pyramid_peft.training.loading import load_run
-
-from conftest import TINY_EXPERIMENT_MODELS
+from pyramid_peft.training.model_card import HUB_IDS, base_model_id, truncation_error
 
 
 @pytest.fixture
@@ -83,8 +82,10 @@ def test_max_rank_errors_match_what_export_lora_measures(tiny_run, tmp_path):
         params, error, worst = truncation_error(factors, rank)
         assert error == pytest.approx(report["relative_error"], rel=1e-9, abs=1e-12)
         assert worst == pytest.approx(report["worst_layer_relative_error"], rel=1e-9, abs=1e-12)
-        state_numel = sum(up.shape[0] * min(rank, up.shape[1]) + down.shape[1] * min(rank, up.shape[1])
-                          for up, down in factors.values())
+        state_numel = sum(
+            up.shape[0] * min(rank, up.shape[1]) + down.shape[1] * min(rank, up.shape[1])
+            for up, down in factors.values()
+        )
         assert params == state_numel
     assert truncation_error(factors, 1)[1] > 0  # rank-1 truncation of a rank >= 2 change loses something
     card = (export_run(run, "stsb", "lora") / "README.md").read_text()

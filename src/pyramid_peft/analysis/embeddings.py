@@ -85,8 +85,9 @@ def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- outputs --------------------------------------------------------------------------------------------------
-def write_matrix_csv(matrix: np.ndarray, rows: list[str], columns: list[str], path: str | Path,
-                     corner: str = "task") -> Path:
+def write_matrix_csv(
+    matrix: np.ndarray, rows: list[str], columns: list[str], path: str | Path, corner: str = "task"
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
@@ -99,20 +100,38 @@ def write_matrix_csv(matrix: np.ndarray, rows: list[str], columns: list[str], pa
 
 def plot_pca(points: np.ndarray, ratios: np.ndarray, task_names: list[str], path: str | Path, title: str) -> Path:
     fig, (ax,) = plots.new_figure(7.0, 5.5)
-    plots.labelled_scatter(ax, points, task_names, title=title, xlabel=f"PC1 ({ratios[0]:.0%} of variance)",
-                           ylabel=f"PC2 ({ratios[1]:.0%} of variance)")
+    plots.labelled_scatter(
+        ax,
+        points,
+        task_names,
+        title=title,
+        xlabel=f"PC1 ({ratios[0]:.0%} of variance)",
+        ylabel=f"PC2 ({ratios[1]:.0%} of variance)",
+    )
     return plots.save(fig, path)
 
 
 def plot_cosine(similarity: np.ndarray, task_names: list[str], path: str | Path, title: str) -> Path:
     fig, (ax,) = plots.new_figure(1.5 + 0.7 * len(task_names), 1.0 + 0.6 * len(task_names))
-    plots.heatmap(ax, similarity, task_names, task_names, title=title, xlabel="task", ylabel="task",
-                  colorbar="cosine similarity", cmap="coolwarm", vmin=-1.0, vmax=1.0)
+    plots.heatmap(
+        ax,
+        similarity,
+        task_names,
+        task_names,
+        title=title,
+        xlabel="task",
+        ylabel="task",
+        colorbar="cosine similarity",
+        cmap="coolwarm",
+        vmin=-1.0,
+        vmax=1.0,
+    )
     return plots.save(fig, path)
 
 
-def analyze_model(model: nn.Module, task_names: list[str], output: str | Path, layer: str | None = None,
-                  label: str = "") -> dict[str, Path]:
+def analyze_model(
+    model: nn.Module, task_names: list[str], output: str | Path, layer: str | None = None, label: str = ""
+) -> dict[str, Path]:
     """PCA scatter, cosine-similarity CSV and heatmap of ``model``'s task embeddings, written into ``output``."""
     tables = select_layer(task_embedding_tables(model), layer)
     vectors = task_vectors(tables)
@@ -125,21 +144,28 @@ def analyze_model(model: nn.Module, task_names: list[str], output: str | Path, l
     similarity = cosine_similarity(vectors)
     prefix = f"{label}: " if label else ""
     return {
-        "pca_png": plot_pca(points, ratios, task_names, out / "task_embeddings_pca.png",
-                            f"{prefix}PCA of task embeddings ({where})"),
+        "pca_png": plot_pca(
+            points, ratios, task_names, out / "task_embeddings_pca.png", f"{prefix}PCA of task embeddings ({where})"
+        ),
         "pca_csv": write_matrix_csv(points, task_names, ["pc1", "pc2"], out / "task_embeddings_pca.csv"),
         "cosine_csv": write_matrix_csv(similarity, task_names, task_names, out / "task_embeddings_cosine.csv"),
-        "cosine_png": plot_cosine(similarity, task_names, out / "task_embeddings_cosine.png",
-                                  f"{prefix}task-embedding cosine similarity ({mean})"),
+        "cosine_png": plot_cosine(
+            similarity,
+            task_names,
+            out / "task_embeddings_cosine.png",
+            f"{prefix}task-embedding cosine similarity ({mean})",
+        ),
     }
 
 
-def analyze_run(run_dir: str | Path, output: str | Path | None = None, layer: str | None = None,
-                checkpoint: str | None = None) -> dict[str, Path]:
+def analyze_run(
+    run_dir: str | Path, output: str | Path | None = None, layer: str | None = None, checkpoint: str | None = None
+) -> dict[str, Path]:
     """:func:`analyze_model` on a run folder's trained model; output defaults to ``RUN_DIR/analysis``."""
     from ..training.loading import load_run
 
     experiment = load_run(run_dir, checkpoint)
     out = Path(output) if output else Path(run_dir) / "analysis"
-    return analyze_model(experiment.model, [t.name for t in experiment.tasks], out, layer,
-                         label=experiment.config.method.name)
+    return analyze_model(
+        experiment.model, [t.name for t in experiment.tasks], out, layer, label=experiment.config.method.name
+    )

@@ -61,8 +61,9 @@ def find_model_config(name: str) -> Path | None:
     return None
 
 
-def resolve_setting(config_or_model_name: str, overrides: list[str] | tuple[str, ...] = (),
-                    num_tasks: int | None = None) -> Setting:
+def resolve_setting(
+    config_or_model_name: str, overrides: list[str] | tuple[str, ...] = (), num_tasks: int | None = None
+) -> Setting:
     """A setting from an experiment config (``.yaml``) or a model name / config path with the paper's targets."""
     from ..models import resolve_model
 
@@ -78,8 +79,13 @@ def resolve_setting(config_or_model_name: str, overrides: list[str] | tuple[str,
             f"no default target modules for model type {model_type!r}; give an experiment config that sets "
             f"method.target_modules instead (known types: {', '.join(DEFAULT_TARGETS)})."
         )
-    return Setting(str(config_or_model_name), resolved.config, resolved.family, DEFAULT_TARGETS[model_type],
-                   num_tasks or DEFAULT_NUM_TASKS)
+    return Setting(
+        str(config_or_model_name),
+        resolved.config,
+        resolved.family,
+        DEFAULT_TARGETS[model_type],
+        num_tasks or DEFAULT_NUM_TASKS,
+    )
 
 
 def _experiment_setting(path: str, overrides, num_tasks: int | None) -> Setting:
@@ -97,8 +103,15 @@ def _experiment_setting(path: str, overrides, num_tasks: int | None) -> Setting:
     targets = config.method.options.get("target_modules", own.target_modules)  # as written, not PEFT's set
     if method in OWN_TARGETS:  # its targets are attention only: the other methods get the paper's
         targets = DEFAULT_TARGETS.get(resolved.config.model_type, targets)
-    return Setting(f"{path} ({section.name or resolved.config.model_type})", resolved.config, resolved.family,
-                   targets, getattr(own, "num_tasks", None) or tasks, method, own)
+    return Setting(
+        f"{path} ({section.name or resolved.config.model_type})",
+        resolved.config,
+        resolved.family,
+        targets,
+        getattr(own, "num_tasks", None) or tasks,
+        method,
+        own,
+    )
 
 
 def method_config(setting: Setting, method: str) -> PeftConfig:
@@ -150,8 +163,12 @@ def method_table(setting: Setting, method: str) -> tuple[list[dict], dict]:
     return module_groups(model, counts.pop("per_module")), counts
 
 
-def appendix_c_table(config_or_model_name: str, methods: list[str] | str | None = None,
-                     overrides: list[str] | tuple[str, ...] = (), num_tasks: int | None = None) -> str:
+def appendix_c_table(
+    config_or_model_name: str,
+    methods: list[str] | str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    num_tasks: int | None = None,
+) -> str:
     """The Appendix C table as Markdown: per adapted module and in total, with and without routers.
 
     ``config_or_model_name`` is an experiment config (its model, targets, tasks and method options) or a model
@@ -168,8 +185,8 @@ def appendix_c_table(config_or_model_name: str, methods: list[str] | str | None 
         f"## Parameters: {setting.label}, {setting.num_tasks} tasks, targets {targets}",
         "",
         "Adapter = the weights that make the weight change; routers and task-embedding tables are counted apart. "
-        "Per task = total / tasks. \"per task, no router\" counts as the EPT paper does (adapter weights only), "
-        "\"per task, all\" as MoRE does (adapter + routers + task embeddings).",
+        'Per task = total / tasks. "per task, no router" counts as the EPT paper does (adapter weights only), '
+        '"per task, all" as MoRE does (adapter + routers + task embeddings).',
     ]
     if OWN_TARGETS & set(chosen):
         lines.append("MixLoRA keeps its own targets: LoRA on the attention projections, experts on every FFN block.")
@@ -203,22 +220,30 @@ def _methods(methods: list[str] | str | None, setting: Setting) -> list[str]:
 
 
 def _module_rows(results: dict) -> list[str]:
-    rows = ["| method | module (d_in→d_out) | modules | adapter | router | task embedding | total |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| method | module (d_in→d_out) | modules | adapter | router | task embedding | total |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for method, (groups, _) in results.items():
         for g in groups:
             total = sum(g[k] for k in GROUPS)
-            rows.append(f"| {method} | {g['shape']} | {g['modules']} | {g['adapter']:,} | {g['router']:,} | "
-                        f"{g['task_embedding']:,} | {total:,} |")
+            rows.append(
+                f"| {method} | {g['shape']} | {g['modules']} | {g['adapter']:,} | {g['router']:,} | "
+                f"{g['task_embedding']:,} | {total:,} |"
+            )
     return rows
 
 
 def _total_rows(results: dict) -> list[str]:
-    rows = ["| method | modules | adapter | router | task embedding | total | per task, no router | per task, all |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| method | modules | adapter | router | task embedding | total | per task, no router | per task, all |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for method, (_, c) in results.items():
-        rows.append(f"| {method} | {c['modules']} | {c['adapter']:,} | {c['router']:,} | {c['task_embedding']:,} | "
-                    f"{c['total']:,} | {_per_task(c['per_task_without_router'])} | {_per_task(c['per_task'])} |")
+        rows.append(
+            f"| {method} | {c['modules']} | {c['adapter']:,} | {c['router']:,} | {c['task_embedding']:,} | "
+            f"{c['total']:,} | {_per_task(c['per_task_without_router'])} | {_per_task(c['per_task'])} |"
+        )
     return rows
 
 

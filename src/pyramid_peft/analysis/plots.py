@@ -7,8 +7,8 @@ is touched, so the analyses run headless and in long-lived processes without lea
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap
@@ -112,8 +112,13 @@ def _label_grid(ax, rows, columns, title: str, xlabel: str, ylabel: str) -> None
     small = len(columns) > 24
     longest = _longest(columns)
     rotation = 90 if small or longest > 12 else 45 if longest > 4 else 0
-    ax.set_xticks(range(len(columns)), labels=list(columns), rotation=rotation,
-                  ha="right" if rotation == 45 else "center", fontsize=5 if small else None)
+    ax.set_xticks(
+        range(len(columns)),
+        labels=list(columns),
+        rotation=rotation,
+        ha="right" if rotation == 45 else "center",
+        fontsize=5 if small else None,
+    )
 
 
 def _annotate(ax, matrix: np.ndarray, fmt: str, image) -> None:

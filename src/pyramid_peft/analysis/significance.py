@@ -42,8 +42,10 @@ class TaskRuns:
         """(predictions [seeds, n], labels [n]) as float arrays, with None replaced as :mod:`metrics` does."""
         labels = np.asarray(self.labels, dtype=np.float64)
         regression = self.metric == "pearson"
-        rows = [[p if p is not None else 0.0 if regression else 1 - y for p, y in zip(row, labels)]
-                for row in self.predictions]
+        rows = [
+            [p if p is not None else 0.0 if regression else 1 - y for p, y in zip(row, labels)]
+            for row in self.predictions
+        ]
         predictions = np.asarray(rows, dtype=np.float64)
         if predictions.ndim != 2 or predictions.shape[1] != labels.shape[0] or not labels.size:
             raise ValueError(f"every seed needs one prediction per label ({labels.shape[0]}), got {predictions.shape}.")
@@ -158,14 +160,20 @@ def bootstrap_score(tasks: Sequence[TaskRuns], resamples: int = DEFAULT_RESAMPLE
     return _interval(score(tasks), _replicates(tasks, draws, seed_draws))
 
 
-def paired_verdict(mine: Sequence[TaskRuns], theirs: Sequence[TaskRuns], same_seeds: bool,
-                   resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Verdict:
+def paired_verdict(
+    mine: Sequence[TaskRuns],
+    theirs: Sequence[TaskRuns],
+    same_seeds: bool,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Verdict:
     """``mine`` against ``theirs`` on the same tasks and examples: the score difference, its interval, the word.
 
     ``same_seeds``: both ran the same seeds (in the same order), so each replicate draws the same seeds for both.
     """
     if [t.metric for t in mine] != [t.metric for t in theirs] or any(
-            not np.array_equal(np.asarray(a.labels, float), np.asarray(b.labels, float)) for a, b in zip(mine, theirs)):
+        not np.array_equal(np.asarray(a.labels, float), np.asarray(b.labels, float)) for a, b in zip(mine, theirs)
+    ):
         raise ValueError("a paired comparison needs the same tasks, metrics and labels (the same evaluation rows).")
     rng = np.random.default_rng(seed)
     draws = _example_draws(mine, resamples, rng)

@@ -191,8 +191,11 @@ def _markdown(layout: TableLayout, tasks: list[str], labels: list[list[str]], va
         cells = [_cell(v, m, top) for v, m, top in zip(row, row_means, tops)]
         lines.append("| " + " | ".join([*label, *cells]) + " |")
     spread = "mean ± standard deviation over seeds" if max(seeds) > 1 else "one seed"
-    lines += ["", f"Paper metric of each task (x100), {spread} ({_seed_range(seeds)} per row); best of each "
-                  "column in bold, second in italics."]
+    lines += [
+        "",
+        f"Paper metric of each task (x100), {spread} ({_seed_range(seeds)} per row); best of each "
+        "column in bold, second in italics.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,14 @@ from .sources import DataSourceError, load_examples, resolve_data_dir
 from .splits import TaskSplits, build_splits
 
 __all__ = [
-    "CausalLMCollator", "ClassificationCollator", "DataSourceError", "MultiTaskBatchSampler", "TaskSplits",
-    "TextToTextCollator", "build_splits", "load_examples", "resolve_data_dir", "task_probabilities",
+    "CausalLMCollator",
+    "ClassificationCollator",
+    "DataSourceError",
+    "MultiTaskBatchSampler",
+    "TaskSplits",
+    "TextToTextCollator",
+    "build_splits",
+    "load_examples",
+    "resolve_data_dir",
+    "task_probabilities",
 ]

@@ -7,7 +7,7 @@ renders the example, ``task_id`` is its position in the run's task list and reac
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ class TextToTextCollator:
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
 
-    def for_scoring(self) -> "TextToTextCollator":
+    def for_scoring(self) -> TextToTextCollator:
         """The collator for scoring answers by likelihood: this one (its batches carry the targets)."""
         return self
 
@@ -37,8 +37,12 @@ class TextToTextCollator:
         source_ids = _encode(self.tokenizer, sources, self.max_source_length)
         target_ids = _encode(self.tokenizer, targets, self.max_target_length)
         input_ids, attention_mask = _pad(source_ids, _pad_token_id(self.tokenizer))
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": _pad(target_ids, IGNORE_INDEX)[0], "task_ids": _task_ids(features)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": _pad(target_ids, IGNORE_INDEX)[0],
+            "task_ids": _task_ids(features),
+        }
 
 
 class CausalLMCollator:
@@ -60,7 +64,7 @@ class CausalLMCollator:
         self.max_length = max_length
         self.for_generation = for_generation
 
-    def for_scoring(self) -> "CausalLMCollator":
+    def for_scoring(self) -> CausalLMCollator:
         """The collator for scoring answers by likelihood: prompt then answer, as in training."""
         return CausalLMCollator(self.tokenizer, self.max_length)
 
@@ -70,19 +74,23 @@ class CausalLMCollator:
         prompt_ids = _encode(self.tokenizer, prompts, None, add_special_tokens=True)
         pad_id = _pad_token_id(self.tokenizer)
         if self.for_generation:
-            input_ids, attention_mask = _pad([ids[-self.max_length:] for ids in prompt_ids], pad_id, left=True)
+            input_ids, attention_mask = _pad([ids[-self.max_length :] for ids in prompt_ids], pad_id, left=True)
             return {"input_ids": input_ids, "attention_mask": attention_mask, "task_ids": _task_ids(features)}
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         answer_ids = [ids + eos for ids in _encode(self.tokenizer, answers, None, add_special_tokens=False)]
         sequences, label_sequences = [], []
         for prompt, answer in zip(prompt_ids, answer_ids):
-            answer = answer[:self.max_length]
-            prompt = prompt[max(0, len(prompt) + len(answer) - self.max_length):]
+            answer = answer[: self.max_length]
+            prompt = prompt[max(0, len(prompt) + len(answer) - self.max_length) :]
             sequences.append(prompt + answer)
             label_sequences.append([IGNORE_INDEX] * len(prompt) + answer)
         input_ids, attention_mask = _pad(sequences, pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": _pad(label_sequences, IGNORE_INDEX)[0], "task_ids": _task_ids(features)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": _pad(label_sequences, IGNORE_INDEX)[0],
+            "task_ids": _task_ids(features),
+        }
 
 
 class ClassificationCollator:
@@ -100,8 +108,10 @@ class ClassificationCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         triples = [get_task(f["task"]).to_classification(f["example"]) for f in features]
         # One call per example: a batch may mix single sentences (text_b None) and pairs.
-        encodings = [self.tokenizer(text_a, text_b, truncation=True, max_length=self.max_length,
-                                    add_special_tokens=True) for text_a, text_b, _ in triples]
+        encodings = [
+            self.tokenizer(text_a, text_b, truncation=True, max_length=self.max_length, add_special_tokens=True)
+            for text_a, text_b, _ in triples
+        ]
         input_ids, attention_mask = _pad([e["input_ids"] for e in encodings], _pad_token_id(self.tokenizer))
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in encodings[0]:
@@ -111,10 +121,13 @@ class ClassificationCollator:
         return batch
 
 
-def _encode(tokenizer, texts: Sequence[str], max_length: int | None, add_special_tokens: bool = True) -> list[list[int]]:
+def _encode(
+    tokenizer, texts: Sequence[str], max_length: int | None, add_special_tokens: bool = True
+) -> list[list[int]]:
     """Token ids of each text, truncated to ``max_length`` when it is given."""
-    encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens, truncation=max_length is not None,
-                        max_length=max_length)
+    encoded = tokenizer(
+        list(texts), add_special_tokens=add_special_tokens, truncation=max_length is not None, max_length=max_length
+    )
     return encoded["input_ids"]
 
 
@@ -133,8 +146,10 @@ def _pad(sequences: list[list[int]], pad_value: int, left: bool = False) -> tupl
 def _pad_token_id(tokenizer) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
-        raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token; set "
-                         "tokenizer.pad_token before building batches.")
+        raise ValueError(
+            f"{type(tokenizer).__name__} has neither a pad nor an EOS token; set "
+            "tokenizer.pad_token before building batches."
+        )
     return pad_id
 
 

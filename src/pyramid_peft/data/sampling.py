@@ -10,7 +10,7 @@ Strategies for the probability p_t of drawing task t, with n_t its training size
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -64,9 +64,18 @@ class MultiTaskBatchSampler:
     :meth:`flat_index`). There is no ``__len__``: training is step-based.
     """
 
-    def __init__(self, task_sizes: Sequence[int], batch_size: int, strategy: str = "uniform",
-                 temperature: float = 10.0, homogeneous: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True):
+    def __init__(
+        self,
+        task_sizes: Sequence[int],
+        batch_size: int,
+        strategy: str = "uniform",
+        temperature: float = 10.0,
+        homogeneous: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ):
         self.probabilities = task_probabilities(task_sizes, strategy, temperature)
         self._cumulative = np.cumsum(self.probabilities)
         if batch_size < 1:
@@ -116,23 +125,35 @@ class MultiTaskBatchSampler:
 
     def check_compatible(self, state: dict) -> None:
         """Raise ``ValueError`` unless the settings in ``state`` (all but ``"step"``) equal this sampler's."""
-        mismatched = {key: value for key, value in state.items()
-                      if key != "step" and self._settings().get(key) != value}
+        mismatched = {
+            key: value for key, value in state.items() if key != "step" and self._settings().get(key) != value
+        }
         if mismatched:
-            raise ValueError(f"Sampler state was saved with different settings {mismatched}; build the sampler "
-                             f"with the saved settings to resume (current: {self._settings()}).")
+            raise ValueError(
+                f"Sampler state was saved with different settings {mismatched}; build the sampler "
+                f"with the saved settings to resume (current: {self._settings()})."
+            )
 
     def _settings(self) -> dict:
-        return {"task_sizes": list(self.task_sizes), "batch_size": self.batch_size, "strategy": self.strategy,
-                "temperature": self.temperature, "homogeneous": self.homogeneous, "seed": self.seed,
-                "world_size": self.world_size, "drop_last": self.drop_last}
+        return {
+            "task_sizes": list(self.task_sizes),
+            "batch_size": self.batch_size,
+            "strategy": self.strategy,
+            "temperature": self.temperature,
+            "homogeneous": self.homogeneous,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "drop_last": self.drop_last,
+        }
 
     def _check_tasks_fill_a_batch(self) -> None:
         global_batch = self.batch_size * self.world_size
         too_small = [i for i, size in enumerate(self.task_sizes) if size < global_batch]
         if self.homogeneous and self.drop_last and too_small:
-            raise ValueError(f"Tasks {too_small} have fewer examples than one global batch ({global_batch}), so "
-                             "drop_last=True would never yield a batch for them; pass drop_last=False.")
+            raise ValueError(
+                f"Tasks {too_small} have fewer examples than one global batch ({global_batch}), so "
+                "drop_last=True would never yield a batch for them; pass drop_last=False."
+            )
 
     def _reset(self) -> None:
         self._step = 0
@@ -150,7 +171,7 @@ class MultiTaskBatchSampler:
             global_batch = self._mixed_batch(tasks)
         self._step += 1
         start = self.rank * self.batch_size
-        return global_batch[start:start + self.batch_size]
+        return global_batch[start : start + self.batch_size]
 
     def _tasks_of_step(self, step: int) -> np.ndarray:
         """The task drawn for each example of the global batch of ``step`` (one draw when homogeneous).
@@ -162,7 +183,8 @@ class MultiTaskBatchSampler:
         if self._draw_block[0] != block:
             draws_per_step = 1 if self.homogeneous else self.batch_size * self.world_size
             uniforms = np.random.default_rng((self.seed, _TASK_DRAW_STREAM, block)).random(
-                (_STEPS_PER_DRAW_BLOCK, draws_per_step))
+                (_STEPS_PER_DRAW_BLOCK, draws_per_step)
+            )
             # Inverse-CDF sampling; the clip guards against the last cumulative sum being a rounding error below 1.
             tasks = np.minimum(np.searchsorted(self._cumulative, uniforms, side="right"), len(self.task_sizes) - 1)
             self._draw_block = (block, tasks)

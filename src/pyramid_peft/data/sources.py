@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..tasks import TaskSpec, get_task
 
@@ -85,8 +85,9 @@ def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = No
             f"  local data folder: {local_problem}\n"
             f"  Hugging Face hub: {type(err).__name__}: {err}\n{_FIX_HINT}"
         ) from err
-    examples = _convert_rows(enumerate(hub_rows), partial(_hub_converter(spec), spec),
-                             lambda index: f"{hub_location}, row {index}")
+    examples = _convert_rows(
+        enumerate(hub_rows), partial(_hub_converter(spec), spec), lambda index: f"{hub_location}, row {index}"
+    )
     return _non_empty(examples, spec, split, hub_location)
 
 
@@ -111,8 +112,10 @@ def local_split_path(task: str, split: str, data_dir: Path) -> Path | None:
 
 def _check_split_name(spec: TaskSpec, split: str) -> None:
     if not spec.splits:
-        raise DataSourceError(f"task {spec.name!r} names no data: its TaskSpec has neither `local` files nor a "
-                              "`hub` source. Fix: give its definition a LocalFiles or a HubSource.")
+        raise DataSourceError(
+            f"task {spec.name!r} names no data: its TaskSpec has neither `local` files nor a "
+            "`hub` source. Fix: give its definition a LocalFiles or a HubSource."
+        )
     if split not in spec.splits:
         raise DataSourceError(f"{spec.name} has no split {split!r}; choose one of: {', '.join(sorted(spec.splits))}.")
 
@@ -122,8 +125,10 @@ def _check_split_name(spec: TaskSpec, split: str) -> None:
 
 def _describe_local_problem(spec: TaskSpec, split: str, root: Path | None, path: Path | None) -> str:
     if root is None:
-        return (f"none given (no data_dir argument, ${DATA_DIR_ENV} is unset, and there is no shared/data beside the "
-                "repository)")
+        return (
+            f"none given (no data_dir argument, ${DATA_DIR_ENV} is unset, and there is no shared/data beside the "
+            "repository)"
+        )
     if not root.is_dir():
         return f"{root} does not exist"
     if path is None:
@@ -135,8 +140,11 @@ def _describe_local_problem(spec: TaskSpec, split: str, root: Path | None, path:
 def _read_local_file(spec: TaskSpec, path: Path) -> list[dict]:
     if spec.family == "glue":
         return _convert_rows(_jsonl_rows(path), partial(_glue_example, spec), lambda line: f"{path}, line {line}")
-    return _convert_rows(enumerate(_json_list(path)), partial(_llm_adapters_example, spec),
-                         lambda index: f"{path}, line {_line_of_list_item(path, index)}")
+    return _convert_rows(
+        enumerate(_json_list(path)),
+        partial(_llm_adapters_example, spec),
+        lambda index: f"{path}, line {_line_of_list_item(path, index)}",
+    )
 
 
 def _jsonl_rows(path: Path) -> Iterable[tuple[int, dict]]:
@@ -170,8 +178,10 @@ def _read_text(path: Path) -> str:
 
 
 def _not_utf8(path: Path, line: int, column: int, byte: int) -> str:
-    return (f"{path}, line {line}, column {column}: byte {byte:#04x} is not UTF-8 text. Fix: re-encode the file as "
-            "UTF-8 (or restore a clean copy of the data).")
+    return (
+        f"{path}, line {line}, column {column}: byte {byte:#04x} is not UTF-8 text. Fix: re-encode the file as "
+        "UTF-8 (or restore a clean copy of the data)."
+    )
 
 
 def _json_list(path: Path) -> list:
@@ -219,8 +229,9 @@ def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
         raise LookupError(f"{spec.name} has no hub copy (its TaskSpec names local files only)")
     hub_split = source.hub_split(split)
     if hub_split is None:
-        raise LookupError(f"the hub copy of {spec.name} has no {split!r} split "
-                          f"(it has: {', '.join(source.split_names)})")
+        raise LookupError(
+            f"the hub copy of {spec.name} has no {split!r} split (it has: {', '.join(source.split_names)})"
+        )
     import datasets  # optional dependency (extra "hub"), imported only when the hub is actually used
 
     rows = datasets.load_dataset(source.path, source.config, split=hub_split)
@@ -231,8 +242,9 @@ def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
 # Row conversion -------------------------------------------------------------------------------------------
 
 
-def _convert_rows(rows: Iterable[tuple[int, dict]], convert: Callable[[dict], dict | None],
-                  locate: Callable[[int], str]) -> list[dict]:
+def _convert_rows(
+    rows: Iterable[tuple[int, dict]], convert: Callable[[dict], dict | None], locate: Callable[[int], str]
+) -> list[dict]:
     """Convert (position, raw row) pairs to example dicts, naming the row's location on any error.
 
     ``convert`` returns None for a row to skip (an unlabelled GLUE row).
@@ -298,10 +310,14 @@ def _qa_example(spec: TaskSpec, question: str, passage: str, choices: list[str],
 
 _BOOLQ_INSTRUCTION = re.compile(
     r"^Please answer the following question with true or false, question: (?P<question>.*)"
-    r"\n\nAnswer format: true/false$", re.S)
+    r"\n\nAnswer format: true/false$",
+    re.S,
+)
 _CHOICE_INSTRUCTION = re.compile(
     r"^Please choose the correct answer to the question: (?P<question>.*)"
-    r"\n\n(?P<options>Answer1: .*)\n\nAnswer format: \S+$", re.S)
+    r"\n\n(?P<options>Answer1: .*)\n\nAnswer format: \S+$",
+    re.S,
+)
 _OPTION = re.compile(r"Answer(?P<number>\d+): (?P<text>.*?)(?= Answer\d+: |$)", re.S)
 _BOOLQ_ANSWERS = {"false": 0, "true": 1}
 
@@ -323,7 +339,7 @@ def _llm_adapters_example(spec: TaskSpec, row: dict) -> dict:
     if not re.fullmatch(r"answer\d+", answer):
         raise _RowError(f"answer {answer!r} is not of the form 'answerN'")
     choices = [option["text"] for option in options]
-    return _qa_example(spec, match["question"], passage, choices, int(answer[len("answer"):]) - 1)
+    return _qa_example(spec, match["question"], passage, choices, int(answer[len("answer") :]) - 1)
 
 
 def _match(pattern: re.Pattern, instruction: str, kind: str) -> re.Match:
@@ -337,8 +353,9 @@ def _hub_yes_no_example(spec: TaskSpec, row: dict, question_key: str, passage_ke
     answer = _field(row, "answer")
     if not isinstance(answer, bool):
         raise _RowError(f"answer {answer!r} is not a boolean")
-    return _qa_example(spec, _text_field(row, question_key), _text_field(row, passage_key), list(spec.label_words),
-                       int(answer))
+    return _qa_example(
+        spec, _text_field(row, question_key), _text_field(row, passage_key), list(spec.label_words), int(answer)
+    )
 
 
 def _hub_choice_example(spec: TaskSpec, row: dict, question_key: str) -> dict:
@@ -349,4 +366,3 @@ def _hub_choice_example(spec: TaskSpec, row: dict, question_key: str) -> dict:
         raise _RowError(f"answerKey {answer_key!r} is not one of the option labels {keys}")
     # ARC labels a few items "1".."4" instead of "A".."D"; the position is what counts.
     return _qa_example(spec, _text_field(row, question_key), "", texts, keys.index(answer_key))
-

@@ -62,8 +62,13 @@ class TaskSplits:
     test_split: str | None = None
 
 
-def build_splits(task: str, protocol: str = "ept", data_dir: str | os.PathLike | None = None,
-                 seed: int | None = None, max_eval: int | None = None) -> TaskSplits:
+def build_splits(
+    task: str,
+    protocol: str = "ept",
+    data_dir: str | os.PathLike | None = None,
+    seed: int | None = None,
+    max_eval: int | None = None,
+) -> TaskSplits:
     """The splits of ``task`` under ``protocol`` (``"ept"`` or ``"hyperformer"``).
 
     ``seed`` overrides the protocol's permutation seed (1189 for EPT, 42 for HyperFormer, 2026 for selection).
@@ -78,8 +83,9 @@ def build_splits(task: str, protocol: str = "ept", data_dir: str | os.PathLike |
     if protocol == "selection":
         return _cap_test(_cap_eval(_selection_splits(spec, data_dir, _or(seed, SELECTION_SEED)), max_eval), max_eval)
     if spec.family == "commonsense":
-        splits = TaskSplits(load_examples(spec.name, "train", data_dir), load_examples(spec.name, "test", data_dir),
-                            "test")
+        splits = TaskSplits(
+            load_examples(spec.name, "train", data_dir), load_examples(spec.name, "test", data_dir), "test"
+        )
     elif protocol == "ept":
         splits = _ept_splits(spec, data_dir, _or(seed, EPT_SEED))
     else:
@@ -105,8 +111,13 @@ def _hyperformer_splits(spec: TaskSpec, data_dir, seed: int) -> TaskSplits:
     dev, dev_name = _dev_or_heldout(spec, "validation", data_dir)
     if spec.small:
         first_half, second_half = _halves(dev, seed)
-        return TaskSplits(train, first_half, f"{dev_name}[first half, seed {seed}]",
-                          second_half, f"{dev_name}[second half, seed {seed}]")
+        return TaskSplits(
+            train,
+            first_half,
+            f"{dev_name}[first half, seed {seed}]",
+            second_half,
+            f"{dev_name}[second half, seed {seed}]",
+        )
     has_mismatched = _MISMATCHED in spec.splits
     if has_mismatched and not _local_dev_missing(spec.name, _MISMATCHED, data_dir):
         return TaskSplits(train, load_examples(spec.name, _MISMATCHED, data_dir), _MISMATCHED, dev, dev_name)

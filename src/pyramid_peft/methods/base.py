@@ -17,11 +17,11 @@ from torch import nn
 
 from ..contrastive import contrastive_module_names
 from ..losses import LossSource
-from .capabilities import Capabilities
 from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
+from .capabilities import Capabilities
 
 
-def find_tuners(model: nn.Module) -> list["RoutedTuner"]:
+def find_tuners(model: nn.Module) -> list[RoutedTuner]:
     """The tuners of this package inside ``model`` (a PeftModel, a tuner, or a module that holds one)."""
     return [m for m in model.modules() if isinstance(m, RoutedTuner)]
 

@@ -7,7 +7,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, Union
 
 import pydantic
 from peft import PeftConfig
@@ -99,14 +99,14 @@ class RoutedConfig(PeftConfig):
         modules_to_save: extra modules to train and save in full (e.g. a classifier head).
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of the linear layers to adapt."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of modules to leave out."}
     )
     num_tasks: int = field(default=8, metadata={"help": "Number of task ids the method accepts."})
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained and saved in full besides the adapters."}
     )
 

@@ -3,5 +3,13 @@
 from .registry import TASK_NAMES, UnknownTaskError, get_task, register_task, unregister_task
 from .spec import HubSource, LocalFiles, TaskSpec
 
-__all__ = ["TASK_NAMES", "HubSource", "LocalFiles", "TaskSpec", "UnknownTaskError", "get_task", "register_task",
-           "unregister_task"]
+__all__ = [
+    "TASK_NAMES",
+    "HubSource",
+    "LocalFiles",
+    "TaskSpec",
+    "UnknownTaskError",
+    "get_task",
+    "register_task",
+    "unregister_task",
+]

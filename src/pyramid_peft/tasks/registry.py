@@ -23,52 +23,134 @@ _COMMONSENSE_FILES = (("train", "train.json"), ("test", "test.json"))
 _QA_HUB_SPLITS = (("train", "train"), ("validation", "validation"), ("test", "test"))
 
 
-def _glue(name, title, label_words, fields, hub_columns, paper_metric="accuracy", metrics=("accuracy",),
-          is_regression=False, small=False, local_files=_FULL_GLUE_FILES, hub_splits=_GLUE_HUB_SPLITS):
-    return TaskSpec(name=name, family="glue", prompt_prefix=name, label_words=label_words,
-                    paper_metric=paper_metric, metrics=metrics, fields=fields, is_regression=is_regression,
-                    title=title, small=small, local=LocalFiles(name, local_files),
-                    hub=HubSource("nyu-mll/glue", name, hub_splits, hub_columns))
+def _glue(
+    name,
+    title,
+    label_words,
+    fields,
+    hub_columns,
+    paper_metric="accuracy",
+    metrics=("accuracy",),
+    is_regression=False,
+    small=False,
+    local_files=_FULL_GLUE_FILES,
+    hub_splits=_GLUE_HUB_SPLITS,
+):
+    return TaskSpec(
+        name=name,
+        family="glue",
+        prompt_prefix=name,
+        label_words=label_words,
+        paper_metric=paper_metric,
+        metrics=metrics,
+        fields=fields,
+        is_regression=is_regression,
+        title=title,
+        small=small,
+        local=LocalFiles(name, local_files),
+        hub=HubSource("nyu-mll/glue", name, hub_splits, hub_columns),
+    )
 
 
 def _multiple_choice(name, title, prompt_prefix, num_options, folder, hub_path, hub_config, question_column):
-    return TaskSpec(name=name, family="commonsense", prompt_prefix=prompt_prefix,
-                    label_words=OPTION_LETTERS[:num_options], paper_metric="accuracy", metrics=("accuracy",),
-                    multiple_choice=True, title=title, local=LocalFiles(folder, _COMMONSENSE_FILES),
-                    hub=HubSource(hub_path, hub_config, _QA_HUB_SPLITS, (question_column,)))
+    return TaskSpec(
+        name=name,
+        family="commonsense",
+        prompt_prefix=prompt_prefix,
+        label_words=OPTION_LETTERS[:num_options],
+        paper_metric="accuracy",
+        metrics=("accuracy",),
+        multiple_choice=True,
+        title=title,
+        local=LocalFiles(folder, _COMMONSENSE_FILES),
+        hub=HubSource(hub_path, hub_config, _QA_HUB_SPLITS, (question_column,)),
+    )
 
 
 _TASKS = (
-    _glue("cola", "CoLA", ("unacceptable", "acceptable"), _SINGLE_SENTENCE, ("sentence",), paper_metric="mcc",
-          metrics=("mcc",), small=True),
+    _glue(
+        "cola",
+        "CoLA",
+        ("unacceptable", "acceptable"),
+        _SINGLE_SENTENCE,
+        ("sentence",),
+        paper_metric="mcc",
+        metrics=("mcc",),
+        small=True,
+    ),
     _glue("sst2", "SST-2", ("negative", "positive"), _SINGLE_SENTENCE, ("sentence",)),
     # The EPT/MoRE code reports accuracy for MRPC and QQP; F1 belongs to the full (HyperFormer) set.
-    _glue("mrpc", "MRPC", ("not_equivalent", "equivalent"), _SENTENCE_PAIR, ("sentence1", "sentence2"),
-          metrics=("accuracy", "f1"), small=True),
-    _glue("qqp", "QQP", ("not_duplicate", "duplicate"), (("question1", "sentence1"), ("question2", "sentence2")),
-          ("question1", "question2"), metrics=("accuracy", "f1"), local_files=_SUBSET_GLUE_FILES),
-    _glue("stsb", "STS-B", (), _SENTENCE_PAIR, ("sentence1", "sentence2"), paper_metric="pearson",
-          metrics=("pearson", "spearman"), is_regression=True, small=True),
+    _glue(
+        "mrpc",
+        "MRPC",
+        ("not_equivalent", "equivalent"),
+        _SENTENCE_PAIR,
+        ("sentence1", "sentence2"),
+        metrics=("accuracy", "f1"),
+        small=True,
+    ),
+    _glue(
+        "qqp",
+        "QQP",
+        ("not_duplicate", "duplicate"),
+        (("question1", "sentence1"), ("question2", "sentence2")),
+        ("question1", "question2"),
+        metrics=("accuracy", "f1"),
+        local_files=_SUBSET_GLUE_FILES,
+    ),
+    _glue(
+        "stsb",
+        "STS-B",
+        (),
+        _SENTENCE_PAIR,
+        ("sentence1", "sentence2"),
+        paper_metric="pearson",
+        metrics=("pearson", "spearman"),
+        is_regression=True,
+        small=True,
+    ),
     # MNLI's prompt puts the hypothesis (sentence2) before the premise (sentence1).
-    _glue("mnli", "MNLI", ("entailment", "neutral", "contradiction"),
-          (("hypothesis", "sentence2"), ("premise", "sentence1")), ("premise", "hypothesis"),
-          local_files=_SUBSET_GLUE_FILES,
-          hub_splits=(("train", "train"), ("validation", "validation_matched"),
-                      ("validation_mismatched", "validation_mismatched"))),
-    _glue("qnli", "QNLI", _ENTAILMENT_WORDS, (("question", "sentence1"), ("sentence", "sentence2")),
-          ("question", "sentence"), local_files=(("train", "train_subset.jsonl"), ("validation", "validation.jsonl"))),
+    _glue(
+        "mnli",
+        "MNLI",
+        ("entailment", "neutral", "contradiction"),
+        (("hypothesis", "sentence2"), ("premise", "sentence1")),
+        ("premise", "hypothesis"),
+        local_files=_SUBSET_GLUE_FILES,
+        hub_splits=(
+            ("train", "train"),
+            ("validation", "validation_matched"),
+            ("validation_mismatched", "validation_mismatched"),
+        ),
+    ),
+    _glue(
+        "qnli",
+        "QNLI",
+        _ENTAILMENT_WORDS,
+        (("question", "sentence1"), ("sentence", "sentence2")),
+        ("question", "sentence"),
+        local_files=(("train", "train_subset.jsonl"), ("validation", "validation.jsonl")),
+    ),
     _glue("rte", "RTE", _ENTAILMENT_WORDS, _SENTENCE_PAIR, ("sentence1", "sentence2"), small=True),
-    TaskSpec(name="boolq", family="commonsense", prompt_prefix="boolq", label_words=("no", "yes"),
-             paper_metric="accuracy", metrics=("accuracy",), title="BoolQ",
-             local=LocalFiles("boolq", _COMMONSENSE_FILES),
-             hub=HubSource("google/boolq", None, (("train", "train"), ("test", "validation")),
-                           ("question", "passage"))),
-    _multiple_choice("openbookqa", "OBQA", "openbookqa", 4, "openbookqa", "allenai/openbookqa", "main",
-                     "question_stem"),
+    TaskSpec(
+        name="boolq",
+        family="commonsense",
+        prompt_prefix="boolq",
+        label_words=("no", "yes"),
+        paper_metric="accuracy",
+        metrics=("accuracy",),
+        title="BoolQ",
+        local=LocalFiles("boolq", _COMMONSENSE_FILES),
+        hub=HubSource("google/boolq", None, (("train", "train"), ("test", "validation")), ("question", "passage")),
+    ),
+    _multiple_choice(
+        "openbookqa", "OBQA", "openbookqa", 4, "openbookqa", "allenai/openbookqa", "main", "question_stem"
+    ),
     # A handful of ARC items have 3 or 5 options; 5 letters cover them all.
     _multiple_choice("arc_easy", "ARC-E", "arc", 5, "ARC-Easy", "allenai/ai2_arc", "ARC-Easy", "question"),
-    _multiple_choice("arc_challenge", "ARC-C", "arc", 5, "ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge",
-                     "question"),
+    _multiple_choice(
+        "arc_challenge", "ARC-C", "arc", 5, "ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge", "question"
+    ),
 )
 _REGISTRY = {task.name: task for task in _TASKS}
 

@@ -42,8 +42,11 @@ def staging_folder(checkpoint: Path) -> Path:
 
 def write_manifest(folder: Path, step: int) -> None:
     """Record the size and SHA-256 of every file in ``folder``; written last, it marks the folder complete."""
-    files = {path.relative_to(folder).as_posix(): _fingerprint(path)
-             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE}
+    files = {
+        path.relative_to(folder).as_posix(): _fingerprint(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
     (folder / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=1))
 
 
@@ -75,8 +78,14 @@ def newest_valid_checkpoint(run_dir: str | Path) -> Path | None:
 def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest valid checkpoint whose weights are all finite and whose logged training losses were all finite:
     one that a resume at a saner learning rate can start from. Each candidate is read before it is named."""
-    return next((path for path in _newest_first(Path(run_dir))
-                 if checkpoint_problem(path) is None and _finite_weights(path) and _finite_losses(path)), None)
+    return next(
+        (
+            path
+            for path in _newest_first(Path(run_dir))
+            if checkpoint_problem(path) is None and _finite_weights(path) and _finite_losses(path)
+        ),
+        None,
+    )
 
 
 def _finite_weights(folder: Path) -> bool:
@@ -84,7 +93,7 @@ def _finite_weights(folder: Path) -> bool:
 
     for path in folder.glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as weights:
-            if not all(torch.isfinite(weights.get_tensor(key)).all() for key in weights.keys()):
+            if not all(torch.isfinite(weights.get_tensor(key)).all() for key in weights.keys()):  # noqa: SIM118 (a safe_open handle, not a dict)
                 return False
     return True
 
@@ -122,13 +131,17 @@ def resolve_resume(request: str | bool | None, run_dir: str | Path) -> str | Non
         problem = checkpoint_problem(candidate)
         if problem is None:
             for path, why in skipped:
-                warnings.warn(f"checkpoint {path} is unusable: {why}. Resuming from {candidate} instead.",
-                              CheckpointWarning, stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {path} is unusable: {why}. Resuming from {candidate} instead.",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
             return str(candidate)
         skipped.append((candidate, problem))
     reasons = "; ".join(f"{path}: {why}" for path, why in skipped)
-    raise CheckpointError(f"no valid checkpoint to resume from ({reasons}). Train again without "
-                          "--resume_from_checkpoint.")
+    raise CheckpointError(
+        f"no valid checkpoint to resume from ({reasons}). Train again without --resume_from_checkpoint."
+    )
 
 
 def _newest_first(run_dir: Path) -> list[Path]:

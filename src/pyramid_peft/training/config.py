@@ -175,8 +175,9 @@ class ExperimentConfig:
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "sampling": SamplingSection}
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                for_training: bool = False) -> ExperimentConfig:
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), for_training: bool = False
+) -> ExperimentConfig:
     """Read a YAML config and apply command-line style overrides (``["--max_steps", "20", ...]``); see
     :func:`from_dict` for the checks (``for_training``: also a step count and a model that can be found)."""
     path = Path(path)
@@ -196,8 +197,9 @@ def read_yaml_file(path: Path):
         return read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save the file "
-                          "as UTF-8.") from None
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save the file as UTF-8."
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

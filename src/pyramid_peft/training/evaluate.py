@@ -68,12 +68,29 @@ class Predictor:
     by_length: bool = True
 
     @classmethod
-    def for_run(cls, model, family: str, collator, tokenizer, args, route_task_ids: bool, synced_gpus: bool = False,
-                answer_scoring: str = "generate"):
+    def for_run(
+        cls,
+        model,
+        family: str,
+        collator,
+        tokenizer,
+        args,
+        route_task_ids: bool,
+        synced_gpus: bool = False,
+        answer_scoring: str = "generate",
+    ):
         """A predictor with the evaluation settings of the training arguments ``args``."""
-        return cls(model, family, collator, tokenizer, batch_size=args.per_device_eval_batch_size,
-                   route_task_ids=route_task_ids, num_beams=args.generation_num_beams or 1, synced_gpus=synced_gpus,
-                   answer_scoring=answer_scoring)
+        return cls(
+            model,
+            family,
+            collator,
+            tokenizer,
+            batch_size=args.per_device_eval_batch_size,
+            route_task_ids=route_task_ids,
+            num_beams=args.generation_num_beams or 1,
+            synced_gpus=synced_gpus,
+            answer_scoring=answer_scoring,
+        )
 
     @torch.no_grad()
     def predict(self, eval_set: EvalSet, examples: list[dict]) -> list:
@@ -126,7 +143,9 @@ class Predictor:
         position does not depend on the answer.
         """
         num_labels = len(task.label_words)
-        candidates = [{**f, "example": {**f["example"], "label": label}} for f in features for label in range(num_labels)]
+        candidates = [
+            {**f, "example": {**f["example"], "label": label}} for f in features for label in range(num_labels)
+        ]
         options = [len(f["example"]["choices"]) if task.multiple_choice else num_labels for f in features]
         batch = {k: v.to(_device(self.model)) for k, v in self.collator.for_scoring()(candidates).items()}
         if not self.route_task_ids:
@@ -244,10 +263,12 @@ def majority_level(task: TaskSpec, references: list) -> float:
     return compute_metrics(task, [constant] * len(references), references)["paper"]
 
 
-AVERAGES_LEGEND = ("Averages over tasks: \"paper\" of the one metric the EPT paper reports per task (accuracy; MCC for "
-                   "CoLA, Pearson for STS-B), \"full\" of each task's mean over all its metrics (adds F1 for MRPC "
-                   "and QQP, Spearman for STS-B). Metrics x 100; majority = the paper metric of always predicting "
-                   "the most common label (CoLA MCC and STS-B Pearson: 0).")
+AVERAGES_LEGEND = (
+    'Averages over tasks: "paper" of the one metric the EPT paper reports per task (accuracy; MCC for '
+    'CoLA, Pearson for STS-B), "full" of each task\'s mean over all its metrics (adds F1 for MRPC '
+    "and QQP, Spearman for STS-B). Metrics x 100; majority = the paper metric of always predicting "
+    "the most common label (CoLA MCC and STS-B Pearson: 0)."
+)
 
 
 def metrics_table(results: dict) -> str:
@@ -261,8 +282,16 @@ def metrics_table(results: dict) -> str:
         metrics = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if isinstance(v, (int, float)))
         level = result.get("majority")
         margin = "-" if level is None else f"{result['metrics']['paper'] - level:+.2f}"
-        rows.append((name, result["split"], str(result["num_examples"]), "-" if level is None else f"{level:.2f}",
-                     margin, metrics))
+        rows.append(
+            (
+                name,
+                result["split"],
+                str(result["num_examples"]),
+                "-" if level is None else f"{level:.2f}",
+                margin,
+                metrics,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
     lines.append(f"paper average {results['paper_average']:.2f}   full average {results['full_average']:.2f}")

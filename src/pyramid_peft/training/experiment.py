@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from peft import PeftModel, get_peft_model
 from torch import nn
 
-from ..methods.base import uses_task_ids
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
+from ..methods.base import uses_task_ids
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from ..registry import make_peft_config
 from ..tasks import TaskSpec, get_task
@@ -84,8 +84,10 @@ def _adapt(base: nn.Module, method_config, method: str) -> PeftModel:
         return get_peft_model(base, method_config)
     except ValueError as err:
         linears = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"method {method!r} cannot adapt this model: {err} (Its linear layers are named: "
-                          f"{', '.join(linears)}; method.target_modules picks among them.)") from err
+        raise ConfigError(
+            f"method {method!r} cannot adapt this model: {err} (Its linear layers are named: "
+            f"{', '.join(linears)}; method.target_modules picks among them.)"
+        ) from err
 
 
 def _head_dropout(model_config) -> dict:

@@ -29,8 +29,10 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
     if capabilities is not None:
         peft_model.base_model.check_mergeable()  # refuse an unmergeable method before writing anything
     if experiment.full and mode == "lora":
-        raise RunError(f"{run_dir} is a full fine-tuning run: it has no adapter to export as LoRA. Use --merged "
-                       "for the fine-tuned model itself.")
+        raise RunError(
+            f"{run_dir} is a full fine-tuning run: it has no adapter to export as LoRA. Use --merged "
+            "for the fine-tuned model itself."
+        )
     if experiment.full and mode == "merged":
         peft_model.save_pretrained(out)
         experiment.tokenizer.save_pretrained(out)

@@ -25,8 +25,15 @@ def is_full(method_name: str) -> bool:
 def full_parameter_count(model: nn.Module, num_tasks: int) -> dict:
     """Trainable weights of ``model`` (shared tensors once), in :func:`pyramid_peft.count_parameters`'s layout."""
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"adapter": total, "router": 0, "task_embedding": 0, "total": total, "num_tasks": num_tasks,
-            "per_task": total / num_tasks, "per_task_without_router": total / num_tasks}
+    return {
+        "adapter": total,
+        "router": 0,
+        "task_embedding": 0,
+        "total": total,
+        "num_tasks": num_tasks,
+        "per_task": total / num_tasks,
+        "per_task_without_router": total / num_tasks,
+    }
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -49,8 +56,10 @@ def load_full_weights(model: nn.Module, folder: str | Path) -> None:
     """
     files = sorted(Path(folder).glob("model*.safetensors"))
     if not files:
-        raise ValueError(f"{folder} has no model*.safetensors: it is not the weights folder of a full fine-tuning "
-                         "run (an adapter run's folder holds adapter_model.safetensors instead).")
+        raise ValueError(
+            f"{folder} has no model*.safetensors: it is not the weights folder of a full fine-tuning "
+            "run (an adapter run's folder holds adapter_model.safetensors instead)."
+        )
     state = {}
     for path in files:
         state.update(load_file(str(path)))
@@ -59,6 +68,8 @@ def load_full_weights(model: nn.Module, folder: str | Path) -> None:
     loaded = {id(tensors[key]) for key in state if key in tensors}
     untied = [key for key in missing if id(tensors[key]) not in loaded]
     if untied or unexpected:
-        raise ValueError(f"{folder} does not fit this run's model: missing {untied[:3]}, unexpected "
-                         f"{unexpected[:3]} (of {len(untied)} and {len(unexpected)}). It was written for another "
-                         "model.")
+        raise ValueError(
+            f"{folder} does not fit this run's model: missing {untied[:3]}, unexpected "
+            f"{unexpected[:3]} (of {len(untied)} and {len(unexpected)}). It was written for another "
+            "model."
+        )

@@ -18,8 +18,10 @@ class NonFiniteLossError(RuntimeError):
         if checkpoint is None:
             where = "There is no checkpoint with finite weights and losses: train again"
         else:
-            where = (f"The last good checkpoint (finite weights and losses) is {checkpoint}: resume with "
-                     f"--resume_from_checkpoint {checkpoint}")
+            where = (
+                f"The last good checkpoint (finite weights and losses) is {checkpoint}: resume with "
+                f"--resume_from_checkpoint {checkpoint}"
+            )
         super().__init__(
             f"the training loss is {loss} at step {step}; training stopped before that step's optimizer update, "
             f"and nothing was saved from it. {where} after lowering learning_rate (or setting max_grad_norm), or "
@@ -36,8 +38,10 @@ class TrainingInterrupted(RuntimeError):
         if checkpoint is None:
             saved = "no checkpoint was saved"
         else:
-            saved = (f"the checkpoint is {checkpoint}. Resume with the same command plus --resume_from_checkpoint "
-                     f"(the newest valid checkpoint of {checkpoint.parent}) or --resume_from_checkpoint {checkpoint}")
+            saved = (
+                f"the checkpoint is {checkpoint}. Resume with the same command plus --resume_from_checkpoint "
+                f"(the newest valid checkpoint of {checkpoint.parent}) or --resume_from_checkpoint {checkpoint}"
+            )
         super().__init__(f"{name} stopped training at step {step}; {saved}.")
 
 
@@ -69,5 +73,7 @@ class StopSignals:
             signal.raise_signal(signum)
             return
         self.received = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then "
-                         "stopping (send it again to stop at once).\n")
+        sys.stderr.write(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then "
+            "stopping (send it again to stop at once).\n"
+        )

@@ -46,13 +46,17 @@ def _check_weights_folder(run_dir: Path, weights: Path, named: bool) -> None:
             raise RunError(f"{run_dir} does not exist: give the folder of a run trained with `ept train`.")
         newest = newest_valid_checkpoint(run_dir)
         hint = f" (the newest valid one: --checkpoint {newest})" if newest else ""
-        raise RunError(f"{run_dir} has no {ADAPTER_DIR}/: the run has not finished. Resume it with `ept train ... "
-                       f"--resume_from_checkpoint`, or evaluate a checkpoint with --checkpoint DIR{hint}.")
+        raise RunError(
+            f"{run_dir} has no {ADAPTER_DIR}/: the run has not finished. Resume it with `ept train ... "
+            f"--resume_from_checkpoint`, or evaluate a checkpoint with --checkpoint DIR{hint}."
+        )
     if problem := checkpoint_problem(weights):
         raise RunError(f"{weights} is unusable: {problem}. Use another checkpoint-<step> folder, or train again.")
     if not (weights / WEIGHTS_CONFIG_FILE).is_file():
-        raise RunError(f"{weights} has no {WEIGHTS_CONFIG_FILE} (the config its weights were trained with): it was "
-                       "not written by `ept train`.")
+        raise RunError(
+            f"{weights} has no {WEIGHTS_CONFIG_FILE} (the config its weights were trained with): it was "
+            "not written by `ept train`."
+        )
 
 
 def load_trained(model: nn.Module, folder: Path) -> None:
@@ -73,16 +77,20 @@ def load_trained(model: nn.Module, folder: Path) -> None:
         else:
             load_weights(model, folder)
     except SafetensorError as err:
-        raise RunError(f"a weights file in {folder} is truncated or corrupt ({err}); the files: "
-                       f"{', '.join(sorted(p.name for p in folder.glob('*.safetensors')))}. Train again, or use an "
-                       "intact copy.") from err
+        raise RunError(
+            f"a weights file in {folder} is truncated or corrupt ({err}); the files: "
+            f"{', '.join(sorted(p.name for p in folder.glob('*.safetensors')))}. Train again, or use an "
+            "intact copy."
+        ) from err
     except ValueError as err:  # heads for other tasks, a full fine-tuning folder of another model
         raise RunError(str(err)) from err
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
-        raise RunError(f"{folder} does not fit this run's model, so it was trained on another base model or "
-                       f"model.config: {str(err).strip().splitlines()[-1].strip()}") from err
+        raise RunError(
+            f"{folder} does not fit this run's model, so it was trained on another base model or "
+            f"model.config: {str(err).strip().splitlines()[-1].strip()}"
+        ) from err
 
 
 def _check_adapter_folder(peft_model: PeftModel, folder: Path) -> None:
@@ -97,18 +105,25 @@ def _check_adapter_folder(peft_model: PeftModel, folder: Path) -> None:
     expected = peft_model.peft_config[peft_model.active_adapter]
     saved_type, expected_type = saved.get("peft_type"), getattr(expected.peft_type, "value", expected.peft_type)
     if saved_type != expected_type:
-        raise RunError(f"{folder} holds a {saved_type} adapter, but this run's config builds {expected_type}: load "
-                       "it with the config of the run that trained it.")
+        raise RunError(
+            f"{folder} holds a {saved_type} adapter, but this run's config builds {expected_type}: load "
+            "it with the config of the run that trained it."
+        )
     # Compare model names, not paths: the same model may live in another folder on another machine.
-    saved_base, expected_base = (Path(name or "").name for name in (saved.get("base_model_name_or_path"),
-                                                                     expected.base_model_name_or_path))
+    saved_base, expected_base = (
+        Path(name or "").name for name in (saved.get("base_model_name_or_path"), expected.base_model_name_or_path)
+    )
     if saved_base != expected_base:
-        raise RunError(f"{folder} was trained on base model {saved_base or '(built from model.config)'!r}, but "
-                       f"this run's model is {expected_base or '(built from model.config)'!r}.")
+        raise RunError(
+            f"{folder} was trained on base model {saved_base or '(built from model.config)'!r}, but "
+            f"this run's model is {expected_base or '(built from model.config)'!r}."
+        )
     differ = _differences(saved, expected.to_dict())
     if differ:
-        raise RunError(f"{config_path} does not match the config these weights are loaded with: "
-                       f"{'; '.join(differ)}. The config is not the one the adapter was trained with.")
+        raise RunError(
+            f"{config_path} does not match the config these weights are loaded with: "
+            f"{'; '.join(differ)}. The config is not the one the adapter was trained with."
+        )
 
 
 def _differences(saved: dict, expected: dict) -> list[str]:

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..merge import capabilities_of, task_factors, truncate
 from ..data.sources import DATA_DIR_ENV
+from ..merge import capabilities_of, task_factors, truncate
 from ..models import ALIASES
 from ..tasks import get_task
 from .run_folder import METRICS_FILE
@@ -43,8 +43,11 @@ def write_model_card(experiment, task: str, mode: str, out: str | Path, run_dir:
         saved["base_model_name_or_path"] = base_model_id(config.model.name)
         atomic_write_text(adapter_config, json.dumps(saved, indent=2) + "\n")
     task_id = config.tasks.index(task)
-    sections = [_header(experiment, task, mode, run_dir, _run_scores(run_dir, task), saved),
-                _usage(experiment, task, mode, out), _snippet(experiment, task, mode, out)]
+    sections = [
+        _header(experiment, task, mode, run_dir, _run_scores(run_dir, task), saved),
+        _usage(experiment, task, mode, out),
+        _snippet(experiment, task, mode, out),
+    ]
     if mode == "lora" and _routed(experiment):
         sections.append(_max_rank_section(experiment, task_id))
     atomic_write_text(out / CARD_FILE, "\n\n".join(sections) + "\n")
@@ -65,15 +68,22 @@ def _run_scores(run_dir: Path, task: str) -> dict | None:
 def _header(experiment, task: str, mode: str, run_dir: Path, scores: dict | None, adapter: dict | None) -> str:
     config = experiment.config
     kind = "a stock PEFT LoRA adapter" if mode == "lora" else "a merged model (the weight change added in)"
-    lines = [f"# {task}: {config.method.name} on {base_model_id(config.model.name)}", "",
-             f"Exported by `ept export {run_dir} --task {task} --{mode}` as {kind}.", "",
-             f"- base model: `{base_model_id(config.model.name)}`"
-             + (f" (config alias `{config.model.name}`)" if config.model.name in HUB_IDS else ""),
-             f"- task: `{task}` (task id {config.tasks.index(task)} of {len(config.tasks)}: {', '.join(config.tasks)})",
-             f"- method: `{config.method.name}`, {_rank_line(config.method.options)}"
-             + (f"; as exported, LoRA rank up to {adapter['r']} per layer (`rank_pattern` in adapter_config.json)"
-                if adapter and adapter.get("rank_pattern") else ""),
-             f"- inputs: at most {config.data.max_source_length} tokens (`data.max_source_length`)"]
+    lines = [
+        f"# {task}: {config.method.name} on {base_model_id(config.model.name)}",
+        "",
+        f"Exported by `ept export {run_dir} --task {task} --{mode}` as {kind}.",
+        "",
+        f"- base model: `{base_model_id(config.model.name)}`"
+        + (f" (config alias `{config.model.name}`)" if config.model.name in HUB_IDS else ""),
+        f"- task: `{task}` (task id {config.tasks.index(task)} of {len(config.tasks)}: {', '.join(config.tasks)})",
+        f"- method: `{config.method.name}`, {_rank_line(config.method.options)}"
+        + (
+            f"; as exported, LoRA rank up to {adapter['r']} per layer (`rank_pattern` in adapter_config.json)"
+            if adapter and adapter.get("rank_pattern")
+            else ""
+        ),
+        f"- inputs: at most {config.data.max_source_length} tokens (`data.max_source_length`)",
+    ]
     if scores:
         metrics = ", ".join(f"{k} {v:.2f}" for k, v in scores["metrics"].items() if isinstance(v, (int, float)))
         lines.append(f"- score in the run: {metrics} on {scores['num_examples']} `{scores['split']}` examples")
@@ -88,56 +98,94 @@ def _rank_line(options: dict) -> str:
 def _usage(experiment, task: str, mode: str, out: Path) -> str:
     if experiment.family == "encoder":
         files = "`head.safetensors` (`weight`, `bias`)" if (out / "head.safetensors").is_file() else "no head file"
-        return ("## How the head is applied\n\nThe encoder's last hidden states are averaged over the non-pad tokens "
-                "(positions where `attention_mask` is 1), and the task's linear head maps that mean to the logits: "
-                f"{files}. The prediction is the argmax of the logits (STS-B: the one output, a similarity score). "
-                "Sentence pairs are encoded as the tokenizer's pair (`tokenizer(text_a, text_b)`), truncated together.")
+        return (
+            "## How the head is applied\n\nThe encoder's last hidden states are averaged over the non-pad tokens "
+            "(positions where `attention_mask` is 1), and the task's linear head maps that mean to the logits: "
+            f"{files}. The prediction is the argmax of the logits (STS-B: the one output, a similarity score). "
+            "Sentence pairs are encoded as the tokenizer's pair (`tokenizer(text_a, text_b)`), truncated together."
+        )
     words = ", ".join(f"`{w}`" for w in get_task(task).label_words) or "the similarity score as text"
-    return (f"## How answers are read\n\nA generative model: it answers the task's prompt with a label word ({words}), "
-            "generated greedily (or, with `data.answer_scoring: likelihood`, the most likely label word).")
+    return (
+        f"## How answers are read\n\nA generative model: it answers the task's prompt with a label word ({words}), "
+        "generated greedily (or, with `data.answer_scoring: likelihood`, the most likely label word)."
+    )
 
 
 def _snippet(experiment, task: str, mode: str, out: Path) -> str:
     """Loading code that reproduces the score (encoders), or loads the model (generative models)."""
     config = experiment.config
     if experiment.resolved.path is None:
-        return ("## Loading\n\nThe run's base model was built with random weights from `model.config` (a test model), "
-                "so there is no pretrained base to load the export onto.")
+        return (
+            "## Loading\n\nThe run's base model was built with random weights from `model.config` (a test model), "
+            "so there is no pretrained base to load the export onto."
+        )
     base = _base_line(config.model.name)
     imports = ["from pyramid_peft.models import resolve_model"] if config.model.name in ALIASES else []
     if experiment.family != "encoder":
         auto = "AutoModelForSeq2SeqLM" if experiment.family == "seq2seq" else "AutoModelForCausalLM"
-        loader = f"PeftModel.from_pretrained({auto}.from_pretrained(base), EXPORT)" if mode == "lora" else \
-            f"{auto}.from_pretrained(EXPORT)"
-        return "\n".join(["## Loading", "", "```python", "from peft import PeftModel",
-                          f"from transformers import {auto}", *imports, base, f'EXPORT = "{out.resolve()}"',
-                          f"model = {loader}", "```"])
+        loader = (
+            f"PeftModel.from_pretrained({auto}.from_pretrained(base), EXPORT)"
+            if mode == "lora"
+            else f"{auto}.from_pretrained(EXPORT)"
+        )
+        return "\n".join(
+            [
+                "## Loading",
+                "",
+                "```python",
+                "from peft import PeftModel",
+                f"from transformers import {auto}",
+                *imports,
+                base,
+                f'EXPORT = "{out.resolve()}"',
+                f"model = {loader}",
+                "```",
+            ]
+        )
     data_dir = config.data.data_dir or os.environ.get(DATA_DIR_ENV)
     regression = get_task(task).is_regression  # one output: the score itself
-    model = ("PeftModel.from_pretrained(AutoModel.from_pretrained(base), EXPORT)" if mode == "lora"
-             else "AutoModel.from_pretrained(EXPORT)")
+    model = (
+        "PeftModel.from_pretrained(AutoModel.from_pretrained(base), EXPORT)"
+        if mode == "lora"
+        else "AutoModel.from_pretrained(EXPORT)"
+    )
     code = [
-        "import torch", "from peft import PeftModel", "from safetensors.torch import load_file",
+        "import torch",
+        "from peft import PeftModel",
+        "from safetensors.torch import load_file",
         "from transformers import AutoModel, AutoTokenizer",
         "from pyramid_peft.data import build_splits    # only to fetch the rows `ept eval` scored",
-        "from pyramid_peft.metrics import compute_metrics", "from pyramid_peft.tasks import get_task", *imports, "",
-        base, f'EXPORT = "{out.resolve()}"',
-        f"model, head = {model}.eval(), load_file(f\"{{EXPORT}}/head.safetensors\")",
+        "from pyramid_peft.metrics import compute_metrics",
+        "from pyramid_peft.tasks import get_task",
+        *imports,
+        "",
+        base,
+        f'EXPORT = "{out.resolve()}"',
+        f'model, head = {model}.eval(), load_file(f"{{EXPORT}}/head.safetensors")',
         "tokenizer = AutoTokenizer.from_pretrained(base)",
-        f"rows = [get_task(\"{task}\").to_classification(x) for x in build_splits(\"{task}\", "
-        f"\"{config.data.protocol}\", {data_dir!r}, max_eval={config.data.max_eval_examples}).eval]",
+        f'rows = [get_task("{task}").to_classification(x) for x in build_splits("{task}", '
+        f'"{config.data.protocol}", {data_dir!r}, max_eval={config.data.max_eval_examples}).eval]',
         "texts_b = [b for _, b, _ in rows] if rows[0][1] is not None else None",
         f"batch = tokenizer([a for a, _, _ in rows], texts_b, padding=True, truncation=True, "
-        f"max_length={config.data.max_source_length}, return_tensors=\"pt\")",
-        "with torch.no_grad():", "    hidden = model(**batch).last_hidden_state",
-        "mask = batch[\"attention_mask\"].unsqueeze(-1).to(hidden.dtype)",
-        "logits = ((hidden * mask).sum(1) / mask.sum(1)) @ head[\"weight\"].T + head[\"bias\"]",
+        f'max_length={config.data.max_source_length}, return_tensors="pt")',
+        "with torch.no_grad():",
+        "    hidden = model(**batch).last_hidden_state",
+        'mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
+        'logits = ((hidden * mask).sum(1) / mask.sum(1)) @ head["weight"].T + head["bias"]',
         "predictions = logits[:, 0].tolist()" if regression else "predictions = logits.argmax(-1).tolist()",
-        f"print(compute_metrics(\"{task}\", predictions, [label for _, _, label in rows]))",
+        f'print(compute_metrics("{task}", predictions, [label for _, _, label in rows]))',
     ]
-    return "\n".join(["## Loading and scoring", "",
-                      "Prints the task's metrics on the evaluation rows the run was scored on (the score above):", "",
-                      "```python", *code, "```"])
+    return "\n".join(
+        [
+            "## Loading and scoring",
+            "",
+            "Prints the task's metrics on the evaluation rows the run was scored on (the score above):",
+            "",
+            "```python",
+            *code,
+            "```",
+        ]
+    )
 
 
 def _base_line(name: str | None) -> str:
@@ -148,21 +196,32 @@ def _base_line(name: str | None) -> str:
 
 def _max_rank_section(experiment, task_id: int) -> str:
     """The export's size and the measured error of SVD truncation at a few ranks (``export_lora(max_rank=R)``)."""
-    factors = {name: (up.detach(), down.detach()) for name, (up, down) in
-               task_factors(experiment.peft_model, task_id).items()}
+    factors = {
+        name: (up.detach(), down.detach()) for name, (up, down) in task_factors(experiment.peft_model, task_id).items()
+    }
     exact = max(up.shape[1] for up, _ in factors.values())
-    rows = ["| max_rank | parameters | float32 size | relative error (all layers) | worst layer |",
-            "| ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| max_rank | parameters | float32 size | relative error (all layers) | worst layer |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for rank in [r for r in CANDIDATE_RANKS if r < exact] + [exact]:
         params, err, worst = truncation_error(factors, rank)
-        rows.append(f"| {rank}{' (exact, as exported)' if rank == exact else ''} | {params:,} | "
-                    f"{params * 4 / 2**20:.1f} MiB | {err:.2e} | {worst:.2e} |")
-    return "\n".join([
-        "## Smaller exports: `max_rank`", "",
-        f"Each layer is exported at the exact rank of its weight change (up to {exact} here), so the folder can be "
-        "larger than the multi-task adapter it came from. `pyramid_peft.export_lora(model, task_id, out_dir, "
-        "max_rank=R)` keeps the best rank-R approximation of every layer (SVD). Measured on this export, as "
-        "||ΔW - ΔW_R||_F / ||ΔW||_F:", "", *rows])
+        rows.append(
+            f"| {rank}{' (exact, as exported)' if rank == exact else ''} | {params:,} | "
+            f"{params * 4 / 2**20:.1f} MiB | {err:.2e} | {worst:.2e} |"
+        )
+    return "\n".join(
+        [
+            "## Smaller exports: `max_rank`",
+            "",
+            f"Each layer is exported at the exact rank of its weight change (up to {exact} here), so the folder can be "
+            "larger than the multi-task adapter it came from. `pyramid_peft.export_lora(model, task_id, out_dir, "
+            "max_rank=R)` keeps the best rank-R approximation of every layer (SVD). Measured on this export, as "
+            "||ΔW - ΔW_R||_F / ||ΔW||_F:",
+            "",
+            *rows,
+        ]
+    )
 
 
 def truncation_error(factors: dict, rank: int) -> tuple[int, float, float]:

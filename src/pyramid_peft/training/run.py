@@ -50,8 +50,9 @@ def build_trainer(config: ExperimentConfig) -> MultiTaskTrainer:
         train_dataset=MultiTaskDataset(config.tasks, [s.train for s in splits]),
         data_collator=train_collator,
         processing_class=experiment.tokenizer,
-        eval_setup=EvalSetup(eval_sets(experiment, splits), eval_collator, experiment.family,
-                             config.data.answer_scoring),
+        eval_setup=EvalSetup(
+            eval_sets(experiment, splits), eval_collator, experiment.family, config.data.answer_scoring
+        ),
         sampling=config.sampling,
         head_learning_rate=config.model.head_learning_rate,
         extra_files={WEIGHTS_CONFIG_FILE: config_text(record)},
@@ -76,8 +77,12 @@ def train(config: ExperimentConfig, overwrite: bool = False) -> dict:
     trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     trainer.evaluate()
-    results = {"model": config.model.name, "method": config.method.name, "step": trainer.state.global_step,
-               **trainer.last_eval_results}
+    results = {
+        "model": config.model.name,
+        "method": config.method.name,
+        "step": trainer.state.global_step,
+        **trainer.last_eval_results,
+    }
     trainer.save_model_atomically(run_dir / ADAPTER_DIR)  # on every rank: FSDP and DeepSpeed gather the weights
     if trainer.is_world_process_zero():
         finish_run(run_dir, recorded_config(config, run_dir), results)
@@ -128,9 +133,19 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | Non
     experiment = load_run(run_dir, checkpoint)
     splits = load_splits(experiment)
     _, eval_collator = collators(experiment)
-    predictor = Predictor.for_run(experiment.model, experiment.family, eval_collator, experiment.tokenizer,
-                                  experiment.config.training_arguments(), needs_task_ids(experiment.model),
-                                  answer_scoring=experiment.config.data.answer_scoring)
+    predictor = Predictor.for_run(
+        experiment.model,
+        experiment.family,
+        eval_collator,
+        experiment.tokenizer,
+        experiment.config.training_arguments(),
+        needs_task_ids(experiment.model),
+        answer_scoring=experiment.config.data.answer_scoring,
+    )
     results = evaluate_tasks(predictor, eval_sets(experiment, splits, use_test=split == "test"))
-    return {"model": experiment.config.model.name, "method": experiment.config.method.name,
-            "weights": str(checkpoint or Path(run_dir) / ADAPTER_DIR), **results}
+    return {
+        "model": experiment.config.model.name,
+        "method": experiment.config.method.name,
+        "weights": str(checkpoint or Path(run_dir) / ADAPTER_DIR),
+        **results,
+    }

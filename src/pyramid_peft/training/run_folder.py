@@ -57,22 +57,32 @@ def claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> bool:
     one without ``resume`` or ``overwrite``.
     """
     if resume and overwrite:
-        raise RunError("--overwrite and --resume_from_checkpoint exclude each other: resume continues the run in "
-                       f"{run_dir}, --overwrite moves it aside to start afresh. Pass one of them.")
+        raise RunError(
+            "--overwrite and --resume_from_checkpoint exclude each other: resume continues the run in "
+            f"{run_dir}, --overwrite moves it aside to start afresh. Pass one of them."
+        )
     if not run_dir.is_dir() or not holds_a_run(run_dir):
         return False
     if overwrite:
         return True
     if is_finished(run_dir):
         checkpoint = newest_valid_checkpoint(run_dir)
-        further = (f" To train it further, start a new run from its checkpoint: --output_dir NEW "
-                   f"--resume_from_checkpoint {checkpoint}." if checkpoint else "")
-        raise RunError(f"{run_dir} holds a finished run ({CONFIG_FILE}, {ADAPTER_DIR}/, {METRICS_FILE}), which is "
-                       f"kept as it is: train into a new --output_dir, or pass --overwrite to move it aside (it is "
-                       f"never deleted).{further}")
+        further = (
+            f" To train it further, start a new run from its checkpoint: --output_dir NEW "
+            f"--resume_from_checkpoint {checkpoint}."
+            if checkpoint
+            else ""
+        )
+        raise RunError(
+            f"{run_dir} holds a finished run ({CONFIG_FILE}, {ADAPTER_DIR}/, {METRICS_FILE}), which is "
+            f"kept as it is: train into a new --output_dir, or pass --overwrite to move it aside (it is "
+            f"never deleted).{further}"
+        )
     if not resume:
-        raise RunError(f"{run_dir} holds an unfinished run: continue it with --resume_from_checkpoint, train into a "
-                       "new --output_dir, or pass --overwrite to move it aside (it is never deleted).")
+        raise RunError(
+            f"{run_dir} holds an unfinished run: continue it with --resume_from_checkpoint, train into a "
+            "new --output_dir, or pass --overwrite to move it aside (it is never deleted)."
+        )
     return False
 
 

@@ -24,13 +24,21 @@ from .full import FULL, is_full
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "auto")
 # Training fields that must be positive when set, and those that must not be negative.
-_POSITIVE_TRAINING = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-                      "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_steps")
+_POSITIVE_TRAINING = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+)
 _NON_NEGATIVE_TRAINING = ("warmup_steps", "weight_decay", "max_grad_norm", "seed", "save_total_limit")
 
 
-def check_config(config: ExperimentConfig, source: str = "config", for_training: bool = False,
-                 problems: list[str] | None = None) -> None:
+def check_config(
+    config: ExperimentConfig, source: str = "config", for_training: bool = False, problems: list[str] | None = None
+) -> None:
     """Raise one :class:`ConfigError` listing every problem of ``config`` (and ``problems`` found before, such as
     unknown section keys); ``for_training`` also requires ``max_steps`` and a model that can be found."""
     found = [*(problems or []), *config_problems(config, for_training)]
@@ -41,8 +49,13 @@ def check_config(config: ExperimentConfig, source: str = "config", for_training:
 
 def config_problems(config: ExperimentConfig, for_training: bool = False) -> list[str]:
     """Every problem of ``config``, as one message each (empty when it is valid)."""
-    return [*_section_problems(config), *_task_problems(config.tasks, for_training), *method_problems(config),
-            *_training_problems(config.training, for_training), *_model_problems(config, for_training)]
+    return [
+        *_section_problems(config),
+        *_task_problems(config.tasks, for_training),
+        *method_problems(config),
+        *_training_problems(config.training, for_training),
+        *_model_problems(config, for_training),
+    ]
 
 
 def method_config_class(method: str) -> type:
@@ -68,8 +81,14 @@ def method_problems(config: ExperimentConfig) -> list[str]:
     the tasks, and the method's own range checks (its config class built once, offline)."""
     name, options = config.method.name, config.method.options
     if is_full(name):
-        return [f"method 'full' trains every weight and takes no options, got {sorted(options)}: remove them (the "
-                "learning rate is training.learning_rate)."] if options else []
+        return (
+            [
+                f"method 'full' trains every weight and takes no options, got {sorted(options)}: remove them (the "
+                "learning rate is training.learning_rate)."
+            ]
+            if options
+            else []
+        )
     valid = [*method_names(), FULL]
     if name.lower() not in valid:
         return [_unknown_choice("method.name", name, valid)]
@@ -79,9 +98,11 @@ def method_problems(config: ExperimentConfig) -> list[str]:
         return problems
     num_tasks, tasks = options.get("num_tasks"), len(config.tasks)
     if "num_tasks" in {f.name for f in dataclasses.fields(cls)} and num_tasks is not None and num_tasks < tasks:
-        return [f"method.num_tasks={num_tasks} is smaller than the {tasks} tasks configured {config.tasks}, whose "
-                f"ids run up to {tasks - 1}: remove method.num_tasks (it defaults to the number of tasks) or set it "
-                f"to at least {tasks}."]
+        return [
+            f"method.num_tasks={num_tasks} is smaller than the {tasks} tasks configured {config.tasks}, whose "
+            f"ids run up to {tasks - 1}: remove method.num_tasks (it defaults to the number of tasks) or set it "
+            f"to at least {tasks}."
+        ]
     try:
         make_peft_config(name, **method_options(name, options, max(tasks, 1)))
     except (ValueError, TypeError) as err:
@@ -128,8 +149,10 @@ def _task_problems(tasks: list[str], for_training: bool) -> list[str]:
             problems.append(f"tasks: {err}")
     repeated = sorted({name for name in tasks if [t.lower() for t in tasks].count(name.lower()) > 1})
     if repeated:
-        problems.append(f"tasks: {', '.join(repeated)} listed more than once in {tasks}: each task gets one task id "
-                        "and one head, so list each once.")
+        problems.append(
+            f"tasks: {', '.join(repeated)} listed more than once in {tasks}: each task gets one task id "
+            "and one head, so list each once."
+        )
     return problems
 
 
@@ -147,9 +170,11 @@ def _training_problems(training: dict, for_training: bool) -> list[str]:
             problems.append(f"training.{key}={value!r} must not be negative.")
     steps = training.get("max_steps")
     if (steps is not None and steps <= 0) or (steps is None and for_training):
-        problems.append(f"training.max_steps must be set to a positive number of steps, got {steps!r} (e.g. "
-                        "--max_steps 300): multi-task sampling draws batches without end, so a run is measured in "
-                        "steps, not epochs.")
+        problems.append(
+            f"training.max_steps must be set to a positive number of steps, got {steps!r} (e.g. "
+            "--max_steps 300): multi-task sampling draws batches without end, so a run is measured in "
+            "steps, not epochs."
+        )
     return problems
 
 

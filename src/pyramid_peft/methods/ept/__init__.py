@@ -1,7 +1,7 @@
+from ..spec import MethodSpec, register_method
 from .config import EptConfig
 from .layer import EptLayer, Linear
 from .model import EptModel
-from ..spec import MethodSpec, register_method
 
 register_method(MethodSpec(EptConfig, EptModel, "ept", "EPT"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_choice, check_dropout, check_positive
@@ -76,7 +75,7 @@ class EptConfig(RoutedConfig):
     top_k: int = field(default=2, metadata={"help": "Experts per task; len(kernel_sizes) means dense routing."})
     expert_form: str = field(default="kron2d", metadata={"help": "'kron2d' (paper) or 'code1d' (public code)."})
     factor_init: str = field(default="standard", metadata={"help": "'standard', 'gaussian' or 'kaiming'."})
-    kernel_init: Optional[str] = field(default="unit", metadata={"help": "'unit', 'zeros', 'kaiming' or None (auto)."})
+    kernel_init: str | None = field(default="unit", metadata={"help": "'unit', 'zeros', 'kaiming' or None (auto)."})
     alp: bool = field(default=True, metadata={"help": "Experts share prefix slices of one seed (ALP)."})
     dim_scale: str = field(default="none", metadata={"help": "'none', 'rank_sq', 'rank_lin' or 'coord_lin'."})
     gate_form: str = field(default="paper", metadata={"help": "'paper' (top-k softmax) or 'code' (double softmax)."})
@@ -87,7 +86,6 @@ class EptConfig(RoutedConfig):
     contrastive_pooling: str = field(default="first", metadata={"help": "'first' or 'mean'."})
     contrastive_modules: str = field(default="encoder", metadata={"help": "'encoder' or 'all'."})
     materialize: bool = field(default=False, metadata={"help": "Literal ConvTranspose experts (reference only)."})
-
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,12 +140,10 @@ class EptConfig(RoutedConfig):
         return {"contrastive": self.contrastive_weight}
 
     @classmethod
-    def reference_code(cls, **overrides) -> "EptConfig":
+    def reference_code(cls, **overrides) -> EptConfig:
         """The public EPT code's choices (spec §1.13 'code mode'): code1d experts, Kaiming init, double softmax."""
         settings = dict(
             expert_form="code1d", factor_init="kaiming", kernel_init="kaiming", dim_scale="none", gate_form="code"
         )
         settings.update(overrides)
         return cls(**settings)
-
-

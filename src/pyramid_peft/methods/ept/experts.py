@@ -76,7 +76,7 @@ def code1d_factors(A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int
     ``A`` is (r, n) and ``B`` is (m, r) already sliced to this kernel size; ``K`` is (..., m, k).
     """
     m, k = K.shape[-2:]
-    up = (K.reshape(*K.shape[:-2], m * k, 1) * B.repeat_interleave(k, dim=0))  # (..., m*k, r)
+    up = K.reshape(*K.shape[:-2], m * k, 1) * B.repeat_interleave(k, dim=0)  # (..., m*k, r)
     up = F.pad(up, (0, 0, 0, d_out - m * k))
     down = F.pad(A, (0, d_in - A.shape[1]))
     return up, down

@@ -88,7 +88,9 @@ class EptLayer(TaskContrastiveLayer):
             else:
                 for e, k in enumerate(config.kernel_sizes):
                     view = self._kernel(adapter_name, e)
-                    view.uniform_(-1.0, 1.0).mul_(1.0 / math.sqrt(view.numel() if config.expert_form == "code1d" else k * k))
+                    view.uniform_(-1.0, 1.0).mul_(
+                        1.0 / math.sqrt(view.numel() if config.expert_form == "code1d" else k * k)
+                    )
             nn.init.normal_(self.ept_task_embedding[adapter_name], std=0.01)
             self.ept_gate[adapter_name].reset_parameters()
 

@@ -1,7 +1,7 @@
+from ..spec import MethodSpec, register_method
 from .config import HydraLoraConfig
 from .layer import HydraLoraLayer, Linear
 from .model import HydraLoraModel
-from ..spec import MethodSpec, register_method
 
 register_method(MethodSpec(HydraLoraConfig, HydraLoraModel, "hydralora", "HydraLoRA"))
 

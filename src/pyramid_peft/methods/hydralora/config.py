@@ -36,7 +36,6 @@ class HydraLoraConfig(RoutedConfig):
     lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the input of the shared A."})
 
-
     def __post_init__(self):
         super().__post_init__()
         check_positive("r", self.r)

@@ -65,6 +65,5 @@ class HydraLoraLayer(RoutedLayer):
         return self.scaling(adapter_name) * mix_pieces(hidden, weights, self.hydralora_B[adapter_name])
 
 
-
 class Linear(AdaptedLinear, HydraLoraLayer):
     """An ``nn.Linear`` adapted with HydraLoRA."""

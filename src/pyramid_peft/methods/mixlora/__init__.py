@@ -1,7 +1,7 @@
+from ..spec import MethodSpec, register_method
 from .config import MixLoraConfig
 from .layer import ExpertOutput, FeedForward, Linear, MixLoraLayer
 from .model import MixLoraModel
-from ..spec import MethodSpec, register_method
 
 register_method(MethodSpec(MixLoraConfig, MixLoraModel, "mixlora", "MixLoRA"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_dropout, check_positive
@@ -58,7 +57,7 @@ class MixLoraConfig(RoutedConfig):
         router_aux_loss_coef: weight of the load-balance loss.
     """
 
-    ffn_modules: Optional[Union[list[str], str]] = field(
+    ffn_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Names or a regex of the FFN modules to turn into LoRA-expert mixtures."}
     )
     r: int = field(default=8, metadata={"help": "LoRA rank of every expert and attention adapter."})
@@ -69,7 +68,6 @@ class MixLoraConfig(RoutedConfig):
     router_init_range: float = field(default=0.02, metadata={"help": "Std of the router's N(0, std^2) init."})
     jitter_noise: float = field(default=0.0, metadata={"help": "Multiplicative router-input noise in training."})
     router_aux_loss_coef: float = field(default=0.001, metadata={"help": "Weight of the load-balance loss."})
-
 
     def __post_init__(self):
         super().__post_init__()

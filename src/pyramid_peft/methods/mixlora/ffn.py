@@ -18,8 +18,8 @@ layouts are covered; an FFN matched by ``ffn_modules`` with any other layout is 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer

@@ -28,6 +28,7 @@ from ..base import RoutedLayer
 from .config import MixLoraConfig
 from .ffn import FfnRecipe
 
+
 def kaiming_lora_A(A: torch.Tensor) -> None:
     """Standard LoRA init of down factors (r x d_in, or a stack of them): U(±1/sqrt(d_in)) per factor."""
     for factor in A.reshape(-1, *A.shape[-2:]):

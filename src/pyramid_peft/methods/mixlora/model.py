@@ -61,8 +61,9 @@ class MixLoraModel(RoutedTuner):
             ffn = self.model.get_submodule(plan.outputs[current_key])
             if not isinstance(ffn, FeedForward):
                 raise RuntimeError(f"MixLoRA must adapt {plan.outputs[current_key]!r} before {current_key!r}.")
-            return ExpertOutput(target, adapter_name, config, self.route, name=ffn.recipe.output_name,
-                                handoff=ffn.handoff)
+            return ExpertOutput(
+                target, adapter_name, config, self.route, name=ffn.recipe.output_name, handoff=ffn.handoff
+            )
         return super()._new_module(config, adapter_name, target, current_key)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:

@@ -1,7 +1,7 @@
+from ..spec import MethodSpec, register_method
 from .config import MoeLoraConfig
 from .layer import Linear, MoeLoraLayer
 from .model import MoeLoraModel
-from ..spec import MethodSpec, register_method
 
 register_method(MethodSpec(MoeLoraConfig, MoeLoraModel, "moelora", "MOELoRA"))
 

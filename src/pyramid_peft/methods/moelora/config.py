@@ -39,7 +39,6 @@ class MoeLoraConfig(RoutedConfig):
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
     task_embedding_dim: int = field(default=64, metadata={"help": "Width of the per-layer task embeddings."})
 
-
     def capabilities(self) -> Capabilities:
         return Capabilities(Routing.TASK, Merging.PER_TASK)
 

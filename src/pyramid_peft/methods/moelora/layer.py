@@ -79,6 +79,5 @@ class MoeLoraLayer(RoutedLayer):
         return self.scaling(adapter_name) * up, self.moelora_A[adapter_name]
 
 
-
 class Linear(AdaptedLinear, MoeLoraLayer):
     """An ``nn.Linear`` adapted with MOELoRA."""

@@ -1,7 +1,7 @@
+from ..spec import MethodSpec, register_method
 from .config import MoreConfig
 from .layer import Linear, MoreLayer
 from .model import MoreModel
-from ..spec import MethodSpec, register_method
 
 register_method(MethodSpec(MoreConfig, MoreModel, "more", "MoRE"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_choice, check_dropout, check_positive
@@ -44,14 +43,13 @@ class MoreConfig(RoutedConfig):
     r: int = field(default=8, metadata={"help": "Rank of the LoRA factors (the largest expert)."})
     lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
-    num_experts: Optional[int] = field(default=None, metadata={"help": "Rank experts; None means r."})
+    num_experts: int | None = field(default=None, metadata={"help": "Rank experts; None means r."})
     rank_scale: bool = field(default=True, metadata={"help": "Scale rank component ρ by ρ/r on both factors."})
     route_mode: str = field(default="intended", metadata={"help": "'intended' (learned) or 'reference' (frozen)."})
     contrastive_weight: float = field(default=0.1, metadata={"help": "Weight λ of the contrastive loss."})
     contrastive_tau: float = field(default=0.05, metadata={"help": "Temperature of the contrastive loss."})
     contrastive_pooling: str = field(default="first", metadata={"help": "'first' or 'mean'."})
     contrastive_modules: str = field(default="encoder", metadata={"help": "'encoder' or 'all'."})
-
 
     def capabilities(self) -> Capabilities:
         return Capabilities(Routing.TASK, Merging.PER_TASK)

@@ -37,7 +37,6 @@ class MultiLoraConfig(RoutedConfig):
     lora_alpha: float = field(default=32, metadata={"help": "Output scale numerator (scale = lora_alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the adapter input."})
 
-
     def capabilities(self) -> Capabilities:
         return Capabilities(Routing.NONE, Merging.PER_MODEL)
 

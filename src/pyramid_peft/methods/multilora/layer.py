@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import AdaptedLinear, RoutedLayer
-from .config import MultiLoraConfig
 from ..mixture import fold_weights, mix_pieces
+from .config import MultiLoraConfig
 
 
 class MultiLoraLayer(RoutedLayer):
@@ -67,7 +67,6 @@ class MultiLoraLayer(RoutedLayer):
         """(B', A) with B' A = (alpha/r) sum_i s_i B_i A_i, rank n*r; the same for every task."""
         up = fold_weights(self.multilora_B[adapter_name], self.multilora_scales[adapter_name])
         return self.scaling(adapter_name) * up, self.multilora_A[adapter_name]
-
 
 
 class Linear(AdaptedLinear, MultiLoraLayer):

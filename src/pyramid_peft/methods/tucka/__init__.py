@@ -1,7 +1,7 @@
+from ..spec import MethodSpec, register_method
 from .config import TuckaConfig
 from .layer import Linear, TuckaLayer, TuckaRoutingError
 from .model import TuckaModel, fixed_route
-from ..spec import MethodSpec, register_method
 
 register_method(MethodSpec(TuckaConfig, TuckaModel, "tucka", "TuckA"))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..capabilities import Capabilities, Merging, Routing
 from ..config_base import RoutedConfig, check_choice, check_positive
@@ -53,11 +52,10 @@ class TuckaConfig(RoutedConfig):
     alpha: float = field(default=1.0, metadata={"help": "Scale of the input-side update."})
     ec_perturb_scale: float = field(default=1.0, metadata={"help": "Perturbation of the data-aware centroid init."})
     centroid_init: str = field(default="data", metadata={"help": "'data' (first forward) or 'kaiming'."})
-    router_module: Optional[str] = field(default=None, metadata={"help": "Module whose input routes; None: first."})
+    router_module: str | None = field(default=None, metadata={"help": "Module whose input routes; None: first."})
     routing: str = field(default="batch", metadata={"help": "'batch' (reference) or 'example'."})
     balance: str = field(default="none", metadata={"help": "'none' or 'alb' (auxiliary-loss-free balancing)."})
     alb_gamma: float = field(default=1e-3, metadata={"help": "Step of the ALB bias update."})
-
 
     def __post_init__(self):
         super().__post_init__()

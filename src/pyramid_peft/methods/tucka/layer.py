@@ -25,12 +25,18 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from ...contrastive import token_mean
 from ...routing import expand_to_batch, in_backward_pass
 from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
-from ...contrastive import token_mean
 from .config import TuckaConfig
 from .router import (
-    Route, SharedRoute, balance_update, dense_weights, group_weights, routing_scores, select_expert,
+    Route,
+    SharedRoute,
+    balance_update,
+    dense_weights,
+    group_weights,
+    routing_scores,
+    select_expert,
 )
 
 
@@ -203,7 +209,6 @@ class TuckaLayer(RoutedLayer):
         if pinned is None:
             raise NotMergeableError(self.tucka_config[adapter_name].capabilities().reason)
         return self.route_lora_factors(adapter_name, int(pinned.group), pinned.weights)
-
 
 
 class Linear(AdaptedLinear, TuckaLayer):

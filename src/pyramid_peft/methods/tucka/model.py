@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,9 +44,7 @@ class TuckaModel(RoutedTuner):
         if config.router_module is not None and config.router_module not in layers:
             hint = difflib.get_close_matches(config.router_module, list(layers), n=1)
             extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(
-                f"router_module={config.router_module!r} is not an adapted module of this model.{extra}"
-            )
+            raise ValueError(f"router_module={config.router_module!r} is not an adapted module of this model.{extra}")
         owner = layers[config.router_module] if config.router_module is not None else next(iter(layers.values()))
         owner.add_router(adapter_name, inference_mode=config.inference_mode)
         self.shared_route.owners[adapter_name] = owner

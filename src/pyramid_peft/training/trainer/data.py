@@ -89,5 +89,7 @@ class TaskBatches:
     def sampler_state(self) -> dict:
         """The sampler's position for a checkpoint: the batches trained on (its own count runs ahead when the loader
         prefetches)."""
-        return {**self._train_sampler.state_dict(),
-                "step": self.state.global_step * self.args.gradient_accumulation_steps}
+        return {
+            **self._train_sampler.state_dict(),
+            "step": self.state.global_step * self.args.gradient_accumulation_steps,
+        }

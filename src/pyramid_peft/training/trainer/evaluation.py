@@ -43,6 +43,13 @@ class PerTaskEvaluation:
 
     def _predictor(self) -> Predictor:
         setup = self.eval_setup
-        return Predictor.for_run(self.model, setup.family, setup.collator, self.processing_class, self.args,
-                                 self.keeps_task_ids, synced_gpus=is_deepspeed_zero3_enabled() or self.is_fsdp_enabled,
-                                 answer_scoring=setup.answer_scoring)
+        return Predictor.for_run(
+            self.model,
+            setup.family,
+            setup.collator,
+            self.processing_class,
+            self.args,
+            self.keeps_task_ids,
+            synced_gpus=is_deepspeed_zero3_enabled() or self.is_fsdp_enabled,
+            answer_scoring=setup.answer_scoring,
+        )

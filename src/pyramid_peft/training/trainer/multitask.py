@@ -33,8 +33,16 @@ from .staging import StagedCheckpoints
 from .stopping import CleanStops
 
 
-class MultiTaskTrainer(TaskBatches, AuxiliaryLoss, CleanStops, HeadLearningRate, PerTaskEvaluation,
-                       StagedCheckpoints, HeadsModelSaving, Seq2SeqTrainer):
+class MultiTaskTrainer(
+    TaskBatches,
+    AuxiliaryLoss,
+    CleanStops,
+    HeadLearningRate,
+    PerTaskEvaluation,
+    StagedCheckpoints,
+    HeadsModelSaving,
+    Seq2SeqTrainer,
+):
     """A ``Seq2SeqTrainer`` for several tasks at once.
 
     Args:
@@ -47,8 +55,15 @@ class MultiTaskTrainer(TaskBatches, AuxiliaryLoss, CleanStops, HeadLearningRate,
         Other arguments are the stock Trainer's.
     """
 
-    def __init__(self, *args, eval_setup: EvalSetup, sampling: SamplingSection,
-                 head_learning_rate: float | None = None, extra_files: dict[str, str] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        eval_setup: EvalSetup,
+        sampling: SamplingSection,
+        head_learning_rate: float | None = None,
+        extra_files: dict[str, str] | None = None,
+        **kwargs,
+    ):
         # The stock argument checks want an eval_dataset when evaluating during training; ours are per task.
         kwargs.setdefault("eval_dataset", {s.task.name: s.examples for s in eval_setup.sets})
         super().__init__(*args, **kwargs)

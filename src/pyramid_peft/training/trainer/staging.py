@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -44,8 +44,9 @@ class StagedCheckpoints:
             if self.args.should_save:
                 self._complete_checkpoint(staging, checkpoint)
         if self.args.should_save:
-            rotate_checkpoints(str(checkpoint.parent), self.args.save_total_limit,
-                               self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                str(checkpoint.parent), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
 
     def _complete_checkpoint(self, staging: Path, checkpoint: Path) -> None:
         """Fix the best-checkpoint path the stock save recorded, add the sampler state and the extra files, and the

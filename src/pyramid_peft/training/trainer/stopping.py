@@ -52,8 +52,9 @@ class CleanStops:
 
         One gather per step: without it, a process that stops alone leaves the others waiting for it forever.
         """
-        mine = torch.stack([loss.detach().float().reshape(()),
-                            torch.tensor(float(self._signals.received or 0), device=loss.device)])
+        mine = torch.stack(
+            [loss.detach().float().reshape(()), torch.tensor(float(self._signals.received or 0), device=loss.device)]
+        )
         everyone = self.accelerator.gather(mine[None])  # (processes, 2): loss, signal number
         losses, signals = everyone[:, 0], everyone[:, 1]
         if not torch.isfinite(losses).all():
