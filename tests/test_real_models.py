@@ -75,8 +75,9 @@ def test_smollm2_train_step_generate_and_merge(smollm2):
     ids = torch.tensor([0, 2])
     out = model(**batch, labels=batch["input_ids"], task_ids=ids)
     (out.loss + aux_loss(model)).backward()
-    kernels = [p.grad for n, p in model.named_parameters() if "ept_kernels" in n]
-    assert len(kernels) == 30 * 6 and all(g.abs().sum() > 0 for g in kernels)
+    # the default start is LoRA's (B = 0): every seed factor B gets a gradient at once, the kernels a step later
+    seeds_b = [p.grad for n, p in model.named_parameters() if "ept_B" in n]
+    assert len(seeds_b) == 30 * 6 and all(g.abs().sum() > 0 for g in seeds_b)
     model = perturb(model, 0.02).eval()
     generated = model.generate(
         **batch, task_ids=ids, num_beams=2, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id

@@ -85,6 +85,8 @@ class EptLayer(TaskContrastiveLayer):
                     nn.init.zeros_(B)
             if config.resolved_kernel_init == "zeros":
                 nn.init.zeros_(kernels)
+            elif config.resolved_kernel_init == "unit":
+                kernels.uniform_(-math.sqrt(3.0), math.sqrt(3.0))  # unit variance: each ΔW entry is S[i,j] K[p,q]
             else:
                 for e, k in enumerate(config.kernel_sizes):
                     view = self._kernel(adapter_name, e)
