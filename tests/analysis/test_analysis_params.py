@@ -12,6 +12,7 @@ from pyramid_peft.analysis.params import (
     params_command,
     resolve_setting,
 )
+from pyramid_peft.cli import main
 from pyramid_peft.registry import METHODS
 
 GLUE = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
@@ -101,3 +102,15 @@ def test_the_params_command_takes_methods_out_of_the_overrides(tmp_path):
     assert "| lora | 192 | 3,244,032 |" in table and "| ept | 192 | 2,433,024 |" in table
     with pytest.raises(ValueError, match="--methods needs"):
         params_command("t5-base", ["--methods"])
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [(["--methods", "loraa"], "Did you mean 'lora'?"), (["--methods"], "--methods needs method names")],
+)
+def test_a_wrong_methods_list_is_a_two_line_error_with_exit_2(capsys, tokens, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["params", "t5-base", *tokens])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2

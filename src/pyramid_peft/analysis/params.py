@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..accounting import GROUPS, count_parameters
 from ..registry import METHODS, make_peft_config, method_names
+from ..training.config import ConfigError
 
 # The modules the EPT paper adapts (spec §4.1, Appendix D), used when a model is named without an experiment config.
 DEFAULT_TARGETS = {
@@ -203,7 +204,7 @@ def params_command(config_or_model_name: str, tokens: list[str] | tuple[str, ...
     start = tokens.index("--methods") + 1
     end = next((i for i in range(start, len(tokens)) if tokens[i].startswith("--")), len(tokens))
     if end == start:
-        raise ValueError("--methods needs method names or 'all', e.g. --methods ept more lora.")
+        raise ConfigError("--methods needs method names or 'all', e.g. --methods ept more lora.")
     return appendix_c_table(config_or_model_name, tokens[start:end], overrides=tokens[: start - 1] + tokens[end:])
 
 
@@ -215,7 +216,10 @@ def _methods(methods: list[str] | str | None, setting: Setting) -> list[str]:
     chosen = [m.lower() for m in ([methods] if isinstance(methods, str) else methods)]
     for name in chosen:
         if name not in method_names():
-            make_peft_config(name)  # raises the registry's "unknown method" error, with the valid names
+            try:
+                make_peft_config(name)
+            except ValueError as err:  # the registry's "unknown method" message, with the valid names
+                raise ConfigError(f"--methods: {err}") from err
     return chosen
 
 
