@@ -8,8 +8,9 @@ The run is the suite's (``configs/benchmarks/``: model, tasks, data protocol, ba
 on the reported split). The last point is a full run of that budget; earlier points are the same run mid-way, at a
 learning rate not yet annealed, so they are lower bounds for a budget of that length. Writes
 ``benchmarks/results/learning-curve-<suite>-<variant>.md`` and ``.json`` with the curve, the wall-clock time, the
-machine and its load (``uptime``) at the start and the end. A run stopped by SIGTERM / Ctrl-C (it saves a checkpoint
-first) still writes the points it reached, and says where it stopped.
+machine and its load (``uptime``) at the start and the end. The files are rewritten after every evaluation, so a
+run stopped in any way keeps the points it reached; one stopped by SIGTERM / Ctrl-C (it saves a checkpoint first)
+also says where it stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback
 
 from common import machine_info
 from pyramid_peft.atomic import atomic_write_text
@@ -35,25 +36,33 @@ from quality import RUNS_DIR, RunKey, load_suite
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def curve_points(log_history: list[dict], tasks: list[str]) -> list[dict]:
-    """Per evaluation in the Trainer's log: the step, the validation average and each task's paper metric."""
-    return [
-        {
-            "step": entry["step"],
-            "validation_average": entry["eval_paper_average"],
-            **{t: entry[key] for t in tasks if (key := f"eval_{t}_paper") in entry},
-        }
-        for entry in log_history
-        if "eval_paper_average" in entry
-    ]
+def curve_point(metrics: dict, step: int, tasks: list[str]) -> dict:
+    """One evaluation's point: the step, the validation average and each task's paper metric."""
+    return {
+        "step": step,
+        "validation_average": metrics["eval_paper_average"],
+        **{t: metrics[key] for t in tasks if (key := f"eval_{t}_paper") in metrics},
+    }
 
 
-def logged(run_dir: str) -> list[dict]:
-    """The Trainer's log history as its newest checkpoint saved it (empty before the first checkpoint)."""
-    checkpoint = get_last_checkpoint(run_dir) if Path(run_dir).is_dir() else None
-    if checkpoint is None:
-        return []
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+class CurveRecorder(TrainerCallback):
+    """Adds each evaluation's point to the record and rewrites the curve's files at once, so a run stopped in any
+    way (SIGTERM, SIGKILL, the session's end) leaves every point it reached on disk."""
+
+    def __init__(self, record: dict, tasks: list[str], stem: Path):
+        self.record, self.tasks, self.stem = record, tasks, stem
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_paper_average" in metrics:
+            point = curve_point(metrics, state.global_step, self.tasks)
+            points = [p for p in self.record["points"] if p["step"] != point["step"]]  # the final evaluate() repeats
+            self.record["points"] = [*points, point]
+            write_curve(self.record, self.tasks, self.stem)
+
+
+def write_curve(record: dict, tasks: list[str], stem: Path) -> None:
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), markdown(record, tasks))
 
 
 def uptime() -> str:
@@ -85,30 +94,29 @@ def main() -> None:
     suite = load_suite(args.suite, every)
     key = RunKey(args.variant, args.learning_rate, suite.seeds[0])
     config = suite.config(key, RUNS_DIR / "learning-curve" / args.out.name)
-    start_load, start = uptime(), time.perf_counter()
-    try:
-        final, stopped_at = train(config)["paper_average"], None
-    except TrainingInterrupted as stop:
-        final, stopped_at = None, stop.step
-    wall = time.perf_counter() - start
-    points = curve_points(logged(config.training["output_dir"]), config.tasks)
+    stem = args.out / f"learning-curve-{args.suite}-{args.variant}"
     record = {
         "suite": args.suite,
         "variant": args.variant,
         "learning_rate": args.learning_rate,
         "steps": args.steps,
-        "points": points,
-        "final": final,
-        "stopped_at_step": stopped_at,
-        "wall_seconds": round(wall, 1),
-        "uptime_start": start_load,
-        "uptime_end": uptime(),
+        "points": [],
+        "final": None,
+        "stopped_at_step": None,
+        "wall_seconds": None,
+        "uptime_start": uptime(),
+        "uptime_end": None,
         "machine": machine_info(),
         "config": config.to_dict(),
     }
-    stem = args.out / f"learning-curve-{args.suite}-{args.variant}"
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), markdown(record, config.tasks))
+    start = time.perf_counter()
+    try:
+        record["final"] = train(config, callbacks=[CurveRecorder(record, config.tasks, stem)])["paper_average"]
+    except TrainingInterrupted as stop:
+        record["stopped_at_step"] = stop.step
+    record["wall_seconds"] = round(time.perf_counter() - start, 1)
+    record["uptime_end"] = uptime()
+    write_curve(record, config.tasks, stem)
     print(markdown(record, config.tasks))
 
 
@@ -128,6 +136,9 @@ def markdown(record: dict, tasks: list[str]) -> str:
             + " | ".join(f"{point.get(t, float('nan')):.1f}" for t in tasks)
             + " |"
         )
+    if record["wall_seconds"] is None:
+        lines += ["", "Still running, or stopped without a word (SIGKILL): the points above are those it reached."]
+        return "\n".join(lines) + "\n"
     if record["stopped_at_step"] is not None:
         lines += [
             "",

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from .config import ConfigError, ExperimentConfig
@@ -34,8 +35,9 @@ from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
 from .validation import check_config
 
 
-def build_trainer(config: ExperimentConfig) -> MultiTaskTrainer:
-    """The model, data and :class:`MultiTaskTrainer` of a config, ready to ``train()``."""
+def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback] = ()) -> MultiTaskTrainer:
+    """The model, data and :class:`MultiTaskTrainer` of a config (plus extra Trainer ``callbacks``), ready to
+    ``train()``."""
     check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
     _check_processes(args)
@@ -56,13 +58,15 @@ def build_trainer(config: ExperimentConfig) -> MultiTaskTrainer:
         sampling=config.sampling,
         head_learning_rate=config.model.head_learning_rate,
         extra_files={WEIGHTS_CONFIG_FILE: config_text(record)},
+        callbacks=list(callbacks),
     )
     _log_to_the_run_folder(trainer, Path(args.output_dir))
     return trainer
 
 
-def train(config: ExperimentConfig, overwrite: bool = False) -> dict:
+def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     """Check the config and the run folder, train, evaluate and fill the run folder; returns the final results.
+    ``callbacks`` are extra Trainer callbacks (a benchmark recording each evaluation as it happens).
 
     A folder that holds a run is refused (see :func:`.run_folder.claim_run_folder`) unless this resumes an
     unfinished one, or ``overwrite`` moves the old run aside first.
@@ -74,7 +78,7 @@ def train(config: ExperimentConfig, overwrite: bool = False) -> dict:
     with args.main_process_first(local=False, desc="moving the earlier run aside"):
         if must_move and args.should_save and run_dir.is_dir():
             print(f"ept: moved the run that was in {run_dir} to {move_aside(run_dir)}", file=sys.stderr)
-    trainer = build_trainer(config)
+    trainer = build_trainer(config, callbacks)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     trainer.evaluate()
     results = {
