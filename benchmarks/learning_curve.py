@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--every", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tasks", nargs="+", help="a subset of the suite's tasks (default: all of them)")
     parser.add_argument("--max-eval", type=int, help="validation rows per task (default: all); for a quick check")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the curve (default: {RESULTS})")
     args = parser.parse_args()
@@ -90,16 +91,18 @@ def main() -> None:
         "save_total_limit": 1,
         "logging_steps": args.every,
         **({"data.max_eval_examples": args.max_eval} if args.max_eval else {}),
+        **({"tasks": args.tasks} if args.tasks else {}),
     }
     suite = load_suite(args.suite, every)
     key = RunKey(args.variant, args.learning_rate, suite.seeds[0])
-    config = suite.config(key, RUNS_DIR / "learning-curve" / args.out.name)
-    stem = args.out / f"learning-curve-{args.suite}-{args.variant}"
+    config = suite.config(key, RUNS_DIR / "learning-curve" / "-".join(args.tasks or ["all"]))
+    stem = args.out / "-".join(["learning-curve", args.suite, args.variant, *(args.tasks or [])])
     record = {
         "suite": args.suite,
         "variant": args.variant,
         "learning_rate": args.learning_rate,
         "steps": args.steps,
+        "tasks": config.tasks,
         "points": [],
         "final": None,
         "stopped_at_step": None,
@@ -122,7 +125,8 @@ def main() -> None:
 
 def markdown(record: dict, tasks: list[str]) -> str:
     lines = [
-        f"<!-- written by benchmarks/learning_curve.py {record['suite']} --variant {record['variant']} -->",
+        f"<!-- written by benchmarks/learning_curve.py {record['suite']} --variant {record['variant']} "
+        f"--learning-rate {record['learning_rate']:g} --steps {record['steps']} --tasks {' '.join(tasks)} -->",
         "",
         f"Learning curve: {record['variant']} at learning rate {record['learning_rate']:g}, linear schedule over "
         f"{record['steps']} steps; validation split carved from train (never the reported split).",

@@ -51,6 +51,7 @@ def write_report(suite: Suite, results_dir: Path) -> str:
                 final_table(suite, rows),
                 verdict_table(verdicts),
                 missing_line(suite, done),
+                compute_line(done),
             ]
         )
         + "\n"
@@ -326,6 +327,18 @@ def missing_line(suite: Suite, done: dict[RunKey, dict]) -> str:
     """The runs each variant still needs (as far as they are known: later sweep steps depend on earlier ones)."""
     left = [k.name for v in suite.sweep.variants if suite.runnable(v) for k in variant_plan(suite, v, done)[0]]
     return f"Runs needed next: {', '.join(left) if left else 'none (the suite is complete)'}."
+
+
+def compute_line(done: dict[RunKey, dict]) -> str:
+    """The machine time the finished runs took: process-hours (each run is one single-thread process; workers side
+    by side overlap in wall-clock time), and the median run. A run resumed over sittings counts its last one."""
+    seconds = sorted(r["wall_seconds"] for r in done.values())
+    resumed = sum(1 for r in done.values() if r.get("resumed_from"))
+    return (
+        f"Machine time: {len(seconds)} runs, {sum(seconds) / 3600:.2f} process-hours in all (training and "
+        f"evaluation), median {statistics.median(seconds) / 60:.1f} minutes a run"
+        + (f"; {resumed} resumed runs count their last sitting only." if resumed else ".")
+    )
 
 
 def _json_row(row: dict) -> dict:

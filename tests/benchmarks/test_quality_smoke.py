@@ -219,6 +219,8 @@ def test_the_report_shows_sweep_plot_final_table_collapse_and_verdict(quality, r
     # EPT (200 / 600 per task) against LoRA (400 / 400): LoRA has more only without routers; EPT is 27.5 above.
     assert "| ept-kron2d | lora | (no router) | +27.50 |" in markdown and "| better |" in markdown
     assert "lora-lr1.00e-02-seed0 predicts one class for every example of rte, sst2" in capsys.readouterr().out
+    runs = len(list((tmp_path / "glue8").glob("*.json")))  # fake runs of 1 s each
+    assert f"Machine time: {runs} runs, {runs / 3600:.2f} process-hours in all" in markdown
     summary = json.loads((tmp_path / "glue8.json").read_text())
     assert summary["rows"]["lora"]["chosen_learning_rate"] == pytest.approx(0.0316)
     assert summary["verdicts"][0]["word"] == "better" and summary["verdicts"][0]["low"] > 0
