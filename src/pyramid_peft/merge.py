@@ -38,8 +38,7 @@ def _single_tuner(model: nn.Module) -> RoutedTuner:
 
 def capabilities_of(model: nn.Module) -> Capabilities | None:
     """The declared capabilities of ``model``'s pyramid_peft adapter; None for a model without one (stock PEFT)."""
-    tuners = find_tuners(model)
-    return _single_tuner(model).capabilities() if tuners else None
+    return _single_tuner(model).capabilities() if find_tuners(model) else None
 
 
 def _check_task(tuner: RoutedTuner, adapter: str, task_id: int) -> None:
