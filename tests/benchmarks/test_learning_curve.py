@@ -1,27 +1,19 @@
 """``benchmarks/learning_curve.py``: every evaluation's point reaches the curve's files as it happens, so a run that
 dies mid-way (no chance to write at the end) still leaves the points it reached."""
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from _scripts import import_benchmark
 from transformers import TrainerCallback
 
 from pyramid_peft.training.config import from_dict
 from pyramid_peft.training.run import train
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def learning_curve():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its siblings `common` and `quality`
-    try:
-        yield importlib.import_module("learning_curve")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("learning_curve")
 
 
 class DieAfterFirstEvaluation(TrainerCallback):

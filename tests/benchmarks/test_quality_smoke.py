@@ -2,7 +2,6 @@
 extended at an edge), every run is kept and the suite resumes, workers share it through lock files, the report
 holds the sweep, the final table, the plot and the verdict; and ``--smoke`` does all of it for real."""
 
-import importlib
 import importlib.util
 import json
 import os
@@ -12,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from _scripts import BENCHMARKS, import_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPT = BENCHMARKS / "quality.py"
 TASKS = {
     "glue8": {"cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"},
@@ -41,20 +40,12 @@ RECORD_KEYS = {
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its siblings `common` and `quality_report`
-    try:
-        yield importlib.import_module("quality")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("quality")
 
 
 @pytest.fixture(scope="module")
 def report(quality):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("quality_report")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return import_benchmark("quality_report")
 
 
 def shared_settings(config) -> str:
