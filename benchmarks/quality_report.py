@@ -163,12 +163,12 @@ def _sweep_cell(entry: dict | None, chosen: bool) -> str:
 
 def final_table(suite: Suite, rows: dict) -> str:
     tasks = [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
-    header = ["Method", "lr", *PARAM_COLUMNS.values(), *(task_title(t) for t in tasks), "AVG", "95% CI"]
+    header = ["Method", "lr", "seeds", *PARAM_COLUMNS.values(), *(task_title(t) for t in tasks), "AVG", "95% CI"]
     lines = [
         f"### {suite.sweep.table.title} (reported split, final runs)",
         "",
         "| " + " | ".join(header) + " |",
-        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |",
     ]
     for variant, row in rows.items():
         if not row["finals"]:
@@ -178,17 +178,19 @@ def final_table(suite: Suite, rows: dict) -> str:
         averages = [r["average"]["paper_average"] for r in row["finals"]]
         rate = "–" if row["chosen"] is None else f"{row['chosen']:.3g}"
         params = [_param_cell(row["params"].get(k)) for k in PARAM_COLUMNS]
+        seeds = f"{len(row['finals'])}/{len(suite.seeds)}"  # final seeds done of those the suite runs
         lines.append(
             "| "
             + " | ".join(
-                [variant, rate, *params, *cells, _spread(averages), f"[{interval.low:.1f}, {interval.high:.1f}]"]
+                [variant, rate, seeds, *params, *cells, _spread(averages), f"[{interval.low:.1f}, {interval.high:.1f}]"]
             )
             + " |"
         )
     lines += [
         "",
         "Each task's paper metric (x100; MCC for CoLA, Pearson for STS-B, accuracy else) on the reported "
-        f"split, mean ± std over seeds; 95% CI: percentile bootstrap of the average over evaluation examples "
+        "split, mean ± std over the seeds done (seeds: done / planned; a row short of its seeds is not final); "
+        "95% CI: percentile bootstrap of the average over evaluation examples "
         f"(within tasks) and seeds. {COLLAPSE_MARK}k: k seeds predicted one class on that task.",
     ]
     return "\n".join(lines)

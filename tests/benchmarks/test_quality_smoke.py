@@ -206,7 +206,8 @@ def test_the_report_shows_sweep_plot_final_table_collapse_and_verdict(quality, r
     # Validation 70 - 5 |log10(lr / peak)|; LoRA's peak (2e-2) is beyond the grid: two steps added, 3.16e-2 wins.
     assert "| lora | 61.0 | 63.5 | 66.0 | 68.5 †2 | **69.0** | 66.5 | 0.0316 |" in markdown  # 2 tasks collapsed
     assert "| ept-kron2d | 67.5 | **70.0** | 67.5 | 65.0 |  |  | 0.001 |" in markdown
-    assert "| lora | 0.0316 | 0.4K | 0.4K | 67.5±2.5 | 67.5±2.5 | 67.5±2.5 |" in markdown  # 28, 27, 26 right of 40
+    # 3 seeds of 3, each task 28, 27, 26 right of 40:
+    assert "| lora | 0.0316 | 3/3 | 0.4K | 0.4K | 67.5±2.5 | 67.5±2.5 | 67.5±2.5 |" in markdown
     # EPT (200 / 600 per task) against LoRA (400 / 400): LoRA has more only without routers; EPT is 27.5 above.
     assert "| ept-kron2d | lora | (no router) | +27.50 |" in markdown and "| better |" in markdown
     assert "lora-lr1.00e-02-seed0 predicts one class for every example of rte, sst2" in capsys.readouterr().out
