@@ -91,7 +91,7 @@ def test_overwrite_moves_the_finished_run_aside_and_a_killed_rerun_loses_nothing
 ):
     raw, run, results, files = finished_run
 
-    def killed(config):  # stands in for a kill -9 right after the rerun started
+    def killed(config, callbacks=()):  # stands in for a kill -9 right after the rerun started
         raise KeyboardInterrupt
 
     monkeypatch.setattr("pyramid_peft.training.run.build_trainer", killed)
