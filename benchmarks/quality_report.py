@@ -85,6 +85,7 @@ def variant_row(suite: Suite, variant: str, done: dict[RunKey, dict]) -> dict:
         "params": first.get("params", {}),
         "chosen": chosen,
         "trained": trained,
+        "planned_seeds": len(suite.seeds) if trained else 1,  # the untrained floor is one run
         "sweep": {
             lr: {"validation": r["validation"]["average"]["paper_average"], "collapsed": collapsed_tasks(r)}
             for lr, r in sweep.items()
@@ -130,8 +131,11 @@ def _tasks(rows: dict) -> list[str]:
 # -- tables ---------------------------------------------------------------------------------------------------
 def sweep_table(rows: dict) -> str:
     rates = sorted({lr for r in rows.values() if r["trained"] for lr in r["sweep"]})
+    title = "### Learning-rate sweep (validation average, carved from train; first seed)"
+    if not rates:
+        return f"{title}\n\nNo trained method has finished a sweep run yet."
     lines = [
-        "### Learning-rate sweep (validation average, carved from train; first seed)",
+        title,
         "",
         "| Method | " + " | ".join(f"{lr:.3g}" for lr in rates) + " | chosen |",
         "| --- | " + " | ".join("---:" for _ in rates) + " | ---: |",
@@ -178,7 +182,7 @@ def final_table(suite: Suite, rows: dict) -> str:
         averages = [r["average"]["paper_average"] for r in row["finals"]]
         rate = "–" if row["chosen"] is None else f"{row['chosen']:.3g}"
         params = [_param_cell(row["params"].get(k)) for k in PARAM_COLUMNS]
-        seeds = f"{len(row['finals'])}/{len(suite.seeds)}"  # final seeds done of those the suite runs
+        seeds = f"{len(row['finals'])}/{row['planned_seeds']}"  # final seeds done of those the suite runs
         lines.append(
             "| "
             + " | ".join(

@@ -327,3 +327,15 @@ def test_commonsense4_smoke(tmp_path, ept_data_dir):
     (tmp_path / "lr-selected" / "commonsense4.md").unlink()
     run_smoke("commonsense4", tmp_path, ept_data_dir, "--summarize-only")
     assert "| lora |" in (tmp_path / "lr-selected" / "commonsense4.md").read_text()
+
+
+def test_a_report_of_the_untrained_floor_alone(quality, report, tmp_path):
+    """Before any trained run: no empty sweep table, and the floor's one run is all it plans (1/1)."""
+    suite = quality.load_suite("commonsense4", {"tasks": ["boolq"]}, {"tasks": ["boolq"]})
+    key = quality.RunKey("zero-shot", None, 0)
+    path = quality.result_path(tmp_path, suite, key)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(fake_record(key, ["boolq"], 30.0, [0, 0, 1], [1, 0, 1], {}, "none")))
+    markdown = report.write_report(suite, tmp_path)
+    assert "No trained method has finished a sweep run yet." in markdown and "| Method |  |" not in markdown
+    assert "| zero-shot | – | 1/1 | – | – |" in markdown
