@@ -17,7 +17,9 @@ and on the reported split (the whole dev set). For each method:
 
 1. **sweep**: one run (the first seed) per learning rate of its grid; the best validation average wins; when the best
    is at an edge of the grid, the grid grows by one step (its own ratio) on that side, up to ``max_extensions`` times;
-2. **final runs**: every seed at the chosen learning rate (the sweep's run is the first seed's).
+2. **final runs**: every seed at the chosen learning rate (the sweep's run is the first seed's). A rate's score is
+   the mean validation average over the seeds run at it, so when a final seed fails (predicts one class) and the
+   mean drops below another rate's, that rate is chosen instead and gets its own final seeds.
 
 The reported split is never read to choose anything. Each run writes ``<results>/<suite>/<run>.json`` (run =
 ``<variant>-lr<lr>-seed<k>``): the validation metrics and the fingerprint of its rows, the reported metrics with
@@ -34,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,14 +193,21 @@ def variant_plan(suite: Suite, variant: str, done: dict[RunKey, dict]) -> tuple[
         missing = [k for k in missing if k not in done]
         if missing:
             return missing, None
-        scores = {
-            lr: done[RunKey(variant, lr, suite.seeds[0])]["validation"]["average"]["paper_average"] for lr in grid
-        }
+        scores = {lr: validation_score(suite, variant, lr, done) for lr in grid}
         extensions_left = suite.max_extensions - (len(grid) - len(suite.grids[variant]))
         chosen, extra = choose(scores, grid_ratio(suite.grids[variant]), extensions_left)
         if chosen is not None:
             return [k for k in (RunKey(variant, chosen, s) for s in suite.seeds) if k not in done], chosen
         grid = sorted([*grid, extra])
+
+
+def validation_score(suite: Suite, variant: str, rate: float, done: dict[RunKey, dict]) -> float:
+    """The rate's selection score: the validation average, mean over every seed run at it so far. The sweep runs
+    one seed per rate; once the final seeds of the chosen rate have run, their scores count too, so a rate that
+    only the first seed trained well (another seed predicting one class) loses the choice, and the next best rate
+    gets its final seeds."""
+    runs = [done[k] for k in (RunKey(variant, rate, s) for s in suite.seeds) if k in done]
+    return statistics.fmean(r["validation"]["average"]["paper_average"] for r in runs)
 
 
 def sweep_grid(suite: Suite, variant: str, done: dict[RunKey, dict]) -> list[float]:

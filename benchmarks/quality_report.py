@@ -24,7 +24,7 @@ from pyramid_peft.analysis.significance import TaskRuns, bootstrap_score, paired
 from pyramid_peft.analysis.sweeps import task_title
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.tasks import get_task
-from quality import RunKey, Suite, load_done, sweep_grid, variant_plan
+from quality import RunKey, Suite, load_done, sweep_grid, validation_score, variant_plan
 
 PARAM_COLUMNS = {"per_task": "params/task (all)", "per_task_without_router": "params/task (no router)"}
 COLLAPSE_MARK = "†"
@@ -87,7 +87,11 @@ def variant_row(suite: Suite, variant: str, done: dict[RunKey, dict]) -> dict:
         "trained": trained,
         "planned_seeds": len(suite.seeds) if trained else 1,  # the untrained floor is one run
         "sweep": {
-            lr: {"validation": r["validation"]["average"]["paper_average"], "collapsed": collapsed_tasks(r)}
+            lr: {
+                "validation": validation_score(suite, variant, lr, done),
+                "seeds": sum(RunKey(variant, lr, s) in done for s in suite.seeds),
+                "collapsed": collapsed_tasks(r),
+            }
             for lr, r in sweep.items()
         },
         "at_edge": bool(trained and chosen is not None and chosen in (min(rates), max(rates)) and len(rates) > 1),
@@ -131,7 +135,7 @@ def _tasks(rows: dict) -> list[str]:
 # -- tables ---------------------------------------------------------------------------------------------------
 def sweep_table(rows: dict) -> str:
     rates = sorted({lr for r in rows.values() if r["trained"] for lr in r["sweep"]})
-    title = "### Learning-rate sweep (validation average, carved from train; first seed)"
+    title = "### Learning-rate sweep (validation average, carved from train: the first seed, or the mean of n seeds)"
     if not rates:
         return f"{title}\n\nNo trained method has finished a sweep run yet."
     lines = [
@@ -152,8 +156,8 @@ def sweep_table(rows: dict) -> str:
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {chosen} |")
     lines += [
         "",
-        f"{COLLAPSE_MARK}k: the run predicted one class for every example of k tasks. (grid edge): the best "
-        "rate is still at the edge of the grid after its extensions.",
+        f"{COLLAPSE_MARK}k: the first seed's run predicted one class for every example of k tasks. (grid edge): the "
+        "best rate is still at the edge of the grid after its extensions.",
     ]
     return "\n".join(lines)
 
@@ -161,7 +165,8 @@ def sweep_table(rows: dict) -> str:
 def _sweep_cell(entry: dict | None, chosen: bool) -> str:
     if entry is None:
         return ""
-    text = f"{entry['validation']:.1f}" + (f" {COLLAPSE_MARK}{len(entry['collapsed'])}" if entry["collapsed"] else "")
+    text = f"{entry['validation']:.1f}" + (f" (n={entry['seeds']})" if entry["seeds"] > 1 else "")
+    text += f" {COLLAPSE_MARK}{len(entry['collapsed'])}" if entry["collapsed"] else ""
     return f"**{text}**" if chosen else text
 
 
