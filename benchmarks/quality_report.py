@@ -247,6 +247,9 @@ def _verdict(name: str, mine: dict, peer: str, theirs: dict, covers: list[str], 
         "peer": peer,
         "accountings": covers,
         "word": verdict.word,
+        "seeds": f"{len(mine['finals'])}/{mine['planned_seeds']} vs {len(theirs['finals'])}/{theirs['planned_seeds']}",
+        # Until both rows have every planned seed, the verdict may still change: it is shown as provisional.
+        "final": len(mine["finals"]) == mine["planned_seeds"] and len(theirs["finals"]) == theirs["planned_seeds"],
         "difference": difference.estimate,
         "low": difference.low,
         "high": difference.high,
@@ -259,19 +262,21 @@ def verdict_table(verdicts: list[dict]) -> str:
     lines = [
         "### Verdict: EPT against every peer with at least its parameters per task",
         "",
-        "| EPT | peer | peer has >= params in | EPT - peer (average) | 95% CI | verdict |",
-        "| --- | --- | --- | ---: | ---: | --- |",
+        "| EPT | peer | peer has >= params in | seeds | EPT - peer (average) | 95% CI | verdict |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
     for v in verdicts:
         accountings = ", ".join(PARAM_COLUMNS[k].removeprefix("params/task ") for k in v["accountings"])
+        word = v["word"] if v["final"] else f"{v['word']} (provisional)"
         lines.append(
-            f"| {v['ept']} | {v['peer']} | {accountings} | {v['difference']:+.2f} | "
-            f"[{v['low']:+.2f}, {v['high']:+.2f}] | {v['word']} |"
+            f"| {v['ept']} | {v['peer']} | {accountings} | {v['seeds']} | {v['difference']:+.2f} | "
+            f"[{v['low']:+.2f}, {v['high']:+.2f}] | {word} |"
         )
     lines += [
         "",
         "Paired bootstrap over evaluation examples (the same rows for both) and seeds (the same seeds for "
-        "both where both ran them): better / worse when the 95% interval of the difference excludes 0.",
+        "both where both ran them): better / worse when the 95% interval of the difference excludes 0. Seeds: final "
+        "seeds done / planned, EPT vs peer; a verdict is provisional until both have all of theirs.",
     ]
     return "\n".join(lines)
 

@@ -230,13 +230,25 @@ def test_the_report_shows_sweep_plot_final_table_collapse_and_verdict(quality, r
     # 3 seeds of 3, each task 28, 27, 26 right of 40:
     assert "| lora | 0.0316 | 3/3 | 0.4K | 0.4K | 67.5±2.5 | 67.5±2.5 | 67.5±2.5 |" in markdown
     # EPT (200 / 600 per task) against LoRA (400 / 400): LoRA has more only without routers; EPT is 27.5 above.
-    assert "| ept-kron2d | lora | (no router) | +27.50 |" in markdown and "| better |" in markdown
+    assert "| ept-kron2d | lora | (no router) | 3/3 vs 3/3 | +27.50 |" in markdown and "| better |" in markdown
     assert "lora-lr1.00e-02-seed0 predicts one class for every example of rte, sst2" in capsys.readouterr().out
     runs = len(list((tmp_path / "glue8").glob("*.json")))  # fake runs of 1 s each
     assert f"Machine time: {runs} runs, {runs / 3600:.2f} process-hours in all" in markdown
     summary = json.loads((tmp_path / "glue8.json").read_text())
     assert summary["rows"]["lora"]["chosen_learning_rate"] == pytest.approx(0.0316)
     assert summary["verdicts"][0]["word"] == "better" and summary["verdicts"][0]["low"] > 0
+    assert summary["verdicts"][0]["final"]
+
+
+def test_a_verdict_before_every_final_seed_is_marked_provisional(quality, report, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "run_one", fake_run_one([]))
+    suite = smoke_suite(quality)
+    quality.run_suite(suite, ["lora", "ept-kron2d"], tmp_path, tmp_path / "runs")
+    for seed in (1, 2):  # LoRA's chosen rate has its sweep seed only
+        (tmp_path / "glue8" / f"lora-lr3.16e-02-seed{seed}.json").unlink()
+    markdown = report.write_report(suite, tmp_path)
+    assert "| ept-kron2d | lora | (no router) | 3/3 vs 1/3 |" in markdown and "| better (provisional) |" in markdown
+    assert not json.loads((tmp_path / "glue8.json").read_text())["verdicts"][0]["final"]
 
 
 def test_an_interrupted_run_stops_the_suite_and_a_failed_one_is_left_out(quality, tmp_path, monkeypatch):
