@@ -134,20 +134,20 @@ def _tasks(rows: dict) -> list[str]:
 
 # -- tables ---------------------------------------------------------------------------------------------------
 def sweep_table(rows: dict) -> str:
-    rates = sorted({lr for r in rows.values() if r["trained"] for lr in r["sweep"]})
+    columns = rate_columns([lr for r in rows.values() if r["trained"] for lr in r["sweep"]])
     title = "### Learning-rate sweep (validation average, carved from train: the first seed, or the mean of n seeds)"
-    if not rates:
+    if not columns:
         return f"{title}\n\nNo trained method has finished a sweep run yet."
     lines = [
         title,
         "",
-        "| Method | " + " | ".join(f"{lr:.3g}" for lr in rates) + " | chosen |",
-        "| --- | " + " | ".join("---:" for _ in rates) + " | ---: |",
+        "| Method | " + " | ".join(_rate_label(column) for column in columns) + " | chosen |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " | ---: |",
     ]
     for variant, row in rows.items():
         if not row["trained"]:
             continue
-        cells = [_sweep_cell(row["sweep"].get(lr), lr == row["chosen"]) for lr in rates]
+        cells = [_sweep_cell(_at_rate(row["sweep"], column), row["chosen"] in column) for column in columns]
         chosen = (
             "sweep running"
             if row["chosen"] is None
@@ -160,6 +160,26 @@ def sweep_table(rows: dict) -> str:
         "best rate is still at the edge of the grid after its extensions.",
     ]
     return "\n".join(lines)
+
+
+def rate_columns(rates: list[float], tolerance: float = 0.01) -> list[list[float]]:
+    """The sweep table's columns: the distinct rates, ascending, with rates within ``tolerance`` of each other in one
+    column (a grid extension of a rounded grid, 3.16e-4 / sqrt(10) = 9.99e-5, shares 1e-4's column)."""
+    columns: list[list[float]] = []
+    for lr in sorted(set(rates)):
+        if columns and lr <= columns[-1][0] * (1 + tolerance):
+            columns[-1].append(lr)
+        else:
+            columns.append([lr])
+    return columns
+
+
+def _rate_label(column: list[float]) -> str:
+    return min((f"{lr:.3g}" for lr in column), key=len)
+
+
+def _at_rate(sweep: dict, column: list[float]) -> dict | None:
+    return next((sweep[lr] for lr in column if lr in sweep), None)
 
 
 def _sweep_cell(entry: dict | None, chosen: bool) -> str:

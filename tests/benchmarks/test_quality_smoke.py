@@ -240,6 +240,21 @@ def test_the_report_shows_sweep_plot_final_table_collapse_and_verdict(quality, r
     assert summary["verdicts"][0]["final"]
 
 
+def test_rates_a_rounding_apart_share_one_sweep_column(report):
+    def row(sweep: dict, chosen: float) -> dict:
+        entries = {lr: {"validation": score, "seeds": 1, "collapsed": []} for lr, score in sweep.items()}
+        return {"trained": True, "sweep": entries, "chosen": chosen, "at_edge": False}
+
+    rows = {
+        "full": row({1e-4: 61.8, 3.16e-4: 61.1}, 1e-4),
+        "lora": row({3.16e-4 / 3.1646: 52.3, 3.16e-4: 58.2}, 3.16e-4),
+    }
+    table = report.sweep_table(rows)
+    assert "| Method | 0.0001 | 0.000316 | chosen |" in table
+    assert "| full | **61.8** | 61.1 | 0.0001 |" in table and "| lora | 52.3 | **58.2** | 0.000316 |" in table
+    assert report.rate_columns([1e-3, 3.16e-4, 1e-3 * 1.005, 1e-2]) == [[3.16e-4], [1e-3, 1e-3 * 1.005], [1e-2]]
+
+
 def test_a_verdict_before_every_final_seed_is_marked_provisional(quality, report, tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "run_one", fake_run_one([]))
     suite = smoke_suite(quality)
