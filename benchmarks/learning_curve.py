@@ -7,10 +7,10 @@ The run is the suite's (``configs/benchmarks/``: model, tasks, data protocol, ba
 ``max_steps`` set to ``--steps``, evaluated on the validation split carved from train every ``--every`` steps (never
 on the reported split). The last point is a full run of that budget; earlier points are the same run mid-way, at a
 learning rate not yet annealed, so they are lower bounds for a budget of that length. Writes
-``benchmarks/results/learning-curve-<suite>-<variant>.md`` and ``.json`` with the curve, the wall-clock time, the
-machine and its load (``uptime``) at the start and the end. The files are rewritten after every evaluation, so a
-run stopped in any way keeps the points it reached; one stopped by SIGTERM / Ctrl-C (it saves a checkpoint first)
-also says where it stopped.
+``benchmarks/results/learning-curve-<suite>-<variant>-lr<rate>-<steps>steps[-<tasks>].md`` and ``.json`` with the
+curve, the wall-clock time, the machine and its load (``uptime``) at the start and the end. The files are rewritten
+after every evaluation, so a run stopped in any way keeps the points it reached; one stopped by SIGTERM / Ctrl-C (it
+saves a checkpoint first) also says where it stopped. A finished curve is a record: the script refuses to run over it.
 """
 
 from __future__ import annotations
@@ -65,6 +65,18 @@ def write_curve(record: dict, tasks: list[str], stem: Path) -> None:
     atomic_write_text(stem.with_suffix(".md"), markdown(record, tasks))
 
 
+def curve_stem(out: Path, suite: str, variant: str, learning_rate: float, steps: int, tasks: list[str] | None) -> Path:
+    """The curve's files, named by everything that sets the curve apart, so that no curve replaces another."""
+    return out / "-".join(["learning-curve", suite, variant, f"lr{learning_rate:g}", f"{steps}steps", *(tasks or [])])
+
+
+def refuse_to_replace(stem: Path) -> None:
+    """A curve that finished (or was stopped and said so) is kept: a second run would overwrite its points."""
+    path = stem.with_suffix(".json")
+    if path.exists() and json.loads(path.read_text())["wall_seconds"] is not None:
+        raise SystemExit(f"{path} holds a finished learning curve; move it away (or pass --out) to measure it again")
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -95,8 +107,9 @@ def main() -> None:
     }
     suite = load_suite(args.suite, every)
     key = RunKey(args.variant, args.learning_rate, suite.seeds[0])
-    config = suite.config(key, RUNS_DIR / "learning-curve" / "-".join(args.tasks or ["all"]))
-    stem = args.out / "-".join(["learning-curve", args.suite, args.variant, *(args.tasks or [])])
+    stem = curve_stem(args.out, args.suite, args.variant, args.learning_rate, args.steps, args.tasks)
+    refuse_to_replace(stem)
+    config = suite.config(key, RUNS_DIR / "learning-curve" / stem.name)
     record = {
         "suite": args.suite,
         "variant": args.variant,

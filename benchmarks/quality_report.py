@@ -5,7 +5,8 @@ Writes, beside the suite's run folder ``<results>/<suite>/``:
 * ``<suite>.md``: the sweep (validation average per learning rate, the chosen one in bold), the final table (per
   method its chosen learning rate, parameters per task in both accountings, each task's reported metric as
   mean ± std over seeds, the average with its 95% bootstrap interval), collapse flags, and the verdict (each EPT
-  form against every peer with at least its parameters per task, in either accounting: a paired bootstrap);
+  form against every peer with at least its parameters per task, in either accounting: a paired bootstrap), and
+  per method and task the learning rates of its grid at which it predicts one class (collapse across the grid);
 * ``<suite>.json``: the same numbers;
 * ``<suite>-sweep.png``: validation average against learning rate, one line per method.
 
@@ -37,7 +38,7 @@ def write_report(suite: Suite, results_dir: Path) -> str:
         raise SystemExit(f"no result files in {results_dir / suite.key}: run the suite first.")
     rows = {v: variant_row(suite, v, done) for v in suite.sweep.variants if any(k.variant == v for k in done)}
     verdicts = verdict_rows(rows)
-    for warning in collapse_warnings(done):
+    for warning in [*collapse_warnings(done), *every_rate_warnings(rows)]:
         print(f"[quality] WARNING: {warning}", flush=True)
     plot = results_dir / f"{suite.key}-sweep.png"
     plot_sweep(rows, plot)
@@ -49,6 +50,7 @@ def write_report(suite: Suite, results_dir: Path) -> str:
                 sweep_table(rows),
                 f"![validation average against learning rate]({plot.name})",
                 final_table(suite, rows),
+                grid_collapse_table(suite, rows),
                 verdict_table(verdicts),
                 missing_line(suite, done),
                 compute_line(done),
@@ -108,6 +110,27 @@ def collapse_warnings(done: dict[RunKey, dict]) -> list[str]:
         f"{k.name} predicts one class for every example of {', '.join(tasks)}"
         for k, r in sorted(done.items(), key=lambda item: item[0].name)
         if (tasks := collapsed_tasks(r))
+    ]
+
+
+def grid_collapses(row: dict) -> dict[str, list[float]]:
+    """Per task it collapsed on anywhere, the learning rates of the method's grid at which the first seed's run
+    predicted one class for every example."""
+    tasks = sorted({t for entry in row["sweep"].values() for t in entry["collapsed"]})
+    return {t: [lr for lr, entry in row["sweep"].items() if t in entry["collapsed"]] for t in tasks}
+
+
+def collapses_everywhere(row: dict) -> list[str]:
+    """The tasks on which the method predicts one class at every learning rate of its grid: no rate trains them."""
+    return [t for t, rates in grid_collapses(row).items() if len(rates) == len(row["sweep"])]
+
+
+def every_rate_warnings(rows: dict) -> list[str]:
+    return [
+        f"{variant} predicts one class on {task} at every learning rate of its grid"
+        for variant, row in rows.items()
+        if row["trained"]
+        for task in collapses_everywhere(row)
     ]
 
 
@@ -221,6 +244,40 @@ def final_table(suite: Suite, rows: dict) -> str:
         "split, mean ± std over the seeds done (seeds: done / planned; a row short of its seeds is not final); "
         "95% CI: percentile bootstrap of the average over evaluation examples "
         f"(within tasks) and seeds. {COLLAPSE_MARK}k: k seeds predicted one class on that task.",
+    ]
+    return "\n".join(lines)
+
+
+def grid_collapse_table(suite: Suite, rows: dict) -> str:
+    trained = {v: r for v, r in rows.items() if r["trained"] and r["sweep"]}
+    classification = [t for t in _tasks(rows) if not get_task(t).is_regression]
+    tasks = [t for t in suite.sweep.table.tasks if t in classification] or classification
+    title = "### Collapse across the grid (reported split, the first seed at each learning rate of the sweep)"
+    if not trained or not tasks:
+        return f"{title}\n\nNo trained method has finished a sweep run yet."
+    lines = [
+        title,
+        "",
+        "| Method | rates | " + " | ".join(task_title(t) for t in tasks) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " |",
+    ]
+    everywhere = []
+    for variant, row in trained.items():
+        rates = len(row["sweep"])
+        collapses, always = grid_collapses(row), collapses_everywhere(row)
+        everywhere += [f"{variant} on {task_title(t)}" for t in tasks if t in always]
+        cells = [f"**{rates}/{rates}**" if t in always else f"{len(collapses.get(t, []))}/{rates}" for t in tasks]
+        lines.append(f"| {variant} | {rates} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "k/n: at k of the n learning rates of the method's grid (the sweep table's columns), the first seed's run "
+        "predicted one class for every example of the task; **n/n**: the method collapses on the task at every rate "
+        "it was run at, so no choice of rate in its grid trains that task at this budget. "
+        + (
+            "At every rate of its grid: " + "; ".join(everywhere) + "."
+            if everywhere
+            else "No method collapses on a task at every rate of its grid."
+        ),
     ]
     return "\n".join(lines)
 
@@ -389,5 +446,6 @@ def _json_row(row: dict) -> dict:
         "average": [r["average"]["paper_average"] for r in finals],
         "metrics": {t: [r["metrics"][t]["paper"] for r in finals] for t in (finals[0]["metrics"] if finals else [])},
         "collapsed": {r["seed"]: collapsed_tasks(r) for r in finals},
+        "grid_collapses": {t: [f"{lr:.3g}" for lr in rates] for t, rates in grid_collapses(row).items()},
         "wall_seconds": [r["wall_seconds"] for r in finals],
     }

@@ -43,3 +43,26 @@ def test_each_evaluation_is_on_disk_when_it_happens(learning_curve, tiny_experim
     if not dies:
         assert saved["points"][-1]["validation_average"] == pytest.approx(final["paper_average"])
     assert "Still running, or stopped without a word" in stem.with_suffix(".md").read_text()
+
+
+def test_curves_of_other_rates_or_budgets_get_their_own_files(learning_curve, tmp_path):
+    stems = {
+        learning_curve.curve_stem(tmp_path, "glue8", "lora", rate, steps, tasks)
+        for rate, steps, tasks in [(1e-3, 900, None), (3.16e-4, 900, None), (1e-3, 2400, None), (1e-3, 900, ["cola"])]
+    }
+    assert len(stems) == 4
+    assert learning_curve.curve_stem(tmp_path, "glue8", "lora", 3.16e-4, 2400, None).name == (
+        "learning-curve-glue8-lora-lr0.000316-2400steps"
+    )
+
+
+def test_a_finished_curve_is_never_run_over(learning_curve, tmp_path):
+    stem = tmp_path / "curve"
+    learning_curve.refuse_to_replace(stem)  # nothing there yet
+    stem.with_suffix(".json").write_text(json.dumps({**new_record(), "points": [{"step": 2}]}))
+    learning_curve.refuse_to_replace(stem)  # a curve killed without a word (SIGKILL) may be measured again
+    finished = {**new_record(), "wall_seconds": 12.0}
+    stem.with_suffix(".json").write_text(json.dumps(finished))
+    with pytest.raises(SystemExit, match="holds a finished learning curve; move it away"):
+        learning_curve.refuse_to_replace(stem)
+    assert json.loads(stem.with_suffix(".json").read_text()) == finished

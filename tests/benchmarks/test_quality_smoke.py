@@ -240,6 +240,32 @@ def test_the_report_shows_sweep_plot_final_table_collapse_and_verdict(quality, r
     assert summary["verdicts"][0]["final"]
 
 
+def test_the_report_names_a_task_a_method_collapses_on_at_every_rate(quality, report, tmp_path, monkeypatch, capsys):
+    """EPT predicts one RTE class at every rate of its grid, LoRA at one rate of six (1e-2, on both tasks): only
+    EPT on RTE is marked n/n, named under the table and warned about."""
+    fake = fake_run_one([])
+
+    def run_one(suite, key, runs_dir):
+        record = fake(suite, key, runs_dir)
+        if key.variant == "ept-kron2d":
+            rte = record["reported"]["rte"]
+            rte.update(predictions=[1] * len(rte["labels"]), collapsed=True)
+        return record
+
+    monkeypatch.setattr(quality, "run_one", run_one)
+    suite = smoke_suite(quality)
+    quality.run_suite(suite, ["lora", "ept-kron2d"], tmp_path, tmp_path / "runs")
+    markdown = report.write_report(suite, tmp_path)
+    assert "| Method | rates | RTE | SST-2 |" in markdown
+    assert "| lora | 6 | 1/6 | 1/6 |" in markdown and "| ept-kron2d | 4 | **4/4** | 0/4 |" in markdown
+    assert "At every rate of its grid: ept-kron2d on RTE." in markdown
+    warnings = capsys.readouterr().out
+    assert "ept-kron2d predicts one class on rte at every learning rate of its grid" in warnings
+    assert "lora predicts one class on" not in warnings.replace("lora-lr", "")
+    summary = json.loads((tmp_path / "glue8.json").read_text())
+    assert summary["rows"]["ept-kron2d"]["grid_collapses"] == {"rte": ["0.000316", "0.001", "0.00316", "0.01"]}
+
+
 def test_rates_a_rounding_apart_share_one_sweep_column(report):
     def row(sweep: dict, chosen: float) -> dict:
         entries = {lr: {"validation": score, "seeds": 1, "collapsed": []} for lr, score in sweep.items()}
