@@ -161,12 +161,7 @@ def sweep_table(rows: dict) -> str:
     title = "### Learning-rate sweep (validation average, carved from train: the first seed, or the mean of n seeds)"
     if not columns:
         return f"{title}\n\nNo trained method has finished a sweep run yet."
-    lines = [
-        title,
-        "",
-        "| Method | " + " | ".join(_rate_label(column) for column in columns) + " | chosen |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " | ---: |",
-    ]
+    lines = _table_head(title, [*(_rate_label(column) for column in columns), "chosen"])
     for variant, row in rows.items():
         if not row["trained"]:
             continue
@@ -183,6 +178,16 @@ def sweep_table(rows: dict) -> str:
         "best rate is still at the edge of the grid after its extensions.",
     ]
     return "\n".join(lines)
+
+
+def _table_head(title: str, columns: list[str]) -> list[str]:
+    """A table's title and head: the method's column left-aligned, then ``columns`` of numbers right-aligned."""
+    return [
+        title,
+        "",
+        "| Method | " + " | ".join(columns) + " |",
+        "| --- | " + " | ".join("---:" for _ in columns) + " |",
+    ]
 
 
 def rate_columns(rates: list[float], tolerance: float = 0.01) -> list[list[float]]:
@@ -215,13 +220,8 @@ def _sweep_cell(entry: dict | None, chosen: bool) -> str:
 
 def final_table(suite: Suite, rows: dict) -> str:
     tasks = [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
-    header = ["Method", "lr", "seeds", *PARAM_COLUMNS.values(), *(task_title(t) for t in tasks), "AVG", "95% CI"]
-    lines = [
-        f"### {suite.sweep.table.title} (reported split, final runs)",
-        "",
-        "| " + " | ".join(header) + " |",
-        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |",
-    ]
+    header = ["lr", "seeds", *PARAM_COLUMNS.values(), *(task_title(t) for t in tasks), "AVG", "95% CI"]
+    lines = _table_head(f"### {suite.sweep.table.title} (reported split, final runs)", header)
     for variant, row in rows.items():
         if not row["finals"]:
             continue
@@ -255,12 +255,7 @@ def grid_collapse_table(suite: Suite, rows: dict) -> str:
     title = "### Collapse across the grid (reported split, the first seed at each learning rate of the sweep)"
     if not trained or not tasks:
         return f"{title}\n\nNo trained method has finished a sweep run yet."
-    lines = [
-        title,
-        "",
-        "| Method | rates | " + " | ".join(task_title(t) for t in tasks) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in tasks) + " |",
-    ]
+    lines = _table_head(title, ["rates", *(task_title(t) for t in tasks)])
     everywhere = []
     for variant, row in trained.items():
         rates = len(row["sweep"])
