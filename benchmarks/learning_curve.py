@@ -60,9 +60,14 @@ class CurveRecorder(TrainerCallback):
             write_curve(self.record, self.tasks, self.stem)
 
 
+def curve_file(stem: Path, suffix: str) -> Path:
+    """The stem's file with ``suffix``: appended, not ``with_suffix``, which would cut the stem at its rate's dot."""
+    return stem.parent / (stem.name + suffix)
+
+
 def write_curve(record: dict, tasks: list[str], stem: Path) -> None:
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-    atomic_write_text(stem.with_suffix(".md"), markdown(record, tasks))
+    atomic_write_text(curve_file(stem, ".json"), json.dumps(record, indent=2) + "\n")
+    atomic_write_text(curve_file(stem, ".md"), markdown(record, tasks))
 
 
 def curve_stem(out: Path, suite: str, variant: str, learning_rate: float, steps: int, tasks: list[str] | None) -> Path:
@@ -72,7 +77,7 @@ def curve_stem(out: Path, suite: str, variant: str, learning_rate: float, steps:
 
 def refuse_to_replace(stem: Path) -> None:
     """A curve that finished (or was stopped and said so) is kept: a second run would overwrite its points."""
-    path = stem.with_suffix(".json")
+    path = curve_file(stem, ".json")
     if path.exists() and json.loads(path.read_text())["wall_seconds"] is not None:
         raise SystemExit(f"{path} holds a finished learning curve; move it away (or pass --out) to measure it again")
 

@@ -29,20 +29,21 @@ def new_record() -> dict:
 @pytest.mark.parametrize("dies", [False, True])
 def test_each_evaluation_is_on_disk_when_it_happens(learning_curve, tiny_experiment, tmp_path, dies):
     config = from_dict(tiny_experiment("encoder", method="lora", max_steps=4, eval_strategy="steps", eval_steps=2))
-    record, stem = new_record(), tmp_path / "curve"
+    record, stem = new_record(), learning_curve.curve_stem(tmp_path, "tiny", "lora", 1e-3, 4, None)
     callbacks = [learning_curve.CurveRecorder(record, config.tasks, stem)]
     if dies:
         with pytest.raises(RuntimeError, match="killed"):
             train(config, callbacks=[*callbacks, DieAfterFirstEvaluation()])
     else:
         final = train(config, callbacks=callbacks)
-    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert sorted(p.name for p in tmp_path.glob("learning-curve-*")) == [f"{stem.name}.json", f"{stem.name}.md"]
+    saved = json.loads(learning_curve.curve_file(stem, ".json").read_text())
     steps = [p["step"] for p in saved["points"]]
     assert steps == ([2] if dies else [2, 4])  # the final evaluate() at step 4 replaces, not repeats, its point
     assert set(saved["points"][0]) == {"step", "validation_average", "rte", "stsb"}
     if not dies:
         assert saved["points"][-1]["validation_average"] == pytest.approx(final["paper_average"])
-    assert "Still running, or stopped without a word" in stem.with_suffix(".md").read_text()
+    assert "Still running, or stopped without a word" in learning_curve.curve_file(stem, ".md").read_text()
 
 
 def test_curves_of_other_rates_or_budgets_get_their_own_files(learning_curve, tmp_path):
@@ -50,19 +51,22 @@ def test_curves_of_other_rates_or_budgets_get_their_own_files(learning_curve, tm
         learning_curve.curve_stem(tmp_path, "glue8", "lora", rate, steps, tasks)
         for rate, steps, tasks in [(1e-3, 900, None), (3.16e-4, 900, None), (1e-3, 2400, None), (1e-3, 900, ["cola"])]
     }
-    assert len(stems) == 4
+    assert len(stems) == 4 and len({learning_curve.curve_file(s, ".json") for s in stems}) == 4
     assert learning_curve.curve_stem(tmp_path, "glue8", "lora", 3.16e-4, 2400, None).name == (
         "learning-curve-glue8-lora-lr0.000316-2400steps"
     )
 
 
 def test_a_finished_curve_is_never_run_over(learning_curve, tmp_path):
-    stem = tmp_path / "curve"
+    stem = learning_curve.curve_stem(tmp_path, "glue8", "lora", 1e-3, 900, None)
+    path = learning_curve.curve_file(stem, ".json")
     learning_curve.refuse_to_replace(stem)  # nothing there yet
-    stem.with_suffix(".json").write_text(json.dumps({**new_record(), "points": [{"step": 2}]}))
+    path.write_text(json.dumps({**new_record(), "points": [{"step": 2}]}))
     learning_curve.refuse_to_replace(stem)  # a curve killed without a word (SIGKILL) may be measured again
     finished = {**new_record(), "wall_seconds": 12.0}
-    stem.with_suffix(".json").write_text(json.dumps(finished))
+    path.write_text(json.dumps(finished))
+    other_budget = learning_curve.curve_stem(tmp_path, "glue8", "lora", 1e-3, 2400, None)
+    learning_curve.refuse_to_replace(other_budget)  # the same rate at another budget is another curve
     with pytest.raises(SystemExit, match="holds a finished learning curve; move it away"):
         learning_curve.refuse_to_replace(stem)
-    assert json.loads(stem.with_suffix(".json").read_text()) == finished
+    assert json.loads(path.read_text()) == finished
