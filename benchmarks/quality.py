@@ -64,6 +64,7 @@ from pyramid_peft.training.full import FULL, full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
 from pyramid_peft.training.heads import needs_task_ids
 from pyramid_peft.training.loading import load_run
+from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, recorded_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
@@ -227,12 +228,47 @@ def result_path(results_dir: Path, suite: Suite, key: RunKey) -> Path:
 
 
 def load_done(suite: Suite, results_dir: Path) -> dict[RunKey, dict]:
-    """Every finished run of the suite, by key."""
+    """Every finished run of the suite, by key. A run made under another config than the suite's now (another
+    budget, say) stops the suite: it would be skipped as done and reported as this config's."""
     done = {}
     for path in sorted((results_dir / suite.key).glob("*.json")):
         record = json.loads(path.read_text())
-        done[RunKey(record["variant"], record.get("learning_rate"), record["seed"])] = record
+        key = RunKey(record["variant"], record.get("learning_rate"), record["seed"])
+        refuse_another_config(path, record.get("config", {}), suite.config(key, Path()).to_dict())
+        done[key] = record
     return done
+
+
+def refuse_another_config(source: Path, saved: dict, current: dict) -> None:
+    """Stop, naming the settings that differ, when ``source`` (a result file or a checkpoint) was made under
+    another config than ``current``."""
+    differ = config_differences(saved, current)
+    if differ:
+        raise SystemExit(
+            f"[quality] {source} was made under another config than this suite's now ({'; '.join(differ[:6])}). "
+            "Keep the two apart: run the changed suite with a fresh --results-dir and --runs-dir, or restore "
+            "the config."
+        )
+
+
+# Where a run's folder and data live, not what it trained on.
+NOT_COMPARED = {"training.output_dir", "data.data_dir"}
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: was X, now Y`` for every setting of two config dicts that differs (nested keys dotted)."""
+    differ = []
+    for name in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{name}"
+        if dotted in NOT_COMPARED:
+            continue
+        sections = isinstance(saved.get(name), dict) or isinstance(current.get(name), dict)
+        was, now = (side.get(name, {} if sections else "(unset)") for side in (saved, current))
+        if isinstance(was, dict) and isinstance(now, dict):
+            differ += config_differences(was, now, f"{dotted}.")
+        elif json.dumps(was, default=str) != json.dumps(now, default=str):
+            differ.append(f"{dotted}: was {was!r}, now {now!r}")
+    return differ
 
 
 def claim(path: Path) -> bool:
@@ -361,9 +397,14 @@ def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
 
 
 def last_checkpoint(config: ExperimentConfig) -> str | None:
-    """The newest checkpoint an earlier sitting left in the run folder, if any."""
+    """The newest checkpoint an earlier sitting left in the run folder, if any; one trained under another config
+    (another budget: resuming it would splice two schedules) stops the suite."""
     run_dir = Path(config.training["output_dir"])
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if checkpoint:
+        saved = Path(checkpoint) / WEIGHTS_CONFIG_FILE
+        refuse_another_config(saved, read_yaml(saved.read_text()), recorded_config(config, run_dir).to_dict())
+    return checkpoint
 
 
 def train_resumable(config: ExperimentConfig, checkpoint: str | None) -> dict:

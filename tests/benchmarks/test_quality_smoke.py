@@ -150,7 +150,8 @@ def fake_run_one(calls, tasks=("rte", "sst2")):
         if key.variant == "lora" and key.learning_rate == 1e-2:
             predictions = [0] * len(labels)  # a collapsed run
         method = "ept" if key.variant.startswith("ept") else key.variant
-        return fake_record(key, tasks, validation, predictions, labels, PARAMS[key.variant], method)
+        record = fake_record(key, tasks, validation, predictions, labels, PARAMS[key.variant], method)
+        return {**record, "config": suite.config(key, runs_dir).to_dict()}
 
     return run_one
 
@@ -178,6 +179,33 @@ def test_a_failed_final_seed_moves_the_choice_to_the_next_best_rate(quality, tmp
 
 def smoke_suite(quality):
     return quality.load_suite("glue8", {"tasks": ["rte", "sst2"]}, {"tasks": ["rte", "sst2"]})
+
+
+def test_results_of_another_budget_stop_the_suite_instead_of_counting_as_done(quality, tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "run_one", fake_run_one([]))
+    quality.run_suite(smoke_suite(quality), ["ept-kron2d"], tmp_path, tmp_path / "runs")
+    before = {p: p.read_bytes() for p in (tmp_path / "glue8").glob("*.json")}
+    longer = quality.load_suite("glue8", {"tasks": ["rte", "sst2"], "max_steps": 2400}, {"tasks": ["rte", "sst2"]})
+    with pytest.raises(SystemExit, match=r"training\.max_steps: was 300, now 2400.*fresh --results-dir"):
+        quality.run_suite(longer, ["ept-kron2d"], tmp_path, tmp_path / "runs")
+    assert {p: p.read_bytes() for p in (tmp_path / "glue8").glob("*.json")} == before  # nothing replaced
+    assert len(quality.load_done(smoke_suite(quality), tmp_path)) == len(before)  # the old config still reads them
+
+
+def test_a_checkpoint_of_another_budget_is_not_resumed(quality, tmp_path):
+    from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, config_text, recorded_config
+
+    suite = smoke_suite(quality)
+    key = quality.RunKey("lora", 1e-3, 0)
+    config = suite.config(key, tmp_path)
+    run_dir = Path(config.training["output_dir"])
+    checkpoint = run_dir / "checkpoint-100"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / WEIGHTS_CONFIG_FILE).write_text(config_text(recorded_config(config, run_dir)))
+    assert quality.last_checkpoint(config) == str(checkpoint)
+    longer = quality.replace(config, training={**config.training, "max_steps": 2400})
+    with pytest.raises(SystemExit, match=r"checkpoint-100.*training\.max_steps: was 300, now 2400"):
+        quality.last_checkpoint(longer)
 
 
 def test_the_sweep_extends_then_runs_every_seed_at_the_chosen_rate_and_resumes(quality, tmp_path, monkeypatch):
@@ -409,7 +437,8 @@ def test_a_report_of_the_untrained_floor_alone(quality, report, tmp_path):
     key = quality.RunKey("zero-shot", None, 0)
     path = quality.result_path(tmp_path, suite, key)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(fake_record(key, ["boolq"], 30.0, [0, 0, 1], [1, 0, 1], {}, "none")))
+    record = fake_record(key, ["boolq"], 30.0, [0, 0, 1], [1, 0, 1], {}, "none")
+    path.write_text(json.dumps({**record, "config": suite.config(key, Path()).to_dict()}))
     markdown = report.write_report(suite, tmp_path)
     assert "No trained method has finished a sweep run yet." in markdown and "| Method |  |" not in markdown
     assert "| zero-shot | – | 1/1 | – | – |" in markdown
