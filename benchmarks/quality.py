@@ -255,20 +255,25 @@ def refuse_another_config(source: Path, saved: dict, current: dict) -> None:
 NOT_COMPARED = {"training.output_dir", "data.data_dir"}
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_differences(saved: dict, current: dict) -> list[str]:
     """``key: was X, now Y`` for every setting of two config dicts that differs (nested keys dotted)."""
-    differ = []
-    for name in sorted(set(saved) | set(current)):
-        dotted = f"{prefix}{name}"
-        if dotted in NOT_COMPARED:
-            continue
-        sections = isinstance(saved.get(name), dict) or isinstance(current.get(name), dict)
-        was, now = (side.get(name, {} if sections else "(unset)") for side in (saved, current))
-        if isinstance(was, dict) and isinstance(now, dict):
-            differ += config_differences(was, now, f"{dotted}.")
-        elif json.dumps(was, default=str) != json.dumps(now, default=str):
-            differ.append(f"{dotted}: was {was!r}, now {now!r}")
-    return differ
+    was, now = dotted_settings(saved), dotted_settings(current)
+    return [
+        f"{key}: was {was.get(key, '(unset)')!r}, now {now.get(key, '(unset)')!r}"
+        for key in sorted((set(was) | set(now)) - NOT_COMPARED)
+        if json.dumps(was.get(key), default=str) != json.dumps(now.get(key), default=str)
+    ]
+
+
+def dotted_settings(config: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}``."""
+    settings = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            settings.update(dotted_settings(value, f"{prefix}{name}."))
+        else:
+            settings[f"{prefix}{name}"] = value
+    return settings
 
 
 def claim(path: Path) -> bool:
