@@ -187,6 +187,13 @@ class TuckaLayer(RoutedLayer):
     @torch.no_grad()
     def init_centroids(self, adapter_name: str, mean_input: torch.Tensor) -> None:
         """Data-aware init (first forward): E_c[0] = x̄, E_c[i] = x̄ + U(-s, s) for i >= 1; marks them ready."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise RuntimeError(
+                f"TuckA's data-aware centroid init runs in the first forward ({self.module_key}): in a multi-process "
+                "run each process would start from its own batch (DDP replicas diverge) and under FSDP the write to "
+                "the gathered centroids is lost. Use centroid_init='kaiming', or train from a saved adapter whose "
+                "centroids are initialised (one forward in a single process, then save_pretrained)."
+            )
         centroids = self.tucka_centroids[adapter_name]
         scale = self.tucka_config[adapter_name].ec_perturb_scale
         noise = (torch.rand_like(centroids[1:]) * 2 - 1) * scale
