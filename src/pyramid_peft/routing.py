@@ -1,21 +1,30 @@
-"""Per-example task routing that survives real use.
+"""Per-example task routing that survives real use: stock PEFT, generation, checkpointing, threads, compile.
 
 Stock PEFT drops a ``task_ids`` argument on its way to the layers for every method but Poly, and routing that
 lives in hooks installed for one call dies before gradient checkpointing re-runs the layers in the backward pass.
-Here the route is *state*: one :class:`TaskRoute` per tuner, shared by all its layers, set when a call enters the
-model, kept (read-only) for the backward recomputation after the call returns, and replaced by the next call.
+Here each call gets its own :class:`CallRoute`: the task ids (validated and placed on the model's device once, at
+entry), the attention mask, the auxiliary-loss records the layers leave, and per-call scratch (MixLoRA's hand-off,
+TuckA's route, factor caches). A tuner's :class:`TaskRoute` finds the call of the running context through a
+:class:`~contextvars.ContextVar`, so concurrent calls on one model (threads of an inference server) never see
+each other's ids; layers read it without a host synchronisation, and ``torch.compile`` traces the read.
 
-Entry points that set the route:
+Entry points that open a call:
 
 * a ``forward`` pre-hook on the ``PeftModel`` wrapper (it sees ``task_ids`` before ``PeftModelFor*.forward``
   swallows it), attached automatically when the tuner is built inside a ``PeftModel``;
-* the tuner's ``_enable_peft_forward_hooks`` context, which PEFT enters around ``generate``;
+* the tuner's ``_enable_peft_forward_hooks`` context, which PEFT enters around ``generate`` (one call for the whole
+  generation, so whatever a layer caches per call is built once per ``generate``, not per decoding step);
 * the tuner's own ``forward`` when it is used without a ``PeftModel``.
 
 The outermost call defines the route; nested calls without ids inherit it. Layers read one id per row of their
 input. Only inside ``generate`` may a batch be ``m`` times the routed one (beam search, ``num_return_sequences``):
 each id is then repeated ``m`` times, matching the ``repeat_interleave`` that ``generate`` applies to its inputs.
 Anywhere else a count that differs from the batch is an error (a single int id applies to every row).
+
+The backward pass. Gradient checkpointing re-runs layers inside ``backward``, after the call returned and, on CUDA,
+on autograd's own threads, where the context of the forward is not visible. A call that recorded a graph is
+therefore also kept by the route once it returns (:meth:`TaskRoute.exit`), and a layer re-run in a backward pass
+outside any call reads that call; re-runs never record auxiliary losses or advance routing state.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from contextvars import ContextVar
+from typing import Any, NamedTuple
 
 import torch
 
@@ -40,6 +50,27 @@ def in_backward_pass() -> bool:
 
 def as_task_ids(task_ids, num_tasks: int, batch_size: int | None = None) -> torch.Tensor:
     """Validate ``task_ids`` (int, sequence or tensor) into a 1-D LongTensor of ids in ``[0, num_tasks)``."""
+    return validated_task_ids(task_ids, num_tasks, batch_size)[0]
+
+
+def validated_task_ids(task_ids, num_tasks: int, batch_size: int | None = None) -> tuple[torch.Tensor, bool]:
+    """:func:`as_task_ids` and whether every id is the same task, from one host synchronisation (none for ids
+    given on the CPU)."""
+    ids = _as_long_ids(task_ids, num_tasks, batch_size)
+    if not ids.numel():
+        return ids, False
+    low, high = torch.stack([ids.min(), ids.max()]).tolist()
+    if low < 0 or high >= num_tasks:
+        bad = sorted({int(i) for i in ids.tolist() if not 0 <= i < num_tasks})
+        raise TaskRoutingError(
+            f"task_ids {bad} are outside [0, {num_tasks}): this adapter was built with num_tasks={num_tasks}. "
+            "Use ids below num_tasks, or build the adapter with a larger num_tasks."
+        )
+    return ids, low == high
+
+
+def _as_long_ids(task_ids, num_tasks: int, batch_size: int | None) -> torch.Tensor:
+    """``task_ids`` as a 1-D LongTensor (no range check): the type and shape errors of :func:`as_task_ids`."""
     if isinstance(task_ids, int) and not isinstance(task_ids, bool):
         task_ids = [task_ids] * (batch_size or 1)
     ids = torch.as_tensor(task_ids) if _all_numbers(task_ids) else None
@@ -51,12 +82,6 @@ def as_task_ids(task_ids, num_tasks: int, batch_size: int | None = None) -> torc
     ids = ids.long().reshape(-1) if ids.dim() == 0 else ids.long()
     if ids.dim() != 1:
         raise TaskRoutingError(f"task_ids must be 1-D (one id per example), got shape {tuple(ids.shape)}.")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
-        bad = sorted({int(i) for i in ids.tolist() if not 0 <= i < num_tasks})
-        raise TaskRoutingError(
-            f"task_ids {bad} are outside [0, {num_tasks}): this adapter was built with num_tasks={num_tasks}. "
-            "Use ids below num_tasks, or build the adapter with a larger num_tasks."
-        )
     return ids
 
 
@@ -78,66 +103,129 @@ def _describe(values) -> str:
     return f"{' and '.join(kinds)} values {shown}" if isinstance(values, (list, tuple)) else f"a {kinds[0]} {shown}"
 
 
-class _Entry(NamedTuple):
-    """One call's route: its ids, its attention mask, and whether a larger batch may repeat the ids (inside
-    ``generate``, or ids given as one int)."""
+class CallRoute:
+    """Everything one call of a routed model owns.
 
-    ids: torch.Tensor | None
-    mask: torch.Tensor | None
-    expandable: bool = False
+    ``ids`` (validated, on the model's device) and ``mask`` come from the caller; ``expandable`` says whether a
+    larger batch may repeat the ids (inside ``generate``, or ids given as one int); ``uniform`` whether every row
+    has the same task (known on the host at entry). ``records`` holds each layer's auxiliary-loss tensors of this
+    call and ``scratch`` what layers hand each other (both shared with the calls nested in it, such as the tuner's
+    ``forward`` inside the ``PeftModel``'s); ``cache`` what a layer derives from this call's route, kept for the
+    call only.
+    """
+
+    def __init__(self, ids=None, mask=None, expandable: bool = False, uniform: bool = False):
+        self.ids: torch.Tensor | None = ids
+        self.mask: torch.Tensor | None = mask
+        self.expandable = expandable
+        self.uniform = uniform
+        self.records: dict[Any, dict[str, torch.Tensor]] = {}
+        self.scratch: dict[Any, Any] = {}
+        self.cache: dict[Any, Any] = {}
+        self._expanded: dict[int, torch.Tensor] = {}
+
+    def nested(self, route: CallRoute | None = None) -> CallRoute:
+        """A call opened inside this one: its own ``route`` (this one's when None), this one's records and scratch."""
+        if route is None:
+            route = CallRoute(self.ids, self.mask, self.expandable, self.uniform)
+            route._expanded = self._expanded
+        route.records, route.scratch = self.records, self.scratch
+        return route
+
+    def ids_for(self, batch_size: int) -> torch.Tensor:
+        """The ids for ``batch_size`` rows, expanded (once per size) for beams and returned sequences."""
+        ids = self._expanded.get(batch_size)
+        if ids is None:
+            ids = self._expanded[batch_size] = expand_to_batch(self.ids, batch_size)
+        return ids
 
 
-_EMPTY = _Entry(None, None)
+class _State(NamedTuple):
+    """A route's view from one context: the open calls (innermost last), the last finished outermost call, and how
+    many ``generate`` calls are open."""
+
+    stack: tuple[CallRoute, ...] = ()
+    last: CallRoute | None = None
+    generating: int = 0
+
+
+_NO_CALLS = _State()
 
 
 class TaskRoute:
-    """Routing state of one tuner: the task ids (and attention mask) of the call in progress.
+    """Routing of one tuner: finds the :class:`CallRoute` of the running call.
 
-    ``num_tasks`` is used to validate ids; ``required`` says whether a layer that reads the route must get ids.
+    ``num_tasks`` is used to validate ids; ``method`` names the method in errors; ``observer`` (a callable
+    ``(layer_name, combine_weights, task_ids)``) is a model-wide setting for routing analyses.
     """
 
     def __init__(self, num_tasks: int, method: str):
         self.num_tasks = num_tasks
         self.method = method
-        self._stack: list[_Entry] = []
-        self._retained: _Entry = _EMPTY
-        self._generating = 0
-        self.observer = None  # callable(layer_name, combine_weights, task_ids) while routing is being analysed
+        self.observer = None
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._state: ContextVar[_State] = ContextVar(f"pyramid_peft_route_{id(self)}", default=_NO_CALLS)
+        self._retained: CallRoute | None = None  # the last call that recorded a graph, for backward re-runs
+
+    # Copies and pickles (deepcopy of a model, torch.save) carry the settings, not the calls in progress.
+    def __getstate__(self) -> dict:
+        return {"num_tasks": self.num_tasks, "method": self.method, "observer": self.observer}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_state()
 
     # -- writing -----------------------------------------------------------------------------------------------
-    def enter(self, task_ids=None, attention_mask: torch.Tensor | None = None, outermost: bool = False) -> None:
-        """Start a call. Without ids, a nested call inherits the enclosing route; an outermost call clears it.
+    @torch.compiler.disable
+    def enter(
+        self,
+        task_ids=None,
+        attention_mask: torch.Tensor | None = None,
+        outermost: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        """Open a call. Without ids, a nested call inherits the enclosing route; an outermost call starts afresh.
 
-        Always pushes one entry, even when the ids are invalid (then it raises after pushing an empty route), so
-        that every :meth:`exit` has its :meth:`enter`.
+        The ids are validated and moved to ``device`` (the model's) here, once: the one host synchronisation of a
+        routed forward. Always opens a call, even when the ids are invalid (then it raises after opening an empty
+        one), so that every :meth:`exit` has its :meth:`enter`.
         """
-        if outermost:
-            self._stack.clear()
-        if task_ids is None and self._stack:
-            self._stack.append(self._stack[-1])
-            return
-        entry = _Entry(None, attention_mask, self._generating > 0)
-        try:
-            if task_ids is not None:
-                batch = attention_mask.shape[0] if attention_mask is not None else None
-                one_id = isinstance(task_ids, int) and attention_mask is None
-                entry = entry._replace(
-                    ids=as_task_ids(task_ids, self.num_tasks, batch), expandable=entry.expandable or one_id
-                )
-        except TaskRoutingError:
-            self._stack.append(_EMPTY)
-            raise
-        self._stack.append(entry)
+        state = self._state.get()
+        stack = () if outermost else state.stack
+        call = None if task_ids is None else CallRoute(mask=attention_mask, expandable=state.generating > 0)
+        if stack:
+            call = stack[-1].nested(call)
+        elif call is None:
+            call = CallRoute(mask=attention_mask, expandable=state.generating > 0)
+        self._state.set(state._replace(stack=(*stack, call)))
+        if task_ids is not None:
+            batch = attention_mask.shape[0] if attention_mask is not None else None
+            call.expandable = call.expandable or (isinstance(task_ids, int) and attention_mask is None)
+            call.ids, call.uniform = self._place(task_ids, batch, device)
 
+    def _place(self, task_ids, batch: int | None, device: torch.device | None) -> tuple[torch.Tensor, bool]:
+        """Validated ids on ``device`` and whether they are all one task."""
+        ids, uniform = validated_task_ids(task_ids, self.num_tasks, batch)
+        return (ids if device is None else ids.to(device, non_blocking=True)), uniform
+
+    @torch.compiler.disable
     def exit(self) -> None:
-        """End a call; the outermost exit keeps the route for the backward pass only."""
-        if self._stack:
-            self._retained = self._stack.pop()
+        """Close the innermost call. The outermost one becomes the context's last call (what ``aux_loss`` reads)
+        and, when it recorded a graph, the route's retained call for backward re-runs."""
+        state = self._state.get()
+        if not state.stack:
+            return
+        call, stack = state.stack[-1], state.stack[:-1]
+        self._state.set(state._replace(stack=stack, last=state.last if stack else call))
+        if not stack and torch.is_grad_enabled():
+            self._retained = call
 
     @contextmanager
-    def call(self, task_ids=None, attention_mask: torch.Tensor | None = None) -> Iterator[None]:
+    def call(self, task_ids=None, attention_mask: torch.Tensor | None = None, device=None) -> Iterator[None]:
         try:
-            self.enter(task_ids, attention_mask)
+            self.enter(task_ids, attention_mask, device=device)
             yield
         finally:
             self.exit()
@@ -145,24 +233,44 @@ class TaskRoute:
     @contextmanager
     def generation(self) -> Iterator[None]:
         """While open, routes entered may serve batches that ``generate`` expanded (beams, returned sequences)."""
-        self._generating += 1
+        state = self._state.get()
+        self._state.set(state._replace(generating=state.generating + 1))
         try:
             yield
         finally:
-            self._generating -= 1
+            state = self._state.get()
+            self._state.set(state._replace(generating=state.generating - 1))
 
     # -- reading -----------------------------------------------------------------------------------------------
-    def _current(self) -> _Entry:
-        if self._stack:
-            return self._stack[-1]
-        if in_backward_pass():
+    def current(self) -> CallRoute:
+        """The running call: the innermost open one, else (in a backward re-run) the retained one, else this
+        context's implicit call (layers run without any entry point: no ids, records kept as the last call)."""
+        state = self._state.get()
+        if state.stack:
+            return state.stack[-1]
+        if self._retained is not None and in_backward_pass():
             return self._retained
-        return _EMPTY
+        if state.last is None or state.last.ids is not None:
+            state = state._replace(last=CallRoute())
+            self._state.set(state)
+        return state.last
+
+    def recording(self) -> CallRoute | None:
+        """The call whose records and routing state a layer may write now: ``None`` in a backward re-run."""
+        state = self._state.get()
+        if state.stack:
+            return state.stack[-1]
+        return None if in_backward_pass() else self.current()
+
+    def recent(self) -> CallRoute | None:
+        """The call whose auxiliary losses count now: the open one, else the last one this context finished."""
+        state = self._state.get()
+        return state.stack[-1] if state.stack else state.last
 
     def task_ids(self, batch_size: int, device: torch.device, required: bool = True) -> torch.Tensor | None:
         """The ids for a layer input of ``batch_size`` rows (expanded for beams / returned sequences in generate)."""
-        entry = self._current()
-        if entry.ids is None:
+        call = self.current()
+        if call.ids is None:
             if required:
                 raise TaskRoutingError(
                     f"{self.method} routes each example by its task: call the model with task_ids=<LongTensor of "
@@ -170,12 +278,13 @@ class TaskRoute:
                     "model.generate(..., task_ids=ids)."
                 )
             return None
-        if not entry.expandable and entry.ids.shape[0] != batch_size:
+        if not call.expandable and call.ids.shape[0] != batch_size:
             raise TaskRoutingError(
-                f"task_ids has {entry.ids.shape[0]} entries but the batch has {batch_size} rows: pass exactly one "
+                f"task_ids has {call.ids.shape[0]} entries but the batch has {batch_size} rows: pass exactly one "
                 "task id per example (ids are repeated only inside generate, for beams and num_return_sequences)."
             )
-        return expand_to_batch(entry.ids, batch_size).to(device)
+        ids = call.ids_for(batch_size)
+        return ids if ids.device == device else ids.to(device)  # models split over devices
 
     def observe(self, layer_name: str, weights: torch.Tensor, task_ids: torch.Tensor | None) -> None:
         """Report a layer's combine weights (rows first, experts last) to the observer, if one listens."""
@@ -184,11 +293,11 @@ class TaskRoute:
 
     def attention_mask(self, batch_size: int, seq_len: int) -> torch.Tensor | None:
         """The call's attention mask if it matches this layer's (batch, seq) shape, else ``None``."""
-        entry = self._current()
-        mask = entry.mask
+        call = self.current()
+        mask = call.mask
         if mask is None or mask.dim() != 2 or mask.shape[1] != seq_len or batch_size % mask.shape[0]:
             return None
-        if mask.shape[0] != batch_size and not entry.expandable:
+        if mask.shape[0] != batch_size and not call.expandable:
             return None
         return expand_to_batch(mask, batch_size)
 
@@ -210,6 +319,15 @@ def expand_to_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
     return values.repeat_interleave(batch_size // n, dim=0)
 
 
+def input_device(kwargs: dict) -> torch.device | None:
+    """The device of a call's inputs (where its ids go): that of the first tensor among the model inputs."""
+    for name in ("input_ids", "inputs_embeds", "attention_mask", "decoder_input_ids", "pixel_values"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
 def attach_to_peft_model(peft_model: torch.nn.Module, route: TaskRoute) -> None:
     """Make ``peft_model(..., task_ids=...)`` and ``peft_model.generate(..., task_ids=...)`` set ``route``.
 
@@ -222,7 +340,7 @@ def attach_to_peft_model(peft_model: torch.nn.Module, route: TaskRoute) -> None:
         special.add("task_ids")  # PEFT then strips it before calling the base model's forward / generate
 
     def pre_hook(_module, args, kwargs):
-        route.enter(kwargs.get("task_ids"), kwargs.get("attention_mask"), outermost=True)
+        route.enter(kwargs.get("task_ids"), kwargs.get("attention_mask"), outermost=True, device=input_device(kwargs))
 
     def post_hook(_module, _args, _kwargs, _output):
         route.exit()

@@ -222,7 +222,7 @@ def test_backward_reaches_every_trainable_tensor(family):
     # an expert's factors learn exactly when the router sent it at least one token
     routed_by_handoff = {}
     for layer in ffn_layers(model):
-        routed = (layer._aux_state["weights"] != 0).any(dim=0)
+        routed = (layer.aux_record()["weights"] != 0).any(dim=0)
         routed_by_handoff[id(layer.handoff)] = routed
         assert bool((layer.mixlora_router["default"].grad.abs().sum(-1) > 0).all())  # softmax: every row learns
         check_expert_grads(layer, routed)

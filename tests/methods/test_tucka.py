@@ -152,7 +152,7 @@ def test_default_router_is_the_first_module_in_forward_order():
     model = two_linears(swap=True)  # `second` runs first; the centroids live on `first` (registered first)
     assert owner(model).module_key == "first"
     model(x=torch.randn(2, 4, 8))
-    assert model.base_model.shared_route.routes["default"].source.module_key == "second"
+    assert model.base_model.last_routes()["default"].source.module_key == "second"
 
 
 def test_router_module_override_and_errors():
@@ -214,7 +214,7 @@ def picks_over(model, x, steps):
     picks = []
     for _ in range(steps):
         model(x=x)
-        picks.append(int(model.base_model.shared_route.routes["default"].expert))
+        picks.append(int(model.base_model.last_routes()["default"].expert))
     return picks
 
 
@@ -228,7 +228,7 @@ def test_alb_bias_step_and_balance():
     assert torch.equal(bias, torch.zeros(K * T))
     model.train()
     model(x=x)
-    first = int(model.base_model.shared_route.routes["default"].expert)
+    first = int(model.base_model.last_routes()["default"].expert)
     expected = torch.full((K * T,), 0.05)
     expected[first] = -0.05  # b_i += gamma * sign(mean load - load_i): the picked expert goes down
     torch.testing.assert_close(bias, expected, rtol=0, atol=0)

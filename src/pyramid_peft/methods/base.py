@@ -17,7 +17,7 @@ from torch import nn
 
 from ..contrastive import contrastive_module_names
 from ..losses import LossSource
-from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
+from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model, input_device
 from .capabilities import Capabilities
 
 
@@ -49,7 +49,6 @@ class RoutedLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, route: TaskRoute | None):
         self.base_layer = base_layer
         self.route = route
-        self._aux_state: dict[str, Any] = {}
         self.module_key = ""
         self.in_features, self.out_features = self.feature_sizes()
 
@@ -104,19 +103,26 @@ class RoutedLayer(BaseTunerLayer):
             self.route.observe(self.module_key, weights, task_ids)
 
     def record_aux(self, **state: Any) -> None:
-        """Keep what an auxiliary loss needs from this forward; skipped during backward recomputation."""
-        from ..routing import in_backward_pass
-
-        if not in_backward_pass():
-            self._aux_state = state
+        """Keep this call's auxiliary-loss tensors (computed in this forward) in the call; skipped during a
+        backward re-run (gradient checkpointing)."""
+        call = self.route.recording()
+        if call is not None:
+            call.records[self] = state
 
     def clear_aux(self) -> None:
-        if not self._aux_state:
-            return
-        from ..routing import in_backward_pass
+        """This forward produced no auxiliary loss (its adapter is off, or the loss is off for this module)."""
+        call = self.route.recording()
+        if call is not None:
+            call.records.pop(self, None)
 
-        if not in_backward_pass():
-            self._aux_state = {}
+    def aux_record(self) -> dict[str, Any]:
+        """What :meth:`record_aux` kept in the current call (or, after it, the last call of this thread)."""
+        call = self.route.recent() if self.route is not None else None
+        return {} if call is None else call.records.get(self, {})
+
+    def call_scratch(self) -> dict:
+        """Per-call scratch space shared by the layers of this call (hand-offs, caches of this call)."""
+        return self.route.current().scratch
 
     def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """Unweighted auxiliary losses of the last forward, by name. Methods with none return ``{}``."""
@@ -261,12 +267,12 @@ class RoutedTuner(LossSource, BaseTuner):
 
     # -- routing entry points -----------------------------------------------------------------------------------
     def forward(self, *args: Any, task_ids=None, **kwargs: Any):
-        with self.route.call(task_ids, kwargs.get("attention_mask")):
+        with self.route.call(task_ids, kwargs.get("attention_mask"), input_device(kwargs)):
             return self.model(*args, **kwargs)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        with self.route.call(kwargs.get("task_ids"), kwargs.get("attention_mask")):
+        with self.route.call(kwargs.get("task_ids"), kwargs.get("attention_mask"), input_device(kwargs)):
             yield
 
     # -- what the package-level helpers read --------------------------------------------------------------------

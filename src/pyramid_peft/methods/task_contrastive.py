@@ -42,7 +42,7 @@ class TaskContrastiveLayer(RoutedLayer):
         self.record_aux(adapter=adapter_name, contrastive=loss)
 
     def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        state = self._aux_state
+        state = self.aux_record()
         if state.get("adapter") != adapter_name:
             return {}
         if "contrastive" in state:

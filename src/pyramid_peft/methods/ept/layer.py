@@ -5,8 +5,14 @@ Forward, for an input row x of task t (spec §1.8):
     y = W0 x + b0 + (alpha / r) * sum_e g_e(t) ΔW_e dropout(x)
 
 Experts are grouped by kernel size: same-size experts share their seed slice, so a group costs one pass with
-the gate-weighted sum of its kernels. All active groups run as one LoRA-shaped pair of matrix products whose
-rank is r times the sum of the group kernel sizes (``experts.py``); the d_out x d_in matrix is never built.
+the gate-weighted sum of its kernels. The forward applies each group's Kronecker structure directly
+(``experts.kron2d_apply``): about the cost of a rank-r LoRA per group, for any mix of tasks in the batch, and with
+no host synchronisation (every group runs; a group no row uses adds exactly zero). The d_out x d_in matrix is never
+built; merging and export use the equivalent LoRA-shaped factors of rank r times the used kernel sizes.
+
+Constants (ALP's scales, the expert order) are non-persistent buffers that move with the model. Within one call
+without autograd (a ``generate`` call, a serving forward) the per-route kernels are built once and reused by every
+decoding step; they are rebuilt when a weight changes.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...gating import reference_double_softmax, topk_softmax
@@ -27,7 +34,7 @@ from .pyramid import KernelGroup, alp_scales, plan_groups
 
 class EptLayer(TaskContrastiveLayer):
     adapter_layer_names = ("ept_A", "ept_B", "ept_kernels", "ept_gate", "ept_task_embedding")
-    other_param_names = ("ept_config", "ept_contrastive")
+    other_param_names = ("ept_config", "ept_contrastive", "ept_scale_A", "ept_scale_B", "ept_expert_order")
     parameter_groups = {"ept_gate": "router", "ept_task_embedding": "task_embedding"}
 
     def __init__(self, base_layer: nn.Module, route):
@@ -40,6 +47,11 @@ class EptLayer(TaskContrastiveLayer):
         self.ept_dropout = nn.ModuleDict()
         self.ept_config: dict[str, EptConfig] = {}
         self.ept_contrastive: dict[str, bool] = {}
+        # Constants per adapter: ALP's scales of the seed factors (broadcast over A and B) and the order that puts
+        # same-size experts side by side (only where kernel_sizes does not already).
+        self.ept_scale_A = BufferDict(persistent=False)
+        self.ept_scale_B = BufferDict(persistent=False)
+        self.ept_expert_order = BufferDict(persistent=False)
         self._plans: dict[str, tuple] = {}
 
     def rank_limit(self) -> None:
@@ -58,7 +70,8 @@ class EptLayer(TaskContrastiveLayer):
             )
         self.ept_config[adapter_name] = config
         self.ept_contrastive.setdefault(adapter_name, config.contrastive_weight > 0)
-        self._plans[adapter_name] = (groups, offsets, alp_scales(config, groups, m_total, n_total))
+        self._plans[adapter_name] = (groups, offsets)
+        self._add_constants(adapter_name, alp_scales(config, groups, m_total, n_total), groups)
         self.ept_A[adapter_name] = nn.Parameter(torch.empty(config.r, n_total))
         self.ept_B[adapter_name] = nn.Parameter(torch.empty(m_total, config.r))
         kernel_total = sum(experts.kernel_numel(d_out, k, config.expert_form) for k in config.kernel_sizes)
@@ -69,6 +82,17 @@ class EptLayer(TaskContrastiveLayer):
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _add_constants(self, adapter_name: str, scales, groups: list[KernelGroup]) -> None:
+        """ALP's scales as buffers shaped to multiply A (r x n) and B (m x r), and the grouped expert order."""
+        if scales is not None:
+            a_rows, a_cols, b_rows = scales
+            self.ept_scale_A[adapter_name] = (a_rows[:, None] if a_rows is not None else a_cols[None, :]).float()
+            if b_rows is not None:
+                self.ept_scale_B[adapter_name] = b_rows[:, None].float()
+        order = [e for group in groups for e in group.experts]
+        if order != sorted(order):
+            self.ept_expert_order[adapter_name] = torch.tensor(order)
 
     def reset_parameters(self, adapter_name: str) -> None:
         config = self.ept_config[adapter_name]
@@ -101,7 +125,7 @@ class EptLayer(TaskContrastiveLayer):
         """Expert ``expert``'s kernel: (k, k) for kron2d, (floor(d_out/k), k) for code1d (a view)."""
         config = self.ept_config[adapter_name]
         k = config.kernel_sizes[expert]
-        _, offsets, _ = self._plans[adapter_name]
+        _, offsets = self._plans[adapter_name]
         rows = k if config.expert_form == "kron2d" else self.out_features // k
         flat = self.ept_kernels[adapter_name]
         return flat[offsets[expert] : offsets[expert] + rows * k].view(rows, k)
@@ -109,13 +133,11 @@ class EptLayer(TaskContrastiveLayer):
     def _scaled_seed(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole seed factors (A, B) with the dimension-aware scaling applied (once per forward)."""
         A, B = self.ept_A[adapter_name], self.ept_B[adapter_name]
-        scales = self._plans[adapter_name][2]
-        if scales is None:
-            return A, B
-        a_rows, a_cols, b_rows = scales
-        if a_rows is not None:
-            return A * a_rows.to(A)[:, None], B
-        return A * a_cols.to(A)[None, :], B * b_rows.to(B)[:, None]
+        if adapter_name in self.ept_scale_A:
+            A = A * self.ept_scale_A[adapter_name].to(A.dtype)
+        if adapter_name in self.ept_scale_B:
+            B = B * self.ept_scale_B[adapter_name].to(B.dtype)
+        return A, B
 
     @staticmethod
     def _slice_seed(seed: tuple[torch.Tensor, torch.Tensor], group: KernelGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +159,8 @@ class EptLayer(TaskContrastiveLayer):
         return self.gate(adapter_name, self.ept_task_embedding[adapter_name])
 
     def _route(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Combine weights broadcastable to x's rows: (B, 1, .., 1, E) for task routing, (..., E) per token."""
+        """Combine weights broadcastable to x's rows: (B, 1, .., 1, E) for task routing (one row for all when the
+        call has one task), (..., E) per token."""
         config = self.ept_config[adapter_name]
         if config.router_input == "token":
             weights = self.gate(adapter_name, x)
@@ -145,9 +168,11 @@ class EptLayer(TaskContrastiveLayer):
             return weights
         ids = self.task_ids_for(x)
         if config.router_input == "task":
-            weights = self.task_weights(adapter_name)[ids]
-            self.observe_routing(weights, ids)
-            return weights.view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
+            table = self.task_weights(adapter_name)
+            if self.route.observer is not None:
+                self.observe_routing(table[ids], ids)
+            rows = ids[:1] if self.route.current().uniform else ids
+            return table[rows].view(rows.shape[0], *([1] * (x.dim() - 2)), -1)
         task_rows = self.ept_task_embedding[adapter_name][ids].view(ids.shape[0], *([1] * (x.dim() - 2)), -1)
         weights = self.gate(adapter_name, x + task_rows.to(x))
         self.observe_routing(weights, ids)
@@ -155,9 +180,9 @@ class EptLayer(TaskContrastiveLayer):
 
     # -- factors ------------------------------------------------------------------------------------------------
     def _group_kernel(self, adapter_name: str, group: KernelGroup, weights: torch.Tensor) -> torch.Tensor:
-        """Gate-weighted sum of the group's kernels; per-row weights (..., E) give kernels (..., rows, k)."""
+        """Gate-weighted sum of the group's kernels; the group's weights (..., G) give kernels (..., rows, k)."""
         stacked = torch.stack([self._kernel(adapter_name, e) for e in group.experts])  # (G, rows, k)
-        return torch.einsum("...g,gij->...ij", weights[..., list(group.experts)], stacked.to(weights))
+        return torch.einsum("...g,gij->...ij", weights, stacked.to(weights))
 
     def _group_factors(self, adapter_name: str, seed, group: KernelGroup, kernel: torch.Tensor):
         """(up, down) LoRA factors of one group with a (possibly batched) kernel."""
@@ -176,19 +201,18 @@ class EptLayer(TaskContrastiveLayer):
         return self.scaling(adapter_name) * ups, downs
 
     def _active_groups(self, adapter_name: str, weights: torch.Tensor) -> list[KernelGroup]:
-        """The groups with an expert that any row of ``weights`` (..., E) uses (one host sync)."""
+        """The groups with an expert that ``weights`` (E,) uses (one host sync; merging and export only)."""
         used = (weights.reshape(-1, weights.shape[-1]) != 0).any(dim=0).tolist()
         return [g for g in self._plans[adapter_name][0] if any(used[e] for e in g.experts)]
 
     def _fused_factors(self, adapter_name: str, weights: torch.Tensor):
-        """One LoRA pair for one weight vector (E,): the used groups' factors concatenated along the rank.
-
-        Rebuilt every call: it costs about 1-2% of a 2048-token forward of the layer (measured at 384x384 to
-        384x1536), so no cache keyed on parameter versions is kept.
-        """
+        """One LoRA pair for one weight vector (E,): the used groups' factors concatenated along the rank (for
+        merging and export; one host sync to find the used groups)."""
         seed = self._scaled_seed(adapter_name)
         pairs = [
-            self._group_factors(adapter_name, seed, group, self._group_kernel(adapter_name, group, weights))
+            self._group_factors(
+                adapter_name, seed, group, self._group_kernel(adapter_name, group, weights[list(group.experts)])
+            )
             for group in self._active_groups(adapter_name, weights)
         ]
         return torch.cat([up for up, _ in pairs], dim=1), torch.cat([down for _, down in pairs], dim=0)
@@ -201,7 +225,7 @@ class EptLayer(TaskContrastiveLayer):
     def _literal_delta(self, adapter_name: str, weights: torch.Tensor) -> torch.Tensor:
         config = self.ept_config[adapter_name]
         literal = experts.literal_kron2d if config.expert_form == "kron2d" else experts.literal_code1d
-        groups, _, _ = self._plans[adapter_name]
+        groups, _ = self._plans[adapter_name]
         seed = self._scaled_seed(adapter_name)
         delta = self.ept_A[adapter_name].new_zeros(self.out_features, self.in_features)
         for group in groups:
@@ -220,30 +244,63 @@ class EptLayer(TaskContrastiveLayer):
         dropped = self.ept_dropout[adapter_name](x)
         if config.materialize:
             return self._materialized_output(adapter_name, dropped, weights)
-        if weights.shape[:-1].numel() == 1 or bool((weights == weights.reshape(-1, weights.shape[-1])[0]).all()):
-            up, down = self._fused_factors(adapter_name, weights.reshape(-1, weights.shape[-1])[0])
-            return self.scaling(adapter_name) * F.linear(F.linear(dropped, down), up)
-        return self.scaling(adapter_name) * self._mixed_output(adapter_name, dropped, weights)
+        return self.scaling(adapter_name) * self._pyramid_output(adapter_name, dropped, weights)
 
-    def _mixed_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Rows with different combine weights (mixed tasks, token routing): per-row kernels between the factors."""
-        config = self.ept_config[adapter_name]
-        seed = self._scaled_seed(adapter_name)
+    def _pyramid_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum over groups of the group's experts applied with their (per-row or per-token) combined kernels."""
+        seed, kernels = self._route_factors(adapter_name, weights)
+        apply = experts.kron2d_apply if self.ept_config[adapter_name].expert_form == "kron2d" else experts.code1d_apply
         out = None
-        for group in self._active_groups(adapter_name, weights):
-            kernel = self._group_kernel(adapter_name, group, weights)
+        for group, kernel in zip(self._plans[adapter_name][0], kernels):
+            if kernel.shape[:-2].numel() == 1:  # one route for every row
+                kernel = kernel.reshape(kernel.shape[-2:])
             A, B = self._slice_seed(seed, group)
-            if config.expert_form == "kron2d":
-                eye = experts.identity(group.k, A.dtype, A.device)
-                up, down = experts.kron2d_factors(A, B, eye, self.out_features, self.in_features)
-                hidden = F.linear(x, down).unflatten(-1, (config.r, group.k))  # (..., r, k)
-                part = F.linear(torch.matmul(hidden, kernel.transpose(-1, -2)).flatten(-2), up)
-            else:
-                seed_out = F.linear(F.linear(x[..., : group.n], A), B)  # (..., m)
-                part = (seed_out[..., None] * kernel).flatten(-2)
-                part = F.pad(part, (0, self.out_features - part.shape[-1]))
+            part = apply(x, A, B, kernel, self.out_features)
             out = part if out is None else out + part
         return out
+
+    def _route_factors(self, adapter_name: str, weights: torch.Tensor):
+        """The scaled seed and each group's combined kernel for these combine weights.
+
+        Built once per call where the weights are the call's task route and nothing records a graph (a
+        ``generate`` call, a serving forward): cached in the call, keyed on the weights' batch size and on the
+        version of every tensor they derive from, so a changed weight is seen at the next step.
+        """
+        key = self._factor_cache_key(adapter_name, weights)
+        cache = self.route.current().cache if key is not None else None
+        if cache is not None and key in cache:
+            return cache[key]
+        seed = self._scaled_seed(adapter_name)
+        if adapter_name in self.ept_expert_order:
+            weights = weights.index_select(-1, self.ept_expert_order[adapter_name])
+        kernels, start = [], 0
+        for group in self._plans[adapter_name][0]:
+            size = len(group.experts)
+            kernels.append(self._group_kernel(adapter_name, group, weights[..., start : start + size]))
+            start += size
+        if cache is not None:
+            cache[key] = (seed, kernels)
+        return seed, kernels
+
+    def _factor_cache_key(self, adapter_name: str, weights: torch.Tensor):
+        """The cache key of :meth:`_route_factors`, or None where caching does not apply."""
+        if self.ept_config[adapter_name].router_input != "task" or torch.is_grad_enabled():
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        versions = tuple(t._version for t in self._route_inputs(adapter_name))
+        return (self, adapter_name, weights.shape[0], versions)
+
+    def _route_inputs(self, adapter_name: str) -> list[torch.Tensor]:
+        gate = self.ept_gate[adapter_name]
+        return [
+            self.ept_A[adapter_name],
+            self.ept_B[adapter_name],
+            self.ept_kernels[adapter_name],
+            self.ept_task_embedding[adapter_name],
+            gate.weight,
+            gate.bias,
+        ]
 
     def _materialized_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rows = weights.reshape(-1, weights.shape[-1])

@@ -18,6 +18,7 @@ runs per expert.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -144,16 +145,17 @@ class ExpertLoraLayer(MixLoraLayer):
 
 class ExpertHandoff:
     """What the first half of a split FFN (BERT's intermediate) leaves for its output linear: the route and each
-    routed expert's hidden rows, tied to the exact tensor the first half returned."""
+    routed expert's hidden rows, tied to the exact tensor the first half returned.
 
-    def __init__(self):
-        self._state = None
+    The state belongs to the running context (thread): the two halves run back to back in one thread, in the
+    forward and in a gradient-checkpoint re-run alike, so concurrent calls on one model never see each other's.
+    """
 
     def put(self, adapter_name: str, output: torch.Tensor, groups, hiddens) -> None:
-        self._state = (adapter_name, output, groups, hiddens)
+        _handoffs().update({self: (adapter_name, output, groups, hiddens)})
 
     def take(self, adapter_name: str, x: torch.Tensor):
-        state, self._state = self._state, None
+        state = _handoffs().pop(self, None)
         if state is None or state[0] != adapter_name or state[1] is not x:
             raise RuntimeError(
                 "The output linear of a split MixLoRA FFN (BERT's output.dense) ran on a tensor its intermediate "
@@ -161,6 +163,18 @@ class ExpertHandoff:
                 "does."
             )
         return state[2], state[3]
+
+
+_HANDOFFS: ContextVar[dict | None] = ContextVar("pyramid_peft_mixlora_handoffs", default=None)
+
+
+def _handoffs() -> dict:
+    """This context's pending hand-offs, by :class:`ExpertHandoff`."""
+    pending = _HANDOFFS.get()
+    if pending is None:
+        pending = {}
+        _HANDOFFS.set(pending)
+    return pending
 
 
 class FeedForward(nn.Module, ExpertLoraLayer):
@@ -219,14 +233,17 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         return F.linear(x, router)
 
     def aux_terms(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The Switch balance loss E * sum_i f_i P_i of the last forward, over its real tokens: padding (attention
-        mask 0) is routed like any token but left out, so it cannot pull the experts' load toward itself."""
-        if self._aux_state.get("adapter") != adapter_name:
-            return {}
-        logits, weights, real = (self._aux_state[k] for k in ("logits", "weights", "real"))
+        """The Switch balance loss of the last forward (see :meth:`balance_loss`)."""
+        record = self.aux_record()
+        return {"balance": record["balance"]} if record.get("adapter") == adapter_name else {}
+
+    @staticmethod
+    def balance_loss(logits: torch.Tensor, weights: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """The Switch balance loss E * sum_i f_i P_i over the real tokens: padding (attention mask 0) is routed like
+        any token but left out, so it cannot pull the experts' load toward itself."""
         if real is not None:
             logits, weights = logits[real], weights[real]
-        return {"balance": switch_balance_loss(logits, weights)}
+        return switch_balance_loss(logits, weights)
 
     # -- forward ------------------------------------------------------------------------------------------------
     def expert_hidden(self, adapter_name: str, expert: int, u: torch.Tensor, frozen: list[torch.Tensor]):
@@ -252,7 +269,7 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         self.observe_routing(weights.view(*x.shape[:-1], -1), self.task_ids_for(x, required=False))
         mask = self.route.token_mask(x)
         real = None if mask is None else mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
-        self.record_aux(adapter=adapter_name, logits=logits, weights=weights, real=real)
+        self.record_aux(adapter=adapter_name, weights=weights, balance=self.balance_loss(logits, weights, real))
         groups = group_by_expert(weights)
 
         frozen = [getattr(ffn, name)(rows) for name in self.recipe.inputs]  # once for all rows and experts

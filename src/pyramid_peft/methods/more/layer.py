@@ -34,7 +34,7 @@ UNSET = -1  # route-map entry of a task whose expert is not frozen yet (referenc
 
 class MoreLayer(TaskContrastiveLayer):
     adapter_layer_names = ("more_A", "more_B", "more_gate", "more_task_embedding")
-    other_param_names = ("more_config", "more_contrastive", "more_route_map")
+    other_param_names = ("more_config", "more_contrastive", "more_route_map", "more_rank_mask")
     parameter_groups = {"more_gate": "router", "more_task_embedding": "task_embedding"}
 
     def __init__(self, base_layer: nn.Module, route):
@@ -46,6 +46,9 @@ class MoreLayer(TaskContrastiveLayer):
         self.more_dropout = nn.ModuleDict()
         # Reference mode only: the expert each task was frozen to, saved with the adapter so a reload keeps it.
         self.more_route_map = BufferDict(persistent=True)
+        # A constant: row e is 1 on the rank components [0, rank of expert e) that expert e keeps; a buffer, so it
+        # moves with the model instead of being rebuilt in every forward.
+        self.more_rank_mask = BufferDict(persistent=False)
         self.more_config: dict[str, MoreConfig] = {}
         self.more_contrastive: dict[str, bool] = {}
 
@@ -61,6 +64,8 @@ class MoreLayer(TaskContrastiveLayer):
         self.add_dropout(adapter_name, config.lora_dropout)
         if config.route_mode == "reference":
             self.more_route_map[adapter_name] = torch.full((config.num_tasks,), UNSET, dtype=torch.long)
+        ranks = torch.tensor(config.expert_ranks)
+        self.more_rank_mask[adapter_name] = (torch.arange(config.r)[None, :] < ranks[:, None]).float()
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
@@ -85,9 +90,6 @@ class MoreLayer(TaskContrastiveLayer):
             return A, B
         s = torch.arange(1, config.r + 1, dtype=A.dtype, device=A.device) / config.r
         return A * s[:, None], B * s[None, :]
-
-    def expert_ranks(self, adapter_name: str, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.more_config[adapter_name].expert_ranks, device=device)
 
     # -- routing ------------------------------------------------------------------------------------------------
     def task_probs(self, adapter_name: str) -> torch.Tensor:
@@ -115,12 +117,14 @@ class MoreLayer(TaskContrastiveLayer):
         return choice[ids], straight_through[ids]
 
     def _frozen_route(self, adapter_name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Reference mode: freeze the argmax of every task seen for the first time, then always use the map."""
+        """Reference mode: freeze the argmax of every task seen for the first time, then always use the map
+        (updated on the device, without asking the host which tasks are new)."""
         frozen = self.more_route_map[adapter_name]
-        new = ids[frozen[ids] == UNSET].unique()
-        if new.numel() and not in_backward_pass():
+        if not in_backward_pass():
             with torch.no_grad():
-                frozen[new] = self.task_probs(adapter_name)[new].argmax(dim=-1)
+                seen = torch.zeros_like(frozen, dtype=torch.bool).index_fill_(0, ids, True)
+                choice = self.task_probs(adapter_name).argmax(dim=-1)
+                frozen.copy_(torch.where(seen & (frozen == UNSET), choice, frozen))
         return frozen
 
     def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,8 +142,7 @@ class MoreLayer(TaskContrastiveLayer):
         self.observe_routing(F.one_hot(choice, self.more_config[adapter_name].num_experts).to(A_s.dtype), ids)
         self.record_contrastive(adapter_name, x, ids)
         # Keep rank components [0, ρ(row)) of each row: mask (rows, r), broadcast over the sequence axes.
-        ranks = self.expert_ranks(adapter_name, x.device)[choice]
-        keep = (torch.arange(A_s.shape[0], device=x.device)[None, :] < ranks[:, None]).to(A_s.dtype)
+        keep = self.more_rank_mask[adapter_name][choice].to(A_s.dtype)
         if straight_through is not None:
             keep = keep * straight_through[:, None]
         keep = keep.view(ids.shape[0], *([1] * (x.dim() - 2)), -1)

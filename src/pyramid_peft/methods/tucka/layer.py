@@ -61,6 +61,7 @@ class TuckaLayer(RoutedLayer):
         self.tucka_alb_bias = BufferDict(persistent=True)
         self.tucka_config: dict[str, TuckaConfig] = {}
         self.tucka_shared: SharedRoute | None = None  # set by the tuner after injection
+        self._ready_seen: dict[str, tuple[int, bool]] = {}  # adapter -> (flag version, flag) last read
 
     def rank_limit(self) -> int:
         """``d_in``: TuckA changes the input side only (U is d_in x r)."""
@@ -133,12 +134,11 @@ class TuckaLayer(RoutedLayer):
     # -- routing ------------------------------------------------------------------------------------------------
     def adapter_route(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (group, weights) this layer uses: pinned, computed here, or read from the shared state."""
-        shared = self.tucka_shared
-        route = shared.pinned.get(adapter_name)
+        route = self.tucka_shared.pinned.get(adapter_name)
         if route is None and self._routes_here(adapter_name):
             route = self._compute_route(adapter_name, x)
         if route is None:
-            route = shared.routes.get(adapter_name)
+            route = self.call_routes().get(adapter_name)
         if route is None:
             router = self.tucka_config[adapter_name].router_module
             raise TuckaRoutingError(
@@ -152,8 +152,12 @@ class TuckaLayer(RoutedLayer):
         router = self.tucka_config[adapter_name].router_module
         if router is not None:
             return self.module_key == router
-        current = self.tucka_shared.routes.get(adapter_name)
+        current = self.call_routes().get(adapter_name)
         return current is None or current.source is self  # the first adapted layer to run in this call
+
+    def call_routes(self) -> dict[str, Route]:
+        """The routes of the running call, by adapter (a backward re-run reads those of its forward)."""
+        return self.call_scratch().setdefault("tucka_routes", {})
 
     def _compute_route(self, adapter_name: str, x: torch.Tensor) -> Route:
         """Route from this layer's input; in a backward recomputation the pick of the forward is kept."""
@@ -168,21 +172,30 @@ class TuckaLayer(RoutedLayer):
         mask = self.route.token_mask(x)
         features = token_mean(x, mask, per_example=config.routing == "example")
         recomputing = in_backward_pass()
-        if not recomputing and not bool(owner.tucka_centroids_ready[adapter_name]):
+        if not recomputing and not owner.centroids_ready(adapter_name):
             batch_mean = features if features.dim() == 1 else token_mean(x, mask, per_example=False)
             owner.init_centroids(adapter_name, batch_mean)
         scores = routing_scores(owner.tucka_centroids[adapter_name], features, config.k, config.t)
         if recomputing:  # keep the forward's pick (the ALB bias has moved since); rebuild w with its graph
-            expert = self.tucka_shared.routes[adapter_name].expert
+            expert = self.call_routes()[adapter_name].expert
         else:
             expert = select_expert(scores, owner.tucka_alb_bias[adapter_name] if config.balance == "alb" else None)
         group = expert // config.t
         route = Route(group, group_weights(scores, group), expert, self)
-        self.tucka_shared.routes[adapter_name] = route
+        self.call_routes()[adapter_name] = route
         if config.balance == "alb" and self.training and not recomputing:
             with torch.no_grad():
                 balance_update(owner.tucka_alb_bias[adapter_name], expert, config.alb_gamma)
         return route
+
+    def centroids_ready(self, adapter_name: str) -> bool:
+        """Whether the data-aware centroid init has run: read from the saved flag once per change of it (a load or
+        the init), not at every forward (each read of a device flag synchronises the host)."""
+        flag = self.tucka_centroids_ready[adapter_name]
+        known = self._ready_seen.get(adapter_name)
+        if known is None or known[0] != flag._version:
+            known = self._ready_seen[adapter_name] = (flag._version, bool(flag))
+        return known[1]
 
     @torch.no_grad()
     def init_centroids(self, adapter_name: str, mean_input: torch.Tensor) -> None:

@@ -20,9 +20,9 @@ from .router import Route, SharedRoute
 class TuckaModel(RoutedTuner):
     """Injects :class:`~pyramid_peft.methods.tucka.layer.Linear` into the targeted layers and wires one router.
 
-    The tuner owns the :class:`~pyramid_peft.methods.tucka.router.SharedRoute` all its layers reference, clears
-    the route whenever a call enters the model (``forward``, ``generate``), and places the centroids on the owner
-    layer: ``router_module`` if given, else the first adapted module in registration order.
+    The tuner owns the :class:`~pyramid_peft.methods.tucka.router.SharedRoute` all its layers reference and places
+    the centroids on the owner layer: ``router_module`` if given, else the first adapted module in registration
+    order. Each call (``forward``, ``generate``) routes afresh: its route lives in the call.
 
     Gradient checkpointing: with ``use_reentrant=False`` (the transformers default) the routing gradient is exact.
     With ``use_reentrant=True`` the layers of checkpointed blocks other than the router's send no gradient to the
@@ -57,20 +57,14 @@ class TuckaModel(RoutedTuner):
             return Capabilities(Routing.NONE, Merging.PER_MODEL)
         return super().capabilities(adapter_name)
 
-    # -- a new call gets a new route ----------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any):
-        self.shared_route.clear()
-        return super().forward(*args, **kwargs)
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        self.shared_route.clear()
-        with super()._enable_peft_forward_hooks(*args, **kwargs):
-            yield
+    def last_routes(self) -> dict[str, Route]:
+        """The routes of the last forward of this thread (or of the open call), by adapter."""
+        call = self.route.recent()
+        return {} if call is None else call.scratch.get("tucka_routes", {})
 
     def last_route(self, adapter_name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(group, weights) of the last forward, detached: () and (t,), or (batch,) and (batch, t) per example."""
-        route = self.shared_route.routes.get(adapter_name or self.active_adapters[0])
+        route = self.last_routes().get(adapter_name or self.active_adapters[0])
         if route is None:
             raise RuntimeError("TuckA has not routed a forward pass yet: run the model once first.")
         return route.group.detach(), route.weights.detach()

@@ -8,10 +8,10 @@ The pick is ``(g*, j*) = argmax over k*t of σ (+ the ALB bias b, for selection 
 chosen group's row ``w = σ[g*]`` (t,), unnormalised. Gradient reaches E_c (and the router input) through w; the
 argmax gets none.
 
-The route lives in one :class:`SharedRoute` per tuner, which every layer references: the routing layer writes it,
-the others read it. The tuner clears it when a call enters the model, so a layer can never read the route of an
-earlier call; it stays in place after the call for the backward pass, so gradient-checkpoint recomputation reuses
-it.
+A forward's route belongs to its call (``CallRoute.scratch`` of ``pyramid_peft.routing``): the routing layer writes
+it there, the others read it, so a layer can never read the route of an earlier or a concurrent call; a
+gradient-checkpoint re-run in the backward pass reads the route of its forward. What every call shares, the
+centroid owners and a pinned route, lives in one :class:`SharedRoute` per tuner.
 """
 
 from __future__ import annotations
@@ -38,15 +38,10 @@ class Route:
 
 @dataclass
 class SharedRoute:
-    """Per adapter: the centroid owner (router layer), the current route, and an optional pinned (fixed) route."""
+    """Per adapter: the centroid owner (router layer) and an optional pinned (fixed) route."""
 
     owners: dict[str, nn.Module] = field(default_factory=dict)
-    routes: dict[str, Route] = field(default_factory=dict)
     pinned: dict[str, Route] = field(default_factory=dict)
-
-    def clear(self) -> None:
-        """Forget the routes of the previous call (a new call is entering the model)."""
-        self.routes.clear()
 
 
 def routing_scores(centroids: torch.Tensor, features: torch.Tensor, k: int, t: int) -> torch.Tensor:
