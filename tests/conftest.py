@@ -25,6 +25,31 @@ settings.register_profile("ci", max_examples=250, **_PROPERTY_CHECKS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+# Device-sensitive tests (marked ``device``) run on EPT_TEST_DEVICE: the CPU unless it names another torch device,
+# e.g. `EPT_TEST_DEVICE=cuda pytest -m device` (the rest of the suite tests device-independent code on the CPU).
+TEST_DEVICE = torch.device(os.environ.get("EPT_TEST_DEVICE", "cpu"))
+
+
+def pytest_configure(config):
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if TEST_DEVICE.type != "cpu" and (accelerator is None or accelerator.type != TEST_DEVICE.type):
+        raise pytest.UsageError(
+            f"EPT_TEST_DEVICE={TEST_DEVICE} but torch sees no such device (accelerator: {accelerator}): unset it to "
+            "test on the CPU, or name the device torch reports (e.g. cuda, mps)."
+        )
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device of the device-sensitive tests (EPT_TEST_DEVICE, default cpu)."""
+    return TEST_DEVICE
+
+
+def on_device(batch: dict, device: torch.device) -> dict:
+    """``batch`` with its tensors moved to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def build_tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(

@@ -8,8 +8,9 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
+from conftest import TINY_BUILDERS, TINY_TARGETS, on_device, tiny_batch
 from pyramid_peft import EptConfig, NotMergeableError, export_lora, merge_for_task
+from pyramid_peft.merge import merge_compute_dtype
 
 KEY = {"t5": "logits", "llama": "logits", "bert": "last_hidden_state"}
 
@@ -27,10 +28,11 @@ def routed_model(family, **overrides):
     return model.eval()
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("form", ["kron2d", "code1d"])
-def test_merge_for_task_reproduces_routed_outputs(family, form):
-    model = routed_model(family, expert_form=form)
-    batch = tiny_batch(family)
+def test_merge_for_task_reproduces_routed_outputs(family, form, device):
+    model = routed_model(family, expert_form=form).to(device)
+    batch = on_device(tiny_batch(family), device)
     for task in range(3):
         routed = model(**batch, task_ids=torch.full((4,), task))[KEY[family]]
         merged = merge_for_task(model, task)
@@ -38,6 +40,25 @@ def test_merge_for_task_reproduces_routed_outputs(family, form):
         assert (merged(**batch)[KEY[family]] - routed).abs().max() <= 1e-5
     again = model(**batch, task_ids=torch.zeros(4, dtype=torch.long))[KEY[family]]  # the routed model is untouched
     assert torch.isfinite(again).all()
+
+
+@pytest.mark.parametrize(
+    "device, dtype", [("cpu", torch.float64), ("cuda", torch.float32), ("mps", torch.float32), ("xpu", torch.float32)]
+)
+def test_merge_computes_in_float64_on_the_cpu_and_float32_on_accelerators(device, dtype):
+    assert merge_compute_dtype(torch.device(device)) == dtype
+
+
+def test_merge_sums_in_float64_on_the_cpu():
+    """W0 + B @ A with float32 tensors whose float32 sum rounds differently: the merge keeps the float64 sum."""
+    model = routed_model("llama")
+    name, layer = model.base_model.routed_layers()[0]
+    up, down = layer.task_lora_factors("default", 0)
+    exact = (layer.get_base_layer().weight.double() + up.double() @ down.double()).float()
+    in_float32 = layer.get_base_layer().weight + up @ down
+    assert not torch.equal(exact, in_float32)  # the two sums differ, so the check below can tell them apart
+    merged = merge_for_task(model, 0).get_submodule(name.removeprefix("base_model.model."))
+    assert torch.equal(merged.weight, exact)
 
 
 @pytest.mark.parametrize("form", ["kron2d", "code1d"])
