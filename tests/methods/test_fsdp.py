@@ -5,7 +5,9 @@ halves of each batch, auxiliary losses included (EPT's and MoRE's contrastive te
 reference is one unsharded process running the same two halves and averaging their losses, which is what data
 parallelism computes (losses with batch statistics, MixLoRA's Switch balance loss and TuckA's batch routes, are
 per-process by definition). EPT also trains with non-reentrant gradient checkpointing, and its adapter saved from the
-sharded model (a full state dict) resumes training under FSDP and exports as plain LoRA.
+sharded model (a full state dict) resumes training under FSDP and exports as plain LoRA. What cannot work sharded
+(TuckA's data-aware centroid init, EPT's contrastive term under reentrant checkpointing) fails with an error that
+says why.
 
 Accelerate's FSDP plugin does not run on a CPU (a CPU launch is DDP, the plugin is ignored): see
 docs/sharded-training.md.
@@ -41,7 +43,7 @@ RUNS = [(name, False) for name in sorted(METHODS)] + [("ept", True)]
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def build(name: str, checkpointing: bool = False, adapter_dir=None):
+def build(name: str, checkpointing: bool = False, adapter_dir=None, reentrant: bool = False):
     """A tiny LLaMA adapted with ``name`` (default auxiliary losses on, no randomness in training), in train mode."""
     base = build_tiny_llama()
     if adapter_dir is not None:
@@ -53,7 +55,7 @@ def build(name: str, checkpointing: bool = False, adapter_dir=None):
     extras = {k: v for k, v in settings.items() if k in fields}
     model = get_peft_model(base, make_peft_config(name, target_modules=TARGETS, num_tasks=4, **extras))
     if checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     perturb(model)  # zero-initialised factors would hide terms
     return model.train()
 
@@ -109,12 +111,6 @@ def _worker(rank: int, port: int, folder: str) -> None:
         for name, checkpointing in RUNS:
             model = shard(build(name, checkpointing))
             results[name, checkpointing] = train(model, range(STEPS), rank), trained(model)
-            if name == "tucka":  # the data-aware init says why it cannot run here
-                with pytest.raises(RuntimeError, match="centroid_init='kaiming'"):
-                    training_loss(
-                        get_peft_model(build_tiny_llama(), make_peft_config(name, target_modules=TARGETS)),
-                        halves(0)[rank][0],
-                    )
             if (name, checkpointing) == ("ept", False):
                 state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                 if rank == 0:  # the adapter as PEFT saves it, from the gathered state dict
@@ -122,10 +118,24 @@ def _worker(rank: int, port: int, folder: str) -> None:
                 dist.barrier()
                 resumed = shard(build(name, adapter_dir=os.path.join(folder, "adapter")))
                 results["resumed"] = train(resumed, range(STEPS, STEPS + 1), rank), trained(resumed)
+        check_refusals(rank)
         if rank == 0:
             torch.save(results, os.path.join(folder, "results.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def check_refusals(rank: int) -> None:
+    """What cannot work sharded says why: TuckA's data-aware centroid init, and the contrastive term of a forward
+    without autograd (reentrant checkpointing) on a sharded task-embedding table."""
+    batch, ids = halves(0)[rank]
+    tucka = get_peft_model(build_tiny_llama(), make_peft_config("tucka", target_modules=TARGETS))
+    with pytest.raises(RuntimeError, match="centroid_init='kaiming'"):
+        training_loss(tucka, batch)
+    model = shard(build("ept", checkpointing=True, reentrant=True))
+    training_loss(model, batch, task_ids=ids)
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        aux_loss(model)
 
 
 def free_port() -> int:
