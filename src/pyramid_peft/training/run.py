@@ -73,6 +73,7 @@ def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence
     """
     check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
+    _check_processes(args)  # before the run folder is claimed
     run_dir = Path(args.output_dir)
     must_move = claim_run_folder(run_dir, bool(args.resume_from_checkpoint), overwrite)  # every process alike
     with args.main_process_first(local=False, desc="moving the earlier run aside"):
@@ -123,12 +124,21 @@ def _has_accelerator() -> bool:
 
 
 def _check_processes(args) -> None:
-    """Refuse a launch of several processes that the Trainer would run as independent single-process runs."""
+    """Refuse a launch of several processes that the Trainer would run as independent single-process runs, and FSDP
+    asked for on the CPU, where accelerate silently leaves the model unsharded."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
         raise ConfigError(
             f"{launched} processes were launched but the Trainer runs each alone: they would train the same run "
             "side by side and overwrite each other's checkpoints. On a machine without a GPU, pass --use_cpu true."
+        )
+    fsdp_asked = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and args.device.type == "cpu":
+        raise ConfigError(
+            "FSDP was asked for (accelerate's FSDP plugin or --fsdp), but this run is on the CPU, where accelerate "
+            "ignores the plugin and would train unsharded (a multi-process CPU launch is DDP over gloo). Launch "
+            "with configs/accelerate/cpu-2proc.yaml for DDP on a CPU, or run on GPUs; sharding on a CPU works with "
+            "torch.distributed.fsdp.fully_shard directly (docs/sharded-training.md)."
         )
 
 
