@@ -4,9 +4,10 @@ Stock PEFT drops a ``task_ids`` argument on its way to the layers for every meth
 lives in hooks installed for one call dies before gradient checkpointing re-runs the layers in the backward pass.
 Here each call gets its own :class:`CallRoute`: the task ids (validated and placed on the model's device once, at
 entry), the attention mask, the auxiliary-loss records the layers leave, and per-call scratch (MixLoRA's hand-off,
-TuckA's route, factor caches). A tuner's :class:`TaskRoute` finds the call of the running context through a
-:class:`~contextvars.ContextVar`, so concurrent calls on one model (threads of an inference server) never see
-each other's ids; layers read it without a host synchronisation, and ``torch.compile`` traces the read.
+TuckA's route, factor caches). A tuner's :class:`TaskRoute` finds the call of the running thread through
+thread-local state, so concurrent calls on one model (threads of an inference server) never see each other's ids;
+layers read it without a host synchronisation, and ``torch.compile`` traces the read (it cannot trace a
+``ContextVar``; a forward never yields to another coroutine of its thread, so per-thread state is per call).
 
 Entry points that open a call:
 
@@ -22,7 +23,7 @@ each id is then repeated ``m`` times, matching the ``repeat_interleave`` that ``
 Anywhere else a count that differs from the batch is an error (a single int id applies to every row).
 
 The backward pass. Gradient checkpointing re-runs layers inside ``backward``, after the call returned and, on CUDA,
-on autograd's own threads, where the context of the forward is not visible. A call that recorded a graph is
+on autograd's own threads, where the thread-local state of the forward is not visible. A call that recorded a graph is
 therefore also kept by the route once it returns (:meth:`TaskRoute.exit`), and a layer re-run in a backward pass
 outside any call reads that call; re-runs never record auxiliary losses or advance routing state.
 """
@@ -30,10 +31,10 @@ outside any call reads that call; re-runs never record auxiliary losses or advan
 from __future__ import annotations
 
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import torch
@@ -141,7 +142,7 @@ class CallRoute:
 
 
 class _State(NamedTuple):
-    """A route's view from one context: the open calls (innermost last), the last finished outermost call, and how
+    """A route's view from one thread: the open calls (innermost last), the last finished outermost call, and how
     many ``generate`` calls are open."""
 
     stack: tuple[CallRoute, ...] = ()
@@ -150,6 +151,18 @@ class _State(NamedTuple):
 
 
 _NO_CALLS = _State()
+
+
+class _ThreadState(threading.local):
+    """A route's :class:`_State` as each thread sees it."""
+
+    value: _State = _NO_CALLS
+
+    def get(self) -> _State:
+        return self.value
+
+    def set(self, value: _State) -> None:
+        self.value = value
 
 
 class TaskRoute:
@@ -166,7 +179,7 @@ class TaskRoute:
         self._init_state()
 
     def _init_state(self) -> None:
-        self._state: ContextVar[_State] = ContextVar(f"pyramid_peft_route_{id(self)}", default=_NO_CALLS)
+        self._state = _ThreadState()
         self._retained: CallRoute | None = None  # the last call that recorded a graph, for backward re-runs
 
     # Copies and pickles (deepcopy of a model, torch.save) carry the settings, not the calls in progress.
@@ -212,7 +225,7 @@ class TaskRoute:
 
     @torch.compiler.disable
     def exit(self) -> None:
-        """Close the innermost call. The outermost one becomes the context's last call (what ``aux_loss`` reads)
+        """Close the innermost call. The outermost one becomes the thread's last call (what ``aux_loss`` reads)
         and, when it recorded a graph, the route's retained call for backward re-runs."""
         state = self._state.get()
         if not state.stack:
@@ -244,7 +257,7 @@ class TaskRoute:
     # -- reading -----------------------------------------------------------------------------------------------
     def current(self) -> CallRoute:
         """The running call: the innermost open one, else (in a backward re-run) the retained one, else this
-        context's implicit call (layers run without any entry point: no ids, records kept as the last call)."""
+        thread's implicit call (layers run without any entry point: no ids, records kept as the last call)."""
         state = self._state.get()
         if state.stack:
             return state.stack[-1]
@@ -263,7 +276,7 @@ class TaskRoute:
         return None if in_backward_pass() else self.current()
 
     def recent(self) -> CallRoute | None:
-        """The call whose auxiliary losses count now: the open one, else the last one this context finished."""
+        """The call whose auxiliary losses count now: the open one, else the last one this thread finished."""
         state = self._state.get()
         return state.stack[-1] if state.stack else state.last
 

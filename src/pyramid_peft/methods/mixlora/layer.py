@@ -18,7 +18,7 @@ runs per expert.
 from __future__ import annotations
 
 import math
-from contextvars import ContextVar
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +147,8 @@ class ExpertHandoff:
     """What the first half of a split FFN (BERT's intermediate) leaves for its output linear: the route and each
     routed expert's hidden rows, tied to the exact tensor the first half returned.
 
-    The state belongs to the running context (thread): the two halves run back to back in one thread, in the
-    forward and in a gradient-checkpoint re-run alike, so concurrent calls on one model never see each other's.
+    The state belongs to the running thread: the two halves run back to back in one thread, in the forward and in
+    a gradient-checkpoint re-run alike, so concurrent calls on one model never see each other's.
     """
 
     def put(self, adapter_name: str, output: torch.Tensor, groups, hiddens) -> None:
@@ -165,16 +165,18 @@ class ExpertHandoff:
         return state[2], state[3]
 
 
-_HANDOFFS: ContextVar[dict | None] = ContextVar("pyramid_peft_mixlora_handoffs", default=None)
+class _Pending(threading.local):
+    """Each thread's pending hand-offs, by :class:`ExpertHandoff`."""
+
+    def __init__(self):
+        self.handoffs: dict = {}
+
+
+_PENDING = _Pending()
 
 
 def _handoffs() -> dict:
-    """This context's pending hand-offs, by :class:`ExpertHandoff`."""
-    pending = _HANDOFFS.get()
-    if pending is None:
-        pending = {}
-        _HANDOFFS.set(pending)
-    return pending
+    return _PENDING.handoffs
 
 
 class FeedForward(nn.Module, ExpertLoraLayer):

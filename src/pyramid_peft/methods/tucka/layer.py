@@ -26,7 +26,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from ...contrastive import token_mean
-from ...routing import expand_to_batch, in_backward_pass
+from ...routing import expand_to_batch
 from ..base import AdaptedLinear, NotMergeableError, RoutedLayer
 from .config import TuckaConfig
 from .router import (
@@ -37,6 +37,7 @@ from .router import (
     group_weights,
     routing_scores,
     select_expert,
+    take,
 )
 
 
@@ -108,7 +109,7 @@ class TuckaLayer(RoutedLayer):
     # -- the adapter map ----------------------------------------------------------------------------------------
     def mixing_matrix(self, adapter_name: str, group: torch.Tensor | int, weights: torch.Tensor) -> torch.Tensor:
         """M̄ = Σ_j w_j Σ_q Ĉ[j, q] Ĝ_g[q]: (r, r) for one route, (batch, r, r) for per-example routes."""
-        core = self.tucka_core[adapter_name][group]  # (p, r, r) or (batch, p, r, r)
+        core = take(self.tucka_core[adapter_name], group)  # (p, r, r) or (batch, p, r, r)
         core = core / core.flatten(-3).norm(dim=-1)[..., None, None, None]
         mode = self.tucka_mode[adapter_name]
         mode = mode / mode.norm()
@@ -171,7 +172,7 @@ class TuckaLayer(RoutedLayer):
         x = self._cast_input_dtype(x, owner.tucka_centroids[adapter_name].dtype)
         mask = self.route.token_mask(x)
         features = token_mean(x, mask, per_example=config.routing == "example")
-        recomputing = in_backward_pass()
+        recomputing = self.route.recording() is None  # a backward re-run (gradient checkpointing)
         if not recomputing and not owner.centroids_ready(adapter_name):
             batch_mean = features if features.dim() == 1 else token_mean(x, mask, per_example=False)
             owner.init_centroids(adapter_name, batch_mean)
@@ -193,6 +194,8 @@ class TuckaLayer(RoutedLayer):
         the init), not at every forward (each read of a device flag synchronises the host)."""
         flag = self.tucka_centroids_ready[adapter_name]
         known = self._ready_seen.get(adapter_name)
+        if known is not None and torch.compiler.is_compiling():  # a compiled graph reads no tensor versions
+            return known[1]
         if known is None or known[0] != flag._version:
             known = self._ready_seen[adapter_name] = (flag._version, bool(flag))
         return known[1]
@@ -239,7 +242,8 @@ class Linear(AdaptedLinear, TuckaLayer):
         for adapter_name in self._active_for_forward():
             group, weights = self.adapter_route(adapter_name, x)
             k = self.tucka_config[adapter_name].k
-            self.observe_routing(dense_weights(group, weights.detach(), k, x.shape[0] if x.dim() > 1 else 1))
+            if self.route.observer is not None:
+                self.observe_routing(dense_weights(group, weights.detach(), k, x.shape[0] if x.dim() > 1 else 1))
             rows = self._cast_input_dtype(x, self.tucka_factor[adapter_name].dtype)
             adapted = adapted + self.input_update(adapter_name, rows, group, weights).to(x.dtype)
         return self.base_layer(adapted, *args, **kwargs)

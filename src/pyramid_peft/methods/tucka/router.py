@@ -61,8 +61,16 @@ def select_expert(scores: torch.Tensor, bias: torch.Tensor | None = None) -> tor
 def group_weights(scores: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """The chosen group's row of ``scores``: (t,) for a batch route, (batch, t) for per-example routes."""
     if group.dim() == 0:
-        return scores[group]
+        return take(scores, group)
     return scores.gather(1, group.view(-1, 1, 1).expand(-1, 1, scores.shape[-1])).squeeze(1)
+
+
+def take(values: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
+    """``values[index]`` for an int or a 0-d / 1-d index tensor, read on the device (indexing with a 0-d tensor
+    would ask the host for its value)."""
+    if isinstance(index, int):
+        return values[index]
+    return values.index_select(0, index.reshape(-1)).reshape(*index.shape, *values.shape[1:])
 
 
 def dense_weights(group: torch.Tensor, weights: torch.Tensor, k: int, rows: int) -> torch.Tensor:
