@@ -5,7 +5,8 @@ from peft import PeftModel, get_peft_model
 from transformers import T5Config, T5ForConditionalGeneration
 
 from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
-from pyramid_peft import export_lora, merge_for_task
+from pyramid_peft import export_lora, make_peft_config, merge_for_task
+from pyramid_peft.registry import METHODS
 
 # T5-base as in the EPT paper's Table 2: original ReLU FFN, adapters on q, k, v, o, wi, wo (192 modules).
 T5_BASE_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
@@ -22,6 +23,15 @@ def peft_tiny(family: str, config, seed: int = 0):
     """A tiny model of ``family`` adapted with ``config`` (whose target_modules are filled in), in eval mode."""
     config.target_modules = set(TINY_TARGETS[family])
     return get_peft_model(TINY_BUILDERS[family](seed), config).eval()
+
+
+def reproducible_config(name: str, **settings):
+    """The config of method ``name`` without randomness in training (no dropout, no router jitter) and, for TuckA,
+    centroids made at creation rather than from the first batch: runs that split or move the work (several
+    processes, another device) then compute the same thing as one reference run."""
+    fields = METHODS[name].config_cls.__dataclass_fields__
+    fixed = {"lora_dropout": 0.0, "jitter_noise": 0.0, "centroid_init": "kaiming"}
+    return make_peft_config(name, **{k: v for k, v in fixed.items() if k in fields}, **settings)
 
 
 def perturb(model, scale: float = 0.1, seed: int = 0) -> None:

@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
-from _models import perturb, training_loss
+from _models import perturb, reproducible_config, training_loss
 from peft import get_peft_model
 
 from conftest import build_tiny_llama, on_device, tiny_batch
-from pyramid_peft import aux_loss, make_peft_config
+from pyramid_peft import aux_loss
 from pyramid_peft.registry import METHODS
 
 pytestmark = pytest.mark.device
@@ -25,11 +25,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def build(name: str):
-    fields = METHODS[name].config_cls.__dataclass_fields__
-    # No randomness in training (the two devices draw different streams); TuckA's centroids made at creation.
-    settings = {"lora_dropout": 0.0, "jitter_noise": 0.0, "centroid_init": "kaiming"}
-    extras = {k: v for k, v in settings.items() if k in fields}
-    model = get_peft_model(build_tiny_llama(), make_peft_config(name, target_modules=TARGETS, num_tasks=3, **extras))
+    model = get_peft_model(build_tiny_llama(), reproducible_config(name, target_modules=TARGETS, num_tasks=3))
     perturb(model)
     return model
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _models import perturb, training_loss
+from _models import perturb, reproducible_config, training_loss
 from peft import PeftModel, get_peft_model
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -48,12 +48,7 @@ def build(name: str, checkpointing: bool = False, adapter_dir=None, reentrant: b
     base = build_tiny_llama()
     if adapter_dir is not None:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True).train()
-    fields = METHODS[name].config_cls.__dataclass_fields__
-    # No randomness in training; TuckA's data-aware centroid init is refused in multi-process runs (each process
-    # would start from its own batch), so it starts from Kaiming centroids.
-    settings = {"lora_dropout": 0.0, "jitter_noise": 0.0, "centroid_init": "kaiming"}
-    extras = {k: v for k, v in settings.items() if k in fields}
-    model = get_peft_model(base, make_peft_config(name, target_modules=TARGETS, num_tasks=4, **extras))
+    model = get_peft_model(base, reproducible_config(name, target_modules=TARGETS, num_tasks=4))
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     perturb(model)  # zero-initialised factors would hide terms
