@@ -61,16 +61,17 @@ def test_merge_sums_in_float64_on_the_cpu():
     assert torch.equal(merged.weight, exact)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("form", ["kron2d", "code1d"])
-def test_export_lora_loads_in_stock_peft_and_reproduces_outputs(tmp_path, family, form):
-    model = routed_model(family, expert_form=form)
-    batch = tiny_batch(family)
+def test_export_lora_loads_in_stock_peft_and_reproduces_outputs(tmp_path, family, form, device):
+    model = routed_model(family, expert_form=form).to(device)
+    batch = on_device(tiny_batch(family), device)
     task = 1
     routed = model(**batch, task_ids=torch.full((4,), task))[KEY[family]]
     report = export_lora(model, task, tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
-    lora = PeftModel.from_pretrained(TINY_BUILDERS[family](), tmp_path / "lora").eval()
+    lora = PeftModel.from_pretrained(TINY_BUILDERS[family](), tmp_path / "lora").to(device).eval()
     assert any(isinstance(m, LoraLayer) for m in lora.modules())
     assert (lora(**batch)[KEY[family]] - routed).abs().max() <= 1e-5
     # rank = r * (sum of the chosen experts' distinct kernel sizes) for kron2d, r per kernel size for code1d
