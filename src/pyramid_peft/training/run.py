@@ -41,6 +41,7 @@ def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback]
     check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
     _check_processes(args)
+    _check_sharding(args)
     record = recorded_config(config, Path(args.output_dir))
     set_seed(args.seed)
     experiment = build_experiment(record)
@@ -74,6 +75,7 @@ def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence
     check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
     _check_processes(args)  # before the run folder is claimed
+    _check_sharding(args)
     run_dir = Path(args.output_dir)
     must_move = claim_run_folder(run_dir, bool(args.resume_from_checkpoint), overwrite)  # every process alike
     with args.main_process_first(local=False, desc="moving the earlier run aside"):
@@ -124,14 +126,17 @@ def _has_accelerator() -> bool:
 
 
 def _check_processes(args) -> None:
-    """Refuse a launch of several processes that the Trainer would run as independent single-process runs, and FSDP
-    asked for on the CPU, where accelerate silently leaves the model unsharded."""
+    """Refuse a launch of several processes that the Trainer would run as independent single-process runs."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and args.world_size == 1:
         raise ConfigError(
             f"{launched} processes were launched but the Trainer runs each alone: they would train the same run "
             "side by side and overwrite each other's checkpoints. On a machine without a GPU, pass --use_cpu true."
         )
+
+
+def _check_sharding(args) -> None:
+    """Refuse FSDP asked for on the CPU, where accelerate silently leaves the model unsharded."""
     fsdp_asked = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_asked and args.device.type == "cpu":
         raise ConfigError(
