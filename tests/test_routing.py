@@ -118,3 +118,52 @@ def test_token_routing_needs_no_task_ids():
     model = ept_model("bert", router_input="token", contrastive_weight=0.0).eval()
     batch = tiny_batch("bert")
     assert model(**batch).last_hidden_state.shape == (4, 7, 32)
+
+
+def test_constants_are_buffers_that_move_with_the_model_and_are_not_saved():
+    model = ept_model("llama", dim_scale="coord_lin", kernel_sizes=[4, 2, 4, 2])  # ALP scales, expert order
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert {"ept_scale_A.default", "ept_scale_B.default", "ept_expert_order.default"} <= dict(
+        layer.named_buffers()
+    ).keys()
+    assert not any("ept_scale" in key or "ept_expert_order" in key for key in model.state_dict())
+    model.to(torch.float64)
+    assert layer.ept_scale_A["default"].dtype == layer.ept_A["default"].dtype == torch.float64
+
+
+def test_factors_are_built_once_per_call_and_rebuilt_when_a_weight_changes(monkeypatch):
+    model = ept_model("llama").eval()
+    batch = tiny_batch("llama")
+    ids = torch.tensor([0, 2, 1, 2])
+    layers = [layer for _, layer in model.base_model.routed_layers()]
+    builds = []
+    original = type(layers[0])._group_factors
+    monkeypatch.setattr(type(layers[0]), "_group_factors", lambda *a, **k: builds.append(1) or original(*a, **k))
+    route = model.base_model.route
+    with torch.no_grad(), route.call(ids, batch["attention_mask"]):
+        first = model.get_base_model()(**batch).logits
+        per_forward = len(builds)
+        again = model.get_base_model()(**batch).logits  # a decoding step of the same call: nothing rebuilt
+        assert len(builds) == per_forward > 0 and torch.equal(first, again)
+        for layer in layers:
+            layer.ept_kernels["default"].mul_(-1.0)  # what an optimiser step between two steps would do
+        changed = model.get_base_model()(**batch).logits
+        assert len(builds) == 2 * per_forward
+    with torch.no_grad():
+        fresh = model(**batch, task_ids=ids).logits
+    torch.testing.assert_close(changed, fresh)
+    assert not torch.allclose(changed, first)
+
+
+def test_generate_builds_the_factors_once_for_all_its_steps(monkeypatch):
+    model = ept_model("llama").eval()
+    layer_cls = type(next(layer for _, layer in model.base_model.routed_layers()))
+    builds = []
+    count = layer_cls._group_factors
+    monkeypatch.setattr(layer_cls, "_group_factors", lambda *a, **k: builds.append(1) or count(*a, **k))
+    batch = tiny_batch("llama")
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, pad_token_id=0)
+    model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1, task_ids=torch.tensor([0, 2, 1, 2]))
+    one_step = len(builds)
+    model.generate(**kwargs, max_new_tokens=6, min_new_tokens=6, task_ids=torch.tensor([0, 2, 1, 2]))
+    assert len(builds) == 2 * one_step  # six decoding steps cost what one does

@@ -127,9 +127,9 @@ class CallRoute:
 
     def nested(self, route: CallRoute | None = None) -> CallRoute:
         """A call opened inside this one: its own ``route`` (this one's when None), this one's records and scratch."""
-        if route is None:
+        if route is None:  # the same ids: what layers derived from them holds too
             route = CallRoute(self.ids, self.mask, self.expandable, self.uniform)
-            route._expanded = self._expanded
+            route._expanded, route.cache = self._expanded, self.cache
         route.records, route.scratch = self.records, self.scratch
         return route
 
@@ -169,13 +169,16 @@ class TaskRoute:
     """Routing of one tuner: finds the :class:`CallRoute` of the running call.
 
     ``num_tasks`` is used to validate ids; ``method`` names the method in errors; ``observer`` (a callable
-    ``(layer_name, combine_weights, task_ids)``) is a model-wide setting for routing analyses.
+    ``(layer_name, combine_weights, task_ids)``) is a model-wide setting for routing analyses; ``planner`` (a
+    callable of the new :class:`CallRoute`, set by the tuner) runs at entry, after the ids are placed, to derive
+    the host-side facts the layers need about this call's route in one synchronisation.
     """
 
     def __init__(self, num_tasks: int, method: str):
         self.num_tasks = num_tasks
         self.method = method
         self.observer = None
+        self.planner = None
         self._init_state()
 
     def _init_state(self) -> None:
@@ -184,7 +187,7 @@ class TaskRoute:
 
     # Copies and pickles (deepcopy of a model, torch.save) carry the settings, not the calls in progress.
     def __getstate__(self) -> dict:
-        return {"num_tasks": self.num_tasks, "method": self.method, "observer": self.observer}
+        return {"num_tasks": self.num_tasks, "method": self.method, "observer": self.observer, "planner": self.planner}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -217,6 +220,8 @@ class TaskRoute:
             batch = attention_mask.shape[0] if attention_mask is not None else None
             call.expandable = call.expandable or (isinstance(task_ids, int) and attention_mask is None)
             call.ids, call.uniform = self._place(task_ids, batch, device)
+            if self.planner is not None:
+                self.planner(call)
 
     def _place(self, task_ids, batch: int | None, device: torch.device | None) -> tuple[torch.Tensor, bool]:
         """Validated ids on ``device`` and whether they are all one task."""

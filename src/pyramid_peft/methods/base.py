@@ -128,6 +128,15 @@ class RoutedLayer(BaseTunerLayer):
         """Unweighted auxiliary losses of the last forward, by name. Methods with none return ``{}``."""
         return {}
 
+    # -- route entry --------------------------------------------------------------------------------------------
+    def plan_request(self, call) -> torch.Tensor | None:
+        """At route entry: a 1-D tensor of facts about ``call``'s route this layer wants on the host (e.g. which
+        experts its tasks use), or None. The tuner fetches every layer's request in one synchronisation."""
+        return None
+
+    def accept_plan(self, call, values: list) -> None:
+        """Receive the host values of :meth:`plan_request` (keep them in ``call.cache``)."""
+
     # -- merging ------------------------------------------------------------------------------------------------
     def task_lora_factors(self, adapter_name: str, task_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors ``(B, A)`` with ``B @ A`` equal to this layer's weight change for ``task_id`` (scale included).
@@ -191,6 +200,7 @@ class RoutedTuner(LossSource, BaseTuner):
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
         # The route must exist before injection creates layers that hold it.
         self.__dict__["route"] = TaskRoute(getattr(config, "num_tasks", 1), self.method_name)
+        self.route.planner = self._plan_call
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
         self._check_rank(config)
         wrapper = find_enclosing_peft_model()
@@ -266,6 +276,21 @@ class RoutedTuner(LossSource, BaseTuner):
             getattr(layer, self.contrastive_flags)[adapter_name] = config.contrastive_weight > 0 and name in chosen
 
     # -- routing entry points -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _plan_call(self, call) -> None:
+        """Route entry: fetch what every layer asks about this call's route (:meth:`RoutedLayer.plan_request`) in
+        one host synchronisation, so that no layer has to ask the device in its forward."""
+        requests = [(layer, layer.plan_request(call)) for _, layer in self.routed_layers()]
+        requests = [(layer, values) for layer, values in requests if values is not None]
+        if not requests:
+            return
+        device = requests[0][1].device
+        fetched = torch.cat([values.reshape(-1).to(device) for _, values in requests]).tolist()
+        start = 0
+        for layer, values in requests:
+            layer.accept_plan(call, fetched[start : start + values.numel()])
+            start += values.numel()
+
     def forward(self, *args: Any, task_ids=None, **kwargs: Any):
         with self.route.call(task_ids, kwargs.get("attention_mask"), input_device(kwargs)):
             return self.model(*args, **kwargs)

@@ -26,8 +26,10 @@ class TaskContrastiveLayer(RoutedLayer):
 
     def record_contrastive(self, adapter_name: str, x: torch.Tensor, task_ids: torch.Tensor | None = None) -> None:
         """Keep this forward's contrastive term for x's pooled features and the task ids (those of the route when
-        not given) where the loss is on."""
+        not given) where the loss is on. An evaluation forward without autograd (serving) keeps none: it could
+        train nothing, and costs a cosine table per module."""
         enabled = getattr(self, f"{self.method_key}_contrastive").get(adapter_name)
+        enabled = enabled and (self.training or torch.is_grad_enabled())
         if enabled and task_ids is None:
             task_ids = self.task_ids_for(x, required=False)
         if not enabled or task_ids is None:

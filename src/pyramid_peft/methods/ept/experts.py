@@ -7,11 +7,11 @@ scaled copies of K without overlap, so ConvT_k(S) = S ⊗ K (Kronecker product).
 
     S ⊗ K = (B ⊗ K)(A ⊗ I_k),
 
-so an expert is a LoRA of rank r*k with factors ``B ⊗ K`` (mk x rk) and ``A ⊗ I_k`` (rk x nk) (what merging and
-export use). The forward never builds them: with the input viewed as an n x k matrix X (x = vec of its rows),
-``(A ⊗ I_k) x`` is ``A X`` and ``(B ⊗ K) h`` is ``B H Kᵀ`` for h viewed as r x k, so an expert costs
-r*(d_in + d_out) + r*k² per token, a rank-r LoRA (:func:`kron2d_apply`). Dimensions not divisible by k use
-ceil + crop: m = ceil(d_out/k), n = ceil(d_in/k), and the result is cropped to d_out x d_in.
+so an expert is a LoRA of rank r*k with factors ``B ⊗ K`` (mk x rk) and ``A ⊗ I_k`` (rk x nk): applying it costs
+r*k*(d_in + d_out) per token and never builds the d_out x d_in matrix. Rows with different kernels share the
+factors ``B ⊗ I_k`` and ``A ⊗ I_k`` and differ only in between, ``B ⊗ K = (B ⊗ I_k)(I_r ⊗ K)``
+(:func:`row_kernels`). Dimensions not divisible by k use ceil + crop: m = ceil(d_out/k), n = ceil(d_in/k), and the
+result is cropped to d_out x d_in.
 
 ``code1d`` (the public reference code's form). Expert k reads only the first n = floor(d_in/k) inputs, forms
 s = S x with S = B[:m] A[:, :n], m = floor(d_out/k), and expands every seed channel c into k outputs with its own
@@ -57,34 +57,14 @@ def kron2d_factors(A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int
     return up, down
 
 
-def kron2d_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:
-    """``(B ⊗ K)(A ⊗ I_k) x`` cropped to ``d_out`` outputs, without building either factor.
-
-    ``x`` is (..., d_in), ``A`` (r, n) and ``B`` (m, r) the seed slice, ``K`` a kernel (k, k) for every row, or
-    (R, 1, ..., 1, k, k) one per example of x's R rows, or (..., k, k) one per token. With x zero-padded to n*k
-    inputs (the crop of the down factor) and viewed as X (n, k): H = Xᵀ Aᵀ (k, r), G = K H, Y = G Bᵀ (k, m), whose
-    transpose read row by row is the output. Every product is an explicit 2-D or batched product of contiguous
-    operands, so the result does not depend on which tensors require gradients.
-    """
-    n, k = A.shape[1], K.shape[-1]
-    if n * k != x.shape[-1]:
-        x = F.pad(x, (0, n * k - x.shape[-1]))
-    hidden = F.linear(x.unflatten(-1, (n, k)).transpose(-1, -2).contiguous(), A)  # (..., k, r)
-    out = F.linear(mix_kernel(K, hidden).contiguous(), B)  # (..., k, m)
-    return out.transpose(-1, -2).flatten(-2)[..., :d_out]
-
-
-def mix_kernel(K: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """K H for hidden states (..., k, r) and kernels as :func:`kron2d_apply` takes them."""
-    k, r = hidden.shape[-2:]
-    if K.dim() == 2:  # one kernel: one (rows*r, k) x (k, k) product
-        return F.linear(hidden.transpose(-1, -2).contiguous(), K).transpose(-1, -2)
-    if K.shape[:-2] == hidden.shape[:-2]:  # one kernel per token
-        return torch.matmul(K, hidden)
-    rows = K.shape[0]  # one kernel per example, shared by its positions
-    per_row = hidden.reshape(rows, -1, k, r).transpose(1, 2).reshape(rows, k, -1)  # (R, k, positions * r)
-    mixed = torch.bmm(K.reshape(rows, k, k), per_row)
-    return mixed.view(rows, k, -1, r).transpose(1, 2).reshape(hidden.shape)
+def row_kernels(hidden: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """``(I_r ⊗ K) h`` for hidden states (..., r, k) (h read row by row): ``H Kᵀ``, with kernels ``K``
+    (R, 1, ..., 1, k, k) one per example of the R rows, or (..., k, k) one per token."""
+    if K.shape[:-2] == hidden.shape[:-2]:
+        return torch.matmul(hidden, K.transpose(-1, -2))
+    rows, k = K.shape[0], K.shape[-1]
+    mixed = torch.bmm(hidden.reshape(rows, -1, k), K.reshape(rows, k, k).transpose(1, 2))
+    return mixed.view(hidden.shape)
 
 
 def code1d_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:

@@ -5,14 +5,16 @@ Forward, for an input row x of task t (spec §1.8):
     y = W0 x + b0 + (alpha / r) * sum_e g_e(t) ΔW_e dropout(x)
 
 Experts are grouped by kernel size: same-size experts share their seed slice, so a group costs one pass with
-the gate-weighted sum of its kernels. The forward applies each group's Kronecker structure directly
-(``experts.kron2d_apply``): about the cost of a rank-r LoRA per group, for any mix of tasks in the batch, and with
-no host synchronisation (every group runs; a group no row uses adds exactly zero). The d_out x d_in matrix is never
-built; merging and export use the equivalent LoRA-shaped factors of rank r times the used kernel sizes.
+the gate-weighted sum of its kernels. The groups a call uses run as one LoRA-shaped pair of matrix products whose
+rank is r times the sum of their kernel sizes (``experts.py``): for one route (every row of one task) the kernels
+are folded into the up factor; for mixed rows the up factor is ``B ⊗ I`` and each row's kernels act on the r x k
+hidden states in between. The d_out x d_in matrix is never built.
 
-Constants (ALP's scales, the expert order) are non-persistent buffers that move with the model. Within one call
-without autograd (a ``generate`` call, a serving forward) the per-route kernels are built once and reused by every
-decoding step; they are rebuilt when a weight changes.
+Which groups a call's tasks use is asked of the device once per call, at route entry, for every layer together
+(:meth:`EptLayer.plan_request`); a layer's forward never synchronises the host. Constants (ALP's scales, the
+expert order) are non-persistent buffers that move with the model. Within one call without autograd (a
+``generate`` call, a serving forward) the factors are built once and reused by every decoding step; they are
+rebuilt when a weight changes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ...gating import reference_double_softmax, topk_softmax
 from ..base import AdaptedLinear, NotMergeableError
@@ -84,12 +87,13 @@ class EptLayer(TaskContrastiveLayer):
         self.set_adapter(self.active_adapters)
 
     def _add_constants(self, adapter_name: str, scales, groups: list[KernelGroup]) -> None:
-        """ALP's scales as buffers shaped to multiply A (r x n) and B (m x r), and the grouped expert order."""
+        """ALP's scales as buffers shaped to multiply A (r x n) and B (m x r) (float64, exact: cast at use until
+        ``model.to(dtype)`` casts them), and the grouped expert order."""
         if scales is not None:
             a_rows, a_cols, b_rows = scales
-            self.ept_scale_A[adapter_name] = (a_rows[:, None] if a_rows is not None else a_cols[None, :]).float()
+            self.ept_scale_A[adapter_name] = a_rows[:, None] if a_rows is not None else a_cols[None, :]
             if b_rows is not None:
-                self.ept_scale_B[adapter_name] = b_rows[:, None].float()
+                self.ept_scale_B[adapter_name] = b_rows[:, None]
         order = [e for group in groups for e in group.experts]
         if order != sorted(order):
             self.ept_expert_order[adapter_name] = torch.tensor(order)
@@ -247,49 +251,115 @@ class EptLayer(TaskContrastiveLayer):
         return self.scaling(adapter_name) * self._pyramid_output(adapter_name, dropped, weights)
 
     def _pyramid_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum over groups of the group's experts applied with their (per-row or per-token) combined kernels."""
-        seed, kernels = self._route_factors(adapter_name, weights)
-        apply = experts.kron2d_apply if self.ept_config[adapter_name].expert_form == "kron2d" else experts.code1d_apply
-        out = None
-        for group, kernel in zip(self._plans[adapter_name][0], kernels):
-            if kernel.shape[:-2].numel() == 1:  # one route for every row
-                kernel = kernel.reshape(kernel.shape[-2:])
-            A, B = self._slice_seed(seed, group)
-            part = apply(x, A, B, kernel, self.out_features)
-            out = part if out is None else out + part
-        return out
+        """The used groups' experts on ``x`` with their (shared, per-row or per-token) combined kernels."""
+        down, up, kernels = self._route_factors(adapter_name, weights)
+        if kernels is None:  # one route: kernels folded into ``up``
+            return F.linear(F.linear(x, down), up)
+        if self.ept_config[adapter_name].expert_form == "code1d":  # rank r per group: each group on its own
+            seed = self._scaled_seed(adapter_name)
+            parts = [
+                experts.code1d_apply(x, *self._slice_seed(seed, group), kernel, self.out_features)
+                for group, kernel in zip(self._call_groups(adapter_name), kernels)
+            ]
+            return torch.stack(parts).sum(dim=0)
+        return F.linear(self._mix_hidden(adapter_name, F.linear(x, down), kernels), up)
+
+    def _mix_hidden(self, adapter_name: str, hidden: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
+        """``(I_r ⊗ K) h`` for each group's slice of the hidden states, with its rows' kernels."""
+        r, parts, start = self.ept_config[adapter_name].r, [], 0
+        for kernel in kernels:
+            k = kernel.shape[-1]
+            group = hidden[..., start : start + r * k].unflatten(-1, (r, k))
+            parts.append(experts.row_kernels(group, kernel).flatten(-2))
+            start += r * k
+        return torch.cat(parts, dim=-1)
 
     def _route_factors(self, adapter_name: str, weights: torch.Tensor):
-        """The scaled seed and each group's combined kernel for these combine weights.
+        """(down, up, kernels) of the call's used groups for these combine weights: kernels ``None`` where one
+        route serves every row (folded into ``up``), else each group's kernels per row or token.
 
-        Built once per call where the weights are the call's task route and nothing records a graph (a
-        ``generate`` call, a serving forward): cached in the call, keyed on the weights' batch size and on the
-        version of every tensor they derive from, so a changed weight is seen at the next step.
+        Built once per call where nothing records a graph (a ``generate`` call, a serving forward): cached in the
+        call, keyed on the weights' rows and the version of every tensor they derive from, so that a changed
+        weight is seen at the next step.
         """
-        key = self._factor_cache_key(adapter_name, weights)
+        groups = self._call_groups(adapter_name)
+        key = self._factor_cache_key(adapter_name, weights, groups)
         cache = self.route.current().cache if key is not None else None
         if cache is not None and key in cache:
             return cache[key]
         seed = self._scaled_seed(adapter_name)
         if adapter_name in self.ept_expert_order:
             weights = weights.index_select(-1, self.ept_expert_order[adapter_name])
-        kernels, start = [], 0
+        kernels = self._group_kernels(adapter_name, weights, groups)
+        shared = weights.shape[:-1].numel() == 1
+        if shared:
+            kernels = [kernel.reshape(kernel.shape[-2:]) for kernel in kernels]
+        if not shared and self.ept_config[adapter_name].expert_form == "code1d":
+            factors = (None, None, kernels)
+        else:
+            pairs = [
+                self._group_factors(
+                    adapter_name,
+                    seed,
+                    group,
+                    kernel if shared else experts.identity(kernel.shape[-1], kernel.dtype, kernel.device),
+                )
+                for group, kernel in zip(groups, kernels)
+            ]
+            factors = (
+                torch.cat([down for _, down in pairs], dim=0),
+                torch.cat([up for up, _ in pairs], dim=1),
+                None if shared else kernels,
+            )
+        if cache is not None:
+            cache[key] = factors
+        return factors
+
+    def _group_kernels(self, adapter_name: str, weights: torch.Tensor, groups: list[KernelGroup]):
+        """Each of ``groups``' combined kernels for weights (..., E) whose experts are in group order."""
+        kernels, start = {}, 0
         for group in self._plans[adapter_name][0]:
             size = len(group.experts)
-            kernels.append(self._group_kernel(adapter_name, group, weights[..., start : start + size]))
+            if group in groups:
+                kernels[group] = self._group_kernel(adapter_name, group, weights[..., start : start + size])
             start += size
-        if cache is not None:
-            cache[key] = (seed, kernels)
-        return seed, kernels
+        return [kernels[group] for group in groups]
 
-    def _factor_cache_key(self, adapter_name: str, weights: torch.Tensor):
+    def _call_groups(self, adapter_name: str) -> list[KernelGroup]:
+        """The groups this call's tasks use (found at route entry), or every group where that is unknown."""
+        groups = self._plans[adapter_name][0]
+        used = self.route.current().cache.get((self, adapter_name, "groups")) if self.route is not None else None
+        return groups if used is None else [groups[i] for i in used]
+
+    def plan_request(self, call) -> torch.Tensor | None:
+        """Which experts the call's tasks use, per task-routed adapter: (E,) booleans each."""
+        asked = [
+            (self.task_weights(a)[call.ids] != 0).any(dim=0)
+            for a in self._planned_adapters()
+            if not isinstance(self.ept_task_embedding[a], DTensor)  # sharded (FSDP): every group runs
+        ]
+        return torch.cat(asked) if asked and len(asked) == len(self._planned_adapters()) else None
+
+    def accept_plan(self, call, values: list) -> None:
+        start = 0
+        for adapter_name in self._planned_adapters():
+            used = values[start : start + len(self.ept_config[adapter_name].kernel_sizes)]
+            start += len(used)
+            groups = self._plans[adapter_name][0]
+            chosen = tuple(i for i, group in enumerate(groups) if any(used[e] for e in group.experts))
+            call.cache[(self, adapter_name, "groups")] = chosen
+
+    def _planned_adapters(self) -> list[str]:
+        return [a for a in self._active_for_forward() if self.ept_config[a].router_input == "task"]
+
+    def _factor_cache_key(self, adapter_name: str, weights: torch.Tensor, groups: list[KernelGroup]):
         """The cache key of :meth:`_route_factors`, or None where caching does not apply."""
         if self.ept_config[adapter_name].router_input != "task" or torch.is_grad_enabled():
             return None
         if torch.compiler.is_compiling():
             return None
         versions = tuple(t._version for t in self._route_inputs(adapter_name))
-        return (self, adapter_name, weights.shape[0], versions)
+        return (self, adapter_name, weights.shape[0], tuple(groups), versions)
 
     def _route_inputs(self, adapter_name: str) -> list[torch.Tensor]:
         gate = self.ept_gate[adapter_name]

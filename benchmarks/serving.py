@@ -1,0 +1,288 @@
+"""Serving speed of routed EPT against PEFT LoRA where users serve several tasks from one model (CPU, one thread).
+
+    python benchmarks/serving.py [--smoke] [--out benchmarks/results/serving.json]
+
+Three measurements, each side by side in one run (interleaved round-robin after a warm-up, medians):
+
+1. Mixed-task batch, forward only: SmolLM2-135M, 32 rows x 64 tokens from 8 tasks (4 rows each). EPT routes the
+   8 tasks in one adapter; PEFT LoRA serves 8 adapters through ``adapter_names`` (its mixed-batch path); one LoRA
+   for every row is the floor. Target: EPT / multi-LoRA <= 1.0 (median of 5 rounds).
+2. Routed generation: 4 prompts of 16 tokens, 32 new tokens each, greedy; EPT with one task per prompt against
+   PEFT LoRA unmerged (tokens/s). Target: EPT / LoRA >= 0.85 (median of 3 rounds).
+3. Training step on MiniLM-L6 (batch 32 x 64, the 36 encoder linears; ``speed.py``'s step): EPT / LoRA, the
+   median of 6 paired steps (each pair run back to back). Target: <= 1.20.
+
+Adapters have rank 8 (EPT: kernels 2, 2, 4, 4, 6, 6, 8, 8, top-2) on q, k, v, o, up and down; their weights are
+randomised (not the zero init) and every task routes differently, so every expert group does real work.
+``--smoke`` (CI) runs every part at toy sizes to keep the script working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from common import interleaved, machine_info, markdown_table, summarize
+from pyramid_peft import EptConfig
+from speed import KERNELS, MINILM, RANK, SMOLLM2, SMOLLM2_TARGETS, build_adapted, load_case, shared_copy, train_step
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serving.json"
+TASKS = 8
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str
+    batch_rows: int  # mixed-task batch: rows (an equal share per task) and tokens per row
+    batch_tokens: int
+    batch_rounds: int
+    prompts: int  # generation
+    prompt_tokens: int
+    new_tokens: int
+    generation_rounds: int
+    train_batch: int  # MiniLM training step
+    train_seq: int
+    train_pairs: int
+    warmup: int = 1
+
+
+PLANS = {
+    "full": Plan("full", 32, 64, 5, 4, 16, 32, 3, 32, 64, 6),
+    "smoke": Plan("smoke", 8, 8, 1, 2, 4, 3, 1, 4, 16, 1),
+}
+
+
+# -- building ------------------------------------------------------------------------------------------------------
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every adapter weight off its init (B = 0 would make every adapter a no-op): N(0, 0.02²) noise on
+    the factors, unit-scale kernels and task embeddings, so each task picks its own experts."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            scale = 1.0 if ("ept_kernels" in name or "task_embedding" in name or "ept_gate" in name) else 0.02
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def ept_model(base: torch.nn.Module) -> torch.nn.Module:
+    config = EptConfig(
+        target_modules=SMOLLM2_TARGETS, r=RANK, kernel_sizes=KERNELS, top_k=2, num_tasks=TASKS, lora_dropout=0.0
+    )
+    model = get_peft_model(shared_copy(base), config)
+    randomize(model)
+    return model.eval()
+
+
+def lora_model(base: torch.nn.Module, adapters: int) -> torch.nn.Module:
+    """PEFT LoRA r=8 with ``adapters`` adapters named task0, task1, ... (randomised)."""
+    config = LoraConfig(target_modules=SMOLLM2_TARGETS, r=RANK, lora_alpha=16, lora_dropout=0.0)
+    model = get_peft_model(shared_copy(base), config, adapter_name="task0")
+    for task in range(1, adapters):
+        model.add_adapter(f"task{task}", config)
+    randomize(model)
+    return model.eval()
+
+
+def group_usage(model: torch.nn.Module) -> float:
+    """Mean number of EPT kernel sizes that some task uses per layer (how much of the pyramid is live)."""
+    counts = []
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if hasattr(m, "ept_config")):
+            used = (layer.task_weights("default") != 0).any(dim=0).tolist()
+            counts.append(len({k for k, u in zip(layer.ept_config["default"].kernel_sizes, used) if u}))
+    return sum(counts) / len(counts)
+
+
+# -- 1. mixed-task batch -------------------------------------------------------------------------------------------
+def bench_mixed_batch(base: torch.nn.Module, plan: Plan) -> dict:
+    per_task = plan.batch_rows // TASKS
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(base.config.vocab_size, (plan.batch_rows, plan.batch_tokens), generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    tasks = torch.arange(TASKS).repeat_interleave(per_task)
+    ept, multi, single = ept_model(base), lora_model(base, TASKS), lora_model(base, 1)
+    names = [f"task{t}" for t in tasks.tolist()]
+
+    def forward(model, **kwargs):
+        def step():
+            with torch.no_grad():
+                model(**inputs, **kwargs)
+
+        return step
+
+    steps = {
+        "ept_routed": forward(ept, task_ids=tasks),
+        "lora_multi_adapter_names": forward(multi, adapter_names=names),
+        "lora_single": forward(single),
+    }
+    times = interleaved(steps, {name: plan.batch_rounds for name in steps}, plan.warmup)
+    rows = {name: summarize(times[name], unit="s") for name in steps}
+    return {
+        "rows": plan.batch_rows,
+        "tokens": plan.batch_tokens,
+        "tasks": TASKS,
+        "ept_groups_used_per_layer": group_usage(ept),
+        "variants": rows,
+        "ept_vs_multi_lora": rows["ept_routed"]["median"] / rows["lora_multi_adapter_names"]["median"],
+    }
+
+
+# -- 2. routed generation ------------------------------------------------------------------------------------------
+def bench_generation(base: torch.nn.Module, plan: Plan) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(base.config.vocab_size, (plan.prompts, plan.prompt_tokens), generator=generator)
+    settings = dict(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=plan.new_tokens,
+        min_new_tokens=plan.new_tokens,
+        do_sample=False,
+        pad_token_id=base.config.eos_token_id,
+    )
+    ept, lora = ept_model(base), lora_model(base, 1)
+    tasks = torch.arange(plan.prompts) % TASKS
+
+    def generate(model, **kwargs):
+        def step():
+            with torch.no_grad():
+                out = model.generate(**settings, **kwargs)
+            assert out.shape[1] == plan.prompt_tokens + plan.new_tokens
+
+        return step
+
+    steps = {"ept_routed": generate(ept, task_ids=tasks), "lora_unmerged": generate(lora), "base": generate(base)}
+    times = interleaved(steps, {name: plan.generation_rounds for name in steps}, plan.warmup)
+    tokens = plan.prompts * plan.new_tokens
+    rows = {}
+    for name in steps:
+        rows[name] = summarize(times[name], unit="s")
+        rows[name]["tokens_per_s"] = tokens / statistics.median(times[name])
+    return {
+        "prompts": plan.prompts,
+        "prompt_tokens": plan.prompt_tokens,
+        "new_tokens": plan.new_tokens,
+        "variants": rows,
+        "ept_vs_lora_tokens_per_s": rows["ept_routed"]["tokens_per_s"] / rows["lora_unmerged"]["tokens_per_s"],
+    }
+
+
+# -- 3. MiniLM training step ---------------------------------------------------------------------------------------
+def bench_training(plan: Plan) -> dict:
+    case = replace(MINILM, batch=plan.train_batch, seq=plan.train_seq)
+    base, family = load_case(case)
+    steps = {method: train_step(build_adapted(base, method, case), family, case) for method in ("lora", "ept")}
+    times = interleaved(steps, {name: plan.train_pairs for name in steps}, plan.warmup)
+    pairs = [e / lo for e, lo in zip(times["ept"], times["lora"])]
+    return {
+        "batch": case.batch,
+        "seq": case.seq,
+        "variants": {name: summarize(times[name], unit="s") for name in steps},
+        "paired_ratios": pairs,
+        "ept_vs_lora": statistics.median(pairs),
+    }
+
+
+# -- running and reporting -----------------------------------------------------------------------------------------
+def target(value: float, op: str, bound: float) -> dict:
+    met = value <= bound if op == "<=" else value >= bound
+    return {"value": value, "target": f"{op} {bound}", "met": met}
+
+
+def run(plan: Plan) -> dict:
+    results = {"mode": plan.mode, "machine": machine_info(), "plan": asdict(plan)}
+    print("mixed-task batch ...", file=sys.stderr, flush=True)
+    smollm2, _ = load_case(SMOLLM2)
+    results["mixed_batch"] = bench_mixed_batch(smollm2, plan)
+    print("generation ...", file=sys.stderr, flush=True)
+    results["generation"] = bench_generation(smollm2, plan)
+    print("MiniLM training step ...", file=sys.stderr, flush=True)
+    results["training"] = bench_training(plan)
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
+    results["targets"] = {
+        "mixed batch: EPT / PEFT multi-LoRA (adapter_names)": target(
+            results["mixed_batch"]["ept_vs_multi_lora"], "<=", 1.0
+        ),
+        "generation tokens/s: EPT / LoRA unmerged": target(
+            results["generation"]["ept_vs_lora_tokens_per_s"], ">=", 0.85
+        ),
+        "MiniLM training step: EPT / LoRA": target(results["training"]["ept_vs_lora"], "<=", 1.20),
+    }
+    return results
+
+
+def render(results: dict) -> str:
+    machine = results["machine"]
+    lines = [
+        f"# Serving benchmark ({results['mode']})",
+        "",
+        f"{machine['cpu']}, {machine['torch_threads']} torch thread(s), torch {machine['torch']}, "
+        f"{machine['date']}, load {machine['load_average_at_start']} -> {machine['load_average_at_end']}.",
+        "",
+        "| target | value | bound | met |",
+        "|---|---|---|---|",
+    ]
+    for name, row in results["targets"].items():
+        lines.append(f"| {name} | {row['value']:.3f} | {row['target']} | {'yes' if row['met'] else 'NO'} |")
+    batch, gen, train = results["mixed_batch"], results["generation"], results["training"]
+    lines += [
+        "",
+        f"## Mixed-task batch: {batch['rows']} x {batch['tokens']} tokens from {batch['tasks']} tasks, forward only",
+        f"(EPT kernel-size groups in use per layer: {batch['ept_groups_used_per_layer']:.2f})",
+        "",
+        markdown_table(
+            ["variant", "median s", "min s", "max s", "n"],
+            [[n, r["median"], r["min"], r["max"], r["n"]] for n, r in batch["variants"].items()],
+        ),
+        "",
+        f"## Generation: {gen['prompts']} prompts x {gen['new_tokens']} new tokens, greedy",
+        "",
+        markdown_table(
+            ["variant", "tokens/s", "median s", "n"],
+            [[n, r["tokens_per_s"], r["median"], r["n"]] for n, r in gen["variants"].items()],
+        ),
+        "",
+        f"## MiniLM training step: batch {train['batch']} x {train['seq']}",
+        "",
+        markdown_table(
+            ["variant", "median s", "min s", "max s", "n"],
+            [[n, r["median"], r["min"], r["max"], r["n"]] for n, r in train["variants"].items()],
+        ),
+        "",
+        "Paired EPT / LoRA ratios: " + ", ".join(f"{r:.3f}" for r in train["paired_ratios"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="every part at toy sizes (CI)")
+    parser.add_argument("--out", type=Path, help=f"JSON result path (default {DEFAULT_OUT}; a temp file for --smoke)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plan = PLANS["smoke" if args.smoke else "full"]
+    out = args.out or (Path(tempfile.mkdtemp(prefix="serving-")) / "serving.json" if args.smoke else DEFAULT_OUT)
+    results = run(plan)
+    report = render(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(report)
+    print(report)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

