@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -168,3 +171,12 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict, report: str) -> None:
+    """``results`` as JSON at ``out`` and the Markdown ``report`` beside it (``.md``); the report is printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(report)
+    print(report)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)

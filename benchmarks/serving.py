@@ -20,7 +20,6 @@ randomised (not the zero init) and every task routes differently, so every exper
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common import interleaved, machine_info, markdown_table, summarize
+from common import interleaved, machine_info, markdown_table, summarize, write_results
 from pyramid_peft import EptConfig
 from speed import KERNELS, MINILM, RANK, SMOLLM2, SMOLLM2_TARGETS, build_adapted, load_case, shared_copy, train_step
 
@@ -241,10 +240,7 @@ def render(results: dict) -> str:
         f"## Mixed-task batch: {batch['rows']} x {batch['tokens']} tokens from {batch['tasks']} tasks, forward only",
         f"(EPT kernel-size groups in use per layer: {batch['ept_groups_used_per_layer']:.2f})",
         "",
-        markdown_table(
-            ["variant", "median s", "min s", "max s", "n"],
-            [[n, r["median"], r["min"], r["max"], r["n"]] for n, r in batch["variants"].items()],
-        ),
+        timing_table(batch["variants"]),
         "",
         f"## Generation: {gen['prompts']} prompts x {gen['new_tokens']} new tokens, greedy",
         "",
@@ -255,15 +251,17 @@ def render(results: dict) -> str:
         "",
         f"## MiniLM training step: batch {train['batch']} x {train['seq']}",
         "",
-        markdown_table(
-            ["variant", "median s", "min s", "max s", "n"],
-            [[n, r["median"], r["min"], r["max"], r["n"]] for n, r in train["variants"].items()],
-        ),
+        timing_table(train["variants"]),
         "",
         "Paired EPT / LoRA ratios: " + ", ".join(f"{r:.3f}" for r in train["paired_ratios"]),
         "",
     ]
     return "\n".join(lines)
+
+
+def timing_table(variants: dict) -> str:
+    rows = [[name, row["median"], row["min"], row["max"], row["n"]] for name, row in variants.items()]
+    return markdown_table(["variant", "median s", "min s", "max s", "n"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,12 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = PLANS["smoke" if args.smoke else "full"]
     out = args.out or (Path(tempfile.mkdtemp(prefix="serving-")) / "serving.json" if args.smoke else DEFAULT_OUT)
     results = run(plan)
-    report = render(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    write_results(out, results, render(results))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from common import (
     saved_tensor_bytes,
     storage_pointers,
     summarize,
+    write_results,
 )
 from pyramid_peft import aux_loss, make_peft_config, merge_for_task, method_names, uses_task_ids
 from pyramid_peft.models import load_model, resolve_model
@@ -638,12 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
     out = args.out or (Path(tempfile.mkdtemp(prefix="speed-")) / "speed.json" if args.smoke else DEFAULT_OUT)
     results = run(plan)
-    report = render(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    out.with_suffix(".md").write_text(report)
-    print(report)
-    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    write_results(out, results, render(results))
 
 
 if __name__ == "__main__":
