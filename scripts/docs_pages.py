@@ -532,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Keep the README's headline results in step with the reports.")
     parser.add_argument("what", choices=("readme",))
     parser.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the reports")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README to write or check")
     args = parser.parse_args(argv)
-    readme = ROOT / "README.md"
+    readme = args.readme
     text = readme.read_text(encoding="utf-8")
     wanted = readme_with_results(text)
     if args.check:
