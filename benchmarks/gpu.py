@@ -277,7 +277,7 @@ def bench_generation(base: nn.Module, models: dict, plan: Plan, device: torch.de
 # -- 4. the device tests -------------------------------------------------------------------------------------------
 def run_device_tests(device: torch.device, paths: list[str], select: str | None) -> dict:
     """``pytest -m device paths`` (optionally ``-k select``) with EPT_TEST_DEVICE set; its outcome and summary."""
-    command = [sys.executable, "-m", "pytest", "-m", "device", "-q", "-n", "0", "-p", "no:cacheprovider", *paths]
+    command = [sys.executable, "-m", "pytest", "-m", "device", "-q", "-p", "no:cacheprovider", *paths]
     if select:
         command += ["-k", select]
     env = {**os.environ, "EPT_TEST_DEVICE": str(device), "HF_HUB_OFFLINE": "1"}
@@ -285,7 +285,7 @@ def run_device_tests(device: torch.device, paths: list[str], select: str | None)
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     return {
-        "command": f"EPT_TEST_DEVICE={device} " + " ".join(command[1:]),
+        "command": f"EPT_TEST_DEVICE={device} python " + " ".join(command[1:]),
         "returncode": done.returncode,
         "summary": lines[-1] if lines else done.stderr[-500:],
         "seconds": time.perf_counter() - start,
