@@ -140,7 +140,7 @@ def test_factors_are_built_once_per_call_and_rebuilt_when_a_weight_changes(monke
     original = type(layers[0])._group_factors
     monkeypatch.setattr(type(layers[0]), "_group_factors", lambda *a, **k: builds.append(1) or original(*a, **k))
     route = model.base_model.route
-    with torch.no_grad(), route.call(ids, batch["attention_mask"]):
+    with torch.no_grad(), route.generation(), route.call(ids, batch["attention_mask"]):  # as inside generate
         first = model.get_base_model()(**batch).logits
         per_forward = len(builds)
         again = model.get_base_model()(**batch).logits  # a decoding step of the same call: nothing rebuilt

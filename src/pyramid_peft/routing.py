@@ -115,11 +115,12 @@ class CallRoute:
     call only.
     """
 
-    def __init__(self, ids=None, mask=None, expandable: bool = False, uniform: bool = False):
+    def __init__(self, ids=None, mask=None, expandable: bool = False, uniform: bool = False, generating=False):
         self.ids: torch.Tensor | None = ids
         self.mask: torch.Tensor | None = mask
         self.expandable = expandable
         self.uniform = uniform
+        self.generating = generating  # a ``generate`` call: layers run once per decoding step
         self.records: dict[Any, dict[str, torch.Tensor]] = {}
         self.scratch: dict[Any, Any] = {}
         self.cache: dict[Any, Any] = {}
@@ -128,7 +129,7 @@ class CallRoute:
     def nested(self, route: CallRoute | None = None) -> CallRoute:
         """A call opened inside this one: its own ``route`` (this one's when None), this one's records and scratch."""
         if route is None:  # the same ids: what layers derived from them holds too
-            route = CallRoute(self.ids, self.mask, self.expandable, self.uniform)
+            route = CallRoute(self.ids, self.mask, self.expandable, self.uniform, self.generating)
             route._expanded, route.cache = self._expanded, self.cache
         route.records, route.scratch = self.records, self.scratch
         return route
@@ -210,11 +211,14 @@ class TaskRoute:
         """
         state = self._state.get()
         stack = () if outermost else state.stack
-        call = None if task_ids is None else CallRoute(mask=attention_mask, expandable=state.generating > 0)
+        generating = state.generating > 0
+        call = (
+            None if task_ids is None else CallRoute(mask=attention_mask, expandable=generating, generating=generating)
+        )
         if stack:
             call = stack[-1].nested(call)
         elif call is None:
-            call = CallRoute(mask=attention_mask, expandable=state.generating > 0)
+            call = CallRoute(mask=attention_mask, expandable=generating, generating=generating)
         self._state.set(state._replace(stack=(*stack, call)))
         if task_ids is not None:
             batch = attention_mask.shape[0] if attention_mask is not None else None

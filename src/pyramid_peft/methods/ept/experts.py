@@ -67,6 +67,25 @@ def row_kernels(hidden: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return mixed.view(hidden.shape)
 
 
+def block_row_kernels(kernels: list[torch.Tensor], r: int) -> torch.Tensor:
+    """One (R, R) block-diagonal matrix per row holding every group's ``I_r ⊗ K`` (R = r times the sum of the
+    kernel sizes), from kernels (rows, 1, ..., 1, k, k) per group: :func:`row_kernels` for all groups at once."""
+    rows = kernels[0].shape[0]
+    blocks = []
+    for K in kernels:
+        k = K.shape[-1]
+        eye = torch.eye(r, dtype=K.dtype, device=K.device)
+        blocks.append((eye[None, :, None, :, None] * K.reshape(rows, 1, k, 1, k)).reshape(rows, r * k, r * k))
+    size = sum(block.shape[-1] for block in blocks)
+    out = blocks[0].new_zeros(rows, size, size)
+    start = 0
+    for block in blocks:
+        end = start + block.shape[-1]
+        out[:, start:end, start:end] = block
+        start = end
+    return out
+
+
 def code1d_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:
     """A code1d expert on ``x`` (..., d_in): the seed map on the first n inputs, each of its m outputs expanded by
     its kernel row; ``K`` (..., m, k) broadcastable over x's leading dims; rows past m*k are zero."""

@@ -243,26 +243,36 @@ class EptLayer(TaskContrastiveLayer):
     def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         config = self.ept_config[adapter_name]
         x = self._cast_input_dtype(x, self.ept_A[adapter_name].dtype)
-        weights = self._route(adapter_name, x)
         self.record_contrastive(adapter_name, x)
         dropped = self.ept_dropout[adapter_name](x)
         if config.materialize:
-            return self._materialized_output(adapter_name, dropped, weights)
-        return self.scaling(adapter_name) * self._pyramid_output(adapter_name, dropped, weights)
+            return self._materialized_output(adapter_name, dropped, self._route(adapter_name, x))
+        key = self._factor_cache_key(adapter_name, x)
+        cache = self.route.current().cache if key is not None else None
+        factors = None if cache is None else cache.get(key)
+        if factors is None:
+            factors = self._route_factors(adapter_name, self._route(adapter_name, x), reused=cache is not None)
+            if cache is not None:
+                cache[key] = factors
+        return self.scaling(adapter_name) * self._pyramid_output(adapter_name, dropped, factors)
 
-    def _pyramid_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _pyramid_output(self, adapter_name: str, x: torch.Tensor, factors) -> torch.Tensor:
         """The used groups' experts on ``x`` with their (shared, per-row or per-token) combined kernels."""
-        down, up, kernels = self._route_factors(adapter_name, weights)
-        if kernels is None:  # one route: kernels folded into ``up``
+        down, up, mix = factors
+        if mix is None:  # one route: kernels folded into ``up``
             return F.linear(F.linear(x, down), up)
         if self.ept_config[adapter_name].expert_form == "code1d":  # rank r per group: each group on its own
             seed = self._scaled_seed(adapter_name)
             parts = [
                 experts.code1d_apply(x, *self._slice_seed(seed, group), kernel, self.out_features)
-                for group, kernel in zip(self._call_groups(adapter_name), kernels)
+                for group, kernel in zip(self._call_groups(adapter_name), mix)
             ]
             return torch.stack(parts).sum(dim=0)
-        return F.linear(self._mix_hidden(adapter_name, F.linear(x, down), kernels), up)
+        hidden = F.linear(x, down)
+        if isinstance(mix, torch.Tensor):  # every group's row kernels in one block-diagonal matrix per row
+            mixed = torch.bmm(hidden.reshape(mix.shape[0], -1, mix.shape[-1]), mix.transpose(1, 2))
+            return F.linear(mixed.view(hidden.shape), up)
+        return F.linear(self._mix_hidden(adapter_name, hidden, mix), up)
 
     def _mix_hidden(self, adapter_name: str, hidden: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
         """``(I_r ⊗ K) h`` for each group's slice of the hidden states, with its rows' kernels."""
@@ -274,19 +284,13 @@ class EptLayer(TaskContrastiveLayer):
             start += r * k
         return torch.cat(parts, dim=-1)
 
-    def _route_factors(self, adapter_name: str, weights: torch.Tensor):
-        """(down, up, kernels) of the call's used groups for these combine weights: kernels ``None`` where one
-        route serves every row (folded into ``up``), else each group's kernels per row or token.
-
-        Built once per call where nothing records a graph (a ``generate`` call, a serving forward): cached in the
-        call, keyed on the weights' rows and the version of every tensor they derive from, so that a changed
-        weight is seen at the next step.
+    def _route_factors(self, adapter_name: str, weights: torch.Tensor, reused: bool = False):
+        """(down, up, mix) of the call's used groups for these combine weights: ``mix`` is ``None`` where one
+        route serves every row (kernels folded into ``up``), else each group's kernels per row or token, or for
+        factors ``reused`` by many decoding steps (kron2d, one route per row) one block-diagonal matrix per row
+        holding every group's ``I_r ⊗ K``: one product per step instead of one per group.
         """
         groups = self._call_groups(adapter_name)
-        key = self._factor_cache_key(adapter_name, weights, groups)
-        cache = self.route.current().cache if key is not None else None
-        if cache is not None and key in cache:
-            return cache[key]
         seed = self._scaled_seed(adapter_name)
         if adapter_name in self.ept_expert_order:
             weights = weights.index_select(-1, self.ept_expert_order[adapter_name])
@@ -306,13 +310,10 @@ class EptLayer(TaskContrastiveLayer):
                 )
                 for group, kernel in zip(groups, kernels)
             ]
-            factors = (
-                torch.cat([down for _, down in pairs], dim=0),
-                torch.cat([up for up, _ in pairs], dim=1),
-                None if shared else kernels,
-            )
-        if cache is not None:
-            cache[key] = factors
+            mix = None if shared else kernels
+            if mix is not None and reused and all(k.shape[:-2].numel() == weights.shape[0] for k in kernels):
+                mix = experts.block_row_kernels(kernels, self.ept_config[adapter_name].r)
+            factors = (torch.cat([down for _, down in pairs], dim=0), torch.cat([up for up, _ in pairs], dim=1), mix)
         return factors
 
     def _group_kernels(self, adapter_name: str, weights: torch.Tensor, groups: list[KernelGroup]):
@@ -352,14 +353,18 @@ class EptLayer(TaskContrastiveLayer):
     def _planned_adapters(self) -> list[str]:
         return [a for a in self._active_for_forward() if self.ept_config[a].router_input == "task"]
 
-    def _factor_cache_key(self, adapter_name: str, weights: torch.Tensor, groups: list[KernelGroup]):
-        """The cache key of :meth:`_route_factors`, or None where caching does not apply."""
-        if self.ept_config[adapter_name].router_input != "task" or torch.is_grad_enabled():
+    def _factor_cache_key(self, adapter_name: str, x: torch.Tensor):
+        """Where the factors are reused (the decoding steps of a ``generate`` call, without autograd), their key in
+        the call's cache: the rows of ``x`` and the version of every tensor they derive from, so that a changed
+        weight is seen at the next step. None where they are built per forward."""
+        call = self.route.current()
+        if not call.generating or self.ept_config[adapter_name].router_input != "task" or torch.is_grad_enabled():
             return None
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.route.observer is not None:  # an observer sees every forward
             return None
         versions = tuple(t._version for t in self._route_inputs(adapter_name))
-        return (self, adapter_name, weights.shape[0], tuple(groups), versions)
+        rows = x.shape[0] if x.dim() > 1 else 1
+        return (self, adapter_name, rows, tuple(self._call_groups(adapter_name)), versions)
 
     def _route_inputs(self, adapter_name: str) -> list[torch.Tensor]:
         gate = self.ept_gate[adapter_name]
