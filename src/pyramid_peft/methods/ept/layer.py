@@ -74,7 +74,6 @@ class EptLayer(TaskContrastiveLayer):
         self.ept_config[adapter_name] = config
         self.ept_contrastive.setdefault(adapter_name, config.contrastive_weight > 0)
         self._plans[adapter_name] = (groups, offsets)
-        self._add_constants(adapter_name, alp_scales(config, groups, m_total, n_total), groups)
         self.ept_A[adapter_name] = nn.Parameter(torch.empty(config.r, n_total))
         self.ept_B[adapter_name] = nn.Parameter(torch.empty(m_total, config.r))
         kernel_total = sum(experts.kernel_numel(d_out, k, config.expert_form) for k in config.kernel_sizes)
@@ -84,19 +83,23 @@ class EptLayer(TaskContrastiveLayer):
         self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._add_constants(adapter_name, alp_scales(config, groups, m_total, n_total), groups)
         self.set_adapter(self.active_adapters)
 
     def _add_constants(self, adapter_name: str, scales, groups: list[KernelGroup]) -> None:
-        """ALP's scales as buffers shaped to multiply A (r x n) and B (m x r) (float64, exact: cast at use until
-        ``model.to(dtype)`` casts them), and the grouped expert order."""
+        """ALP's scales as buffers shaped to multiply A (r x n) and B (m x r), and the grouped expert order, on the
+        adapter's device. The scales stay float64 (exact; cast at use) until ``model.to(dtype)`` casts them."""
+        device = self.ept_A[adapter_name].device
         if scales is not None:
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            scales = [None if scale is None else scale.to(device, dtype) for scale in scales]
             a_rows, a_cols, b_rows = scales
             self.ept_scale_A[adapter_name] = a_rows[:, None] if a_rows is not None else a_cols[None, :]
             if b_rows is not None:
                 self.ept_scale_B[adapter_name] = b_rows[:, None]
         order = [e for group in groups for e in group.experts]
         if order != sorted(order):
-            self.ept_expert_order[adapter_name] = torch.tensor(order)
+            self.ept_expert_order[adapter_name] = torch.tensor(order, device=device)
 
     def reset_parameters(self, adapter_name: str) -> None:
         config = self.ept_config[adapter_name]
