@@ -25,6 +25,7 @@ from .atomic import atomic_directory
 from .methods.base import RoutedTuner, find_tuners
 from .methods.capabilities import Capabilities
 from .methods.tucka import fixed_route
+from .models.quantized import dequantized
 
 
 def _single_tuner(model: nn.Module) -> RoutedTuner:
@@ -63,6 +64,11 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
 
     The routed model is left unchanged unless ``inplace=True`` (which saves a copy of the base model's memory and
     leaves ``model`` unusable). Raises ``NotMergeableError`` where the adapter's capabilities do not merge.
+
+    On a quantized (bitsandbytes) base the merged model is a dequantized copy in the base's compute dtype: ``ΔW``
+    cannot be added to 4- or 8-bit weights without quantizing it away, so every quantized linear becomes a plain
+    one (see :func:`pyramid_peft.models.quantized.dequantized`). For a quantized model to serve, export the task
+    with :func:`export_lora` and load it on the same quantized base.
     """
     factors = task_factors(model, task_id, adapter_name)
     tuner = _single_tuner(model)
@@ -78,8 +84,9 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
         linears = {name: copy.deepcopy(layer.get_base_layer()) for name, layer in layers.items()}
         memo = {id(layers[name]): linear for name, linear in linears.items()}
         merged = copy.deepcopy(tuner.model, memo)
-    for name, linear in linears.items():
-        up, down = factors[name]  # summed in float64 so the merge adds no rounding of its own
+    merged = dequantized(merged)  # a quantized base becomes plain linears in its compute dtype (models/quantized.py)
+    for name, (up, down) in factors.items():
+        linear = merged.get_submodule(name)  # summed in float64 so the merge adds no rounding of its own
         linear.weight.copy_((linear.weight.double() + up.double() @ down.double()).to(linear.weight.dtype))
     merged.__dict__.pop("peft_config", None)
     return merged

@@ -81,6 +81,9 @@ class ModelSection:
         config: overrides applied to the model config (e.g. ``{dropout_rate: 0.0}``).
         family: ``seq2seq``, ``causal`` or ``encoder``; read from the model config when empty.
         dtype: weights dtype (``float32``, ``bfloat16``, ``auto``).
+        quantization: load the base in 4 or 8 bits through bitsandbytes, e.g. ``{bits: 4, quant_type: nf4,
+            double_quant: true, compute_dtype: bfloat16}``; empty means unquantized. The keys are the fields of
+            :class:`pyramid_peft.models.quantized.Quantization`.
         trust_remote_code: allow model code from the hub; off unless asked for.
         head_learning_rate: learning rate of the classification heads (encoder family); empty means the
             adapters' ``training.learning_rate``. Fresh heads usually want a larger one than the adapters.
@@ -91,6 +94,7 @@ class ModelSection:
     config: dict = field(default_factory=dict)
     family: str | None = None
     dtype: str = "float32"
+    quantization: dict | None = None
     trust_remote_code: bool = False
     head_learning_rate: float | None = None
 
@@ -265,7 +269,8 @@ def parse_overrides(tokens: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
-    """Set ``section.field`` in ``raw``; a bare key is a training field or a top-level key like ``tasks``."""
+    """Set ``section.field`` (or ``section.field.key`` in a mapping field) in ``raw``; a bare key is a training
+    field or a top-level key like ``tasks``."""
     section, dot, name = key.partition(".")
     if not dot:
         if key == "tasks":
@@ -275,7 +280,14 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise ConfigError(f"override --{key}: section {section!r} is not a mapping in the config file.")
-    raw[section][name] = value
+    target, (*parents, leaf) = raw[section], name.split(".")
+    for parent in parents:  # a nested key, e.g. --model.quantization.bits 8
+        if target.get(parent) is None:
+            target[parent] = {}
+        if not isinstance(target[parent], dict):
+            raise ConfigError(f"override --{key}: {section}.{parent} is not a mapping in the config file.")
+        target = target[parent]
+    target[leaf] = value
 
 
 def _scalar(text: str) -> Any:

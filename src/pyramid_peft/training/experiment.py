@@ -60,7 +60,7 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
     section = config.model
     resolved = resolve_model(section.name, section.tokenizer, section.config, section.family, section.trust_remote_code)
     tokenizer = load_tokenizer(resolved)
-    base = load_model(resolved, section.dtype, random_init=random_init)
+    base = load_model(resolved, section.dtype, random_init=random_init, quantization=section.quantization)
     if is_full(config.method.name):
         adapted = base  # every weight trains
     else:

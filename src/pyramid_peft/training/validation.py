@@ -17,6 +17,7 @@ from ..data.sampling import STRATEGIES
 from ..data.splits import PROTOCOLS
 from ..methods.config_base import field_problems
 from ..models import FAMILIES, model_name_problem
+from ..models.quantized import Quantization
 from ..registry import METHODS, make_peft_config, method_names
 from ..tasks import UnknownTaskError, get_task
 from .config import ANSWER_SCORING, ConfigError, ExperimentConfig
@@ -127,6 +128,7 @@ def _section_problems(config: ExperimentConfig) -> list[str]:
     model, data, sampling = config.model, config.data, config.sampling
     problems += _choice("model.family", model.family, FAMILIES, optional=True)
     problems += _choice("model.dtype", model.dtype, DTYPES)
+    problems += _quantization_problems(config)
     problems += _choice("data.protocol", data.protocol, PROTOCOLS)
     problems += _choice("data.answer_scoring", data.answer_scoring, ANSWER_SCORING)
     problems += _choice("sampling.strategy", sampling.strategy, STRATEGIES)
@@ -136,6 +138,19 @@ def _section_problems(config: ExperimentConfig) -> list[str]:
     problems += _positive("data.max_eval_examples", data.max_eval_examples)
     problems += _positive("sampling.temperature", sampling.temperature)
     return problems
+
+
+def _quantization_problems(config: ExperimentConfig) -> list[str]:
+    """``model.quantization``: its keys and types (the fields of :class:`Quantization`), then its values."""
+    section = config.model.quantization
+    if section is None:
+        return []
+    if is_full(config.method.name):
+        return [
+            "model.quantization: method 'full' trains every weight, and quantized weights do not train: use "
+            "an adapter method (e.g. method.name: lora), or remove model.quantization."
+        ]
+    return field_problems(Quantization, section, "model.quantization.") or Quantization(**section).problems()
 
 
 def _task_problems(tasks: list[str], for_training: bool) -> list[str]:
