@@ -21,6 +21,9 @@ _GLUE_HUB_SPLITS = (("train", "train"), ("validation", "validation"))
 _COMMONSENSE_FILES = (("train", "train.json"), ("test", "test.json"))
 # LLM-Adapters' "test" is BoolQ's official dev set and the official test sets of OpenBookQA and ARC.
 _QA_HUB_SPLITS = (("train", "train"), ("validation", "validation"), ("test", "test"))
+# Commonsense prompts: "<prefix> [passage: ...] question: ... [choices: (A) ...]", the passage only where there is one.
+_QA_FIELDS = (("passage", "passage"), ("question", "question"))
+_QA_LAYOUT = {"fields": _QA_FIELDS, "optional_fields": ("passage",), "text_fields": ("question", "passage")}
 
 
 def _glue(
@@ -62,6 +65,7 @@ def _multiple_choice(name, title, prompt_prefix, num_options, folder, hub_path, 
         metrics=("accuracy",),
         multiple_choice=True,
         title=title,
+        **_QA_LAYOUT,
         local=LocalFiles(folder, _COMMONSENSE_FILES),
         hub=HubSource(hub_path, hub_config, _QA_HUB_SPLITS, (question_column,)),
     )
@@ -140,6 +144,7 @@ _TASKS = (
         paper_metric="accuracy",
         metrics=("accuracy",),
         title="BoolQ",
+        **_QA_LAYOUT,
         local=LocalFiles("boolq", _COMMONSENSE_FILES),
         hub=HubSource("google/boolq", None, (("train", "train"), ("test", "validation")), ("question", "passage")),
     ),

@@ -4,7 +4,7 @@ A config file has six sections::
 
     model:    {name: minilm-l6, ...}          # ModelSection
     method:   {name: ept, r: 8, ...}          # name + keyword arguments of pyramid_peft.make_peft_config
-    tasks:    [cola, sst2, ...]
+    tasks:    [cola, sst2, {name: tickets, kind: classification, ...}]   # built-in names or declarations
     data:     {protocol: ept, ...}            # DataSection
     sampling: {strategy: temperature, ...}    # SamplingSection
     training: {max_steps: 300, ...}           # exactly the fields of transformers' Seq2SeqTrainingArguments
@@ -27,6 +27,7 @@ from transformers import Seq2SeqTrainingArguments
 
 from ..atomic import atomic_write_text
 from ..methods.config_base import unknown_key_message
+from ..tasks.declare import entry_name
 
 SECTIONS = ("model", "method", "tasks", "data", "sampling", "training")
 # Defaults for training fields whose stock default does not suit a multi-task run.
@@ -147,14 +148,25 @@ class SamplingSection:
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment; ``training`` holds Seq2SeqTrainingArguments keyword arguments."""
+    """A whole experiment; ``training`` holds Seq2SeqTrainingArguments keyword arguments.
+
+    ``tasks`` holds built-in task names and task declarations (mappings, see :mod:`pyramid_peft.tasks.declare`);
+    ``config_dir`` is the folder of the config file it was read from, where declared tasks' relative data paths
+    are looked up last (not part of the config: not saved, not compared).
+    """
 
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[str | dict] = field(default_factory=list)
     data: DataSection = field(default_factory=DataSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     training: dict = field(default_factory=dict)
+    config_dir: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def task_names(self) -> list[str]:
+        """The name of each task, in task-id order."""
+        return [entry_name(entry) for entry in self.tasks]
 
     def training_arguments(self, **defaults) -> Seq2SeqTrainingArguments:
         """Build the Trainer arguments; ``defaults`` fill fields the config leaves unset."""
@@ -165,7 +177,7 @@ class ExperimentConfig:
         return {
             "model": dataclasses.asdict(self.model),
             "method": {"name": self.method.name, **self.method.options},
-            "tasks": list(self.tasks),
+            "tasks": [dict(entry) if isinstance(entry, dict) else entry for entry in self.tasks],
             "data": dataclasses.asdict(self.data),
             "sampling": dataclasses.asdict(self.sampling),
             "training": dict(self.training),
@@ -192,7 +204,7 @@ def load_config(
         raise ConfigError(f"{path} must hold a mapping of sections {SECTIONS}, got {type(raw).__name__}.")
     for key, value in parse_overrides(overrides).items():
         set_dotted(raw, key, value)
-    return from_dict(raw, source=str(path), for_training=for_training)
+    return from_dict(raw, source=str(path), for_training=for_training, config_dir=str(path.parent))
 
 
 def read_yaml_file(path: Path):
@@ -211,8 +223,10 @@ def read_yaml_file(path: Path):
         raise ConfigError(f"{path}{where}: invalid YAML ({problem}). Fix the syntax there.") from None
 
 
-def from_dict(raw: dict, source: str = "config", for_training: bool = False) -> ExperimentConfig:
-    """Validate a nested dict into an :class:`ExperimentConfig`.
+def from_dict(
+    raw: dict, source: str = "config", for_training: bool = False, config_dir: str | None = None
+) -> ExperimentConfig:
+    """Validate a nested dict into an :class:`ExperimentConfig` (``config_dir``: see its docstring).
 
     Every problem (unknown keys with the closest valid one, wrong types, out-of-range values, unknown or repeated
     tasks, an unknown method or method option) is collected in one pass and raised as one :class:`ConfigError`.
@@ -238,8 +252,9 @@ def from_dict(raw: dict, source: str = "config", for_training: bool = False) -> 
     tasks = raw.get("tasks") or []
     config = ExperimentConfig(
         method=MethodSection(name=str(method.pop("name", "lora")), options=method),
-        tasks=[str(t) for t in ([tasks] if isinstance(tasks, str) else tasks)],
+        tasks=[t if isinstance(t, dict) else str(t) for t in ([tasks] if isinstance(tasks, (str, dict)) else tasks)],
         training=dict(training),
+        config_dir=config_dir,
         **sections,
     )
     check_config(config, source, for_training, problems)
