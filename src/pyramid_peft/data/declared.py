@@ -60,6 +60,9 @@ def load_declared_rows(spec: TaskSpec, split: str, data_dir: Path | None, config
         rows = datasets.load_dataset(hub["hub"], hub.get("config"), split=hub.get("split", split))
         return list(rows), f"hub dataset {hub['hub']}"
     path = resolve_task_file(spec.name, split, source, data_dir, config_dir)
+    with path.open("rb") as handle:
+        if not handle.read(4096).strip() and path.stat().st_size <= 4096:  # the builders fail on an empty file
+            return [], str(path)
     try:
         rows = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as err:  # the builders' own errors (bad JSON, a CSV with ragged rows) name no task
