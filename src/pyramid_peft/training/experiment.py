@@ -160,6 +160,8 @@ def eval_sets(experiment: Experiment, splits: list, use_test: bool = False) -> l
     sets = []
     for task_id, (task, split) in enumerate(zip(experiment.tasks, splits)):
         if use_test and split.test is None:
+            if task.family == "declared":
+                raise RunError(f"task {task.name!r} declares no test file: add data.test to its declaration.")
             raise RunError(f"protocol {experiment.config.data.protocol!r} has no test split for {task.name}.")
         examples, name = (split.test, split.test_split) if use_test else (split.eval, split.eval_split)
         sets.append(EvalSet(task, task_id, examples, name))
