@@ -191,3 +191,11 @@ def test_a_4bit_run_trains_evaluates_and_exports(tiny_experiment, tmp_path):
     assert (lora / "adapter_model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(export_run(run, "rte", "merged", tmp_path / "merged"))
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_gradient_checkpointing_reaches_every_adapter_on_a_quantized_base():
+    model = quantized_ept(4).train()  # the inputs require grad (models/quantized.py): reentrant checkpointing works
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model(**tiny_batch("llama"), task_ids=torch.tensor([0, 1, 0, 1])).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in trainable)

