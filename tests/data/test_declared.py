@@ -174,3 +174,23 @@ def test_a_chat_template_wraps_the_prompt_and_the_loss_covers_only_the_reply():
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="task 'chat' sets chat_template, but .* has no chat template"):
         CausalLMCollator(tokenizer, tasks=[spec])([feature])
+
+
+def test_a_hub_dataset_is_loaded_only_when_written_as_one(monkeypatch, tmp_path):
+    import datasets
+
+    from pyramid_peft.data import load_examples
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split, kwargs))
+        return [{"body": "hello", "queue": "yes"}, {"body": "bye", "queue": "no"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    spec = tickets({"hub": "org/tickets", "config": "en", "split": "train[:10]"})
+    examples = load_examples(spec, "train", tmp_path)
+    assert calls == [("org/tickets", "en", "train[:10]", {})]
+    assert [ex["label"] for ex in examples] == [1, 0]
+    with pytest.raises(DeclaredDataError, match="file 'org/tickets' not found"):
+        resolve_task_file("tickets", "train", "org/tickets", tmp_path, None)  # a bare id is a path, never the hub

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import TINY_EXPERIMENT_MODELS, TINY_EXPERIMENT_TARGETS
+from pyramid_peft.cli import main
 from pyramid_peft.metrics import chrf, exact_match
 from pyramid_peft.training import ConfigError, evaluate_run, export_run, load_config, train
 from pyramid_peft.training.evaluate import Predictor, answer_token_budget
@@ -116,8 +117,9 @@ def test_declared_tasks_train_evaluate_and_export_on_each_family(family, tmp_pat
         return
     echo = results["tasks"]["echo"]
     assert echo["floor_kind"] == "untrained model" and echo["floor"] is None
-    baseline = evaluate_run(run, baseline=True)
-    assert (run / "baseline-eval.json").is_file() and baseline["weights"].startswith("untrained")
+    assert main(["eval", str(run), "--baseline"]) == 0  # the untrained model's scores: the generation floor
+    baseline = json.loads((run / "baseline-eval.json").read_text())
+    assert baseline["weights"].startswith("untrained") and set(baseline["tasks"]) == set(kinds)
     floored = evaluate_run(run)["tasks"]["echo"]
     assert floored["floor"] == baseline["tasks"]["echo"]["metrics"]["paper"]
 
