@@ -14,18 +14,19 @@ from pyramid_peft.data.declared import DeclaredDataError, resolve_task_file
 from pyramid_peft.tasks.declare import declare_task
 
 ROWS = [{"body": f"text {i}", "queue": ["no", "yes"][i % 2], "id": i % 2} for i in range(12)]
+TICKETS = {
+    "name": "tickets",
+    "kind": "classification",
+    "data": {"train": "train.jsonl"},
+    "columns": {"text": "body", "label": "queue"},
+    "labels": ["no", "yes"],
+}
 
 
 def tickets(train, labels=("no", "yes"), label_column="queue", **extra):
-    return declare_task(
-        {
-            "name": "tickets",
-            "kind": "classification",
-            "data": {"train": train, **extra},
-            "columns": {"text": "body", "label": label_column},
-            "labels": labels if isinstance(labels, dict) else list(labels),
-        }
-    )
+    labels = labels if isinstance(labels, dict) else list(labels)
+    columns = {"text": "body", "label": label_column}
+    return declare_task({**TICKETS, "data": {"train": train, **extra}, "columns": columns, "labels": labels})
 
 
 def write(path, rows):
@@ -81,14 +82,7 @@ def test_a_data_folder_behind_a_symbolic_link_is_recorded_as_given(tmp_path):
     (tmp_path / "real").mkdir()
     write(tmp_path / "real" / "train.jsonl", ROWS)
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    entry = {
-        "name": "tickets",
-        "kind": "classification",
-        "data": {"train": "train.jsonl"},
-        "columns": {"text": "body", "label": "queue"},
-        "labels": ["no", "yes"],
-    }
-    config = ExperimentConfig(tasks=[entry], data=DataSection(data_dir=str(tmp_path / "link")))
+    config = ExperimentConfig(tasks=[TICKETS], data=DataSection(data_dir=str(tmp_path / "link")))
     record = recorded_config(config, tmp_path / "run")
     assert record.data.data_dir == str(tmp_path / "link")
     assert record.tasks[0]["data"]["train"] == str(tmp_path / "link" / "train.jsonl")

