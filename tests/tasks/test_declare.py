@@ -119,3 +119,16 @@ def test_the_declaration_reads_as_the_issue_sketches_it():
     assert spec.to_text_to_text(example) == ("Summarise: a long text", "short")
     assert spec.to_causal_lm(example) == ("Summarise: a long text", " short")
     assert spec.files.column("target") == "highlights" and spec.splits == ("train",)
+
+
+def test_a_built_in_task_takes_a_mapping_that_sets_its_weight_and_row_cap(tmp_path):
+    from pyramid_peft.tasks import get_task
+    from pyramid_peft.tasks.declare import task_specs
+
+    (sst2,) = task_specs([{"name": "sst2", "weight": 3, "max_train_rows": 100}])
+    assert (sst2.weight, sst2.max_train_rows) == (3.0, 100)
+    assert sst2.to_text_to_text({"sentence1": "fine", "sentence2": None, "label": 1}) == get_task(
+        "sst2"
+    ).to_text_to_text({"sentence1": "fine", "sentence2": None, "label": 1})
+    message = problems(tmp_path, {"name": "sst2", "weight": 0})
+    assert "task 'sst2': field 'weight' must be a positive number" in message

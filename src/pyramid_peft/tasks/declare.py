@@ -19,6 +19,8 @@ The schema follows what users of LLaMA-Factory (``dataset_info.json``: file, col
     weight: 1.0                        # sampling weight; max_train_rows: cap on training rows
     title: Tickets                     # its name in tables
 
+A built-in task takes a mapping too, to set its mixing: ``{name: sst2, weight: 2, max_train_rows: 5000}``.
+
 Only the declaration is checked here (no file is opened): :func:`declaration_problems` lists every problem, each
 naming the task and the field. The files are checked by :mod:`pyramid_peft.data.declared`.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import re
 import string
+from dataclasses import replace
 
 from .spec import KINDS, OPTION_LETTERS, TaskFiles, TaskSpec
 
@@ -66,6 +69,7 @@ KEYS = (
     "max_train_rows",
 )
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MIXING_KEYS = ("weight", "max_train_rows")  # what a mapping may set for a built-in task
 
 
 class TaskDeclarationError(ValueError):
@@ -77,6 +81,11 @@ def declare_task(raw: dict) -> TaskSpec:
     problems = declaration_problems(raw)
     if problems:
         raise TaskDeclarationError("\n".join(problems))
+    if _is_built_in_mixing(raw):
+        from .registry import get_task
+
+        mixing = {key: raw[key] for key in MIXING_KEYS if key in raw}
+        return replace(get_task(raw["name"]), **{**mixing, "weight": float(mixing.get("weight", 1.0))})
     kind, name = raw["kind"], raw["name"]
     columns = dict(raw.get("columns") or {})
     metrics = tuple(raw.get("metrics") or KIND_METRICS[kind][:1])
@@ -140,12 +149,17 @@ def declaration_problems(raw, built_in_names=()) -> list[str]:
     if not isinstance(raw, dict):
         return [f"tasks: {raw!r} is neither a task name nor a task declaration (a mapping with name, kind, data)."]
     where = f"tasks: task {declared_name(raw)}"
+    if _is_built_in_mixing(raw):
+        return _number_problems(where, raw)
     problems = [_unknown_key(where, key) for key in raw if key not in KEYS]
     name, kind = raw.get("name"), raw.get("kind")
     if not isinstance(name, str) or not _NAME.match(name):
         problems.append(f"{where}: field 'name' must be lower-case letters, digits and _, e.g. name: tickets.")
     elif name in built_in_names:
-        problems.append(f"{where}: field 'name' is the name of a built-in task; give the declared task another name.")
+        problems.append(
+            f"{where}: field 'name' is the name of a built-in task, which takes only {', '.join(MIXING_KEYS)} here; "
+            "give the declared task another name."
+        )
     if kind not in KINDS:
         return [*problems, f"{where}: field 'kind' is {kind!r}, not one of: {', '.join(KINDS)}."]
     problems += _data_problems(where, raw.get("data"))
@@ -154,6 +168,13 @@ def declaration_problems(raw, built_in_names=()) -> list[str]:
     problems += _kind_problems(where, kind, raw)
     problems += _number_problems(where, raw)
     return problems
+
+
+def _is_built_in_mixing(raw: dict) -> bool:
+    """A mapping that names a built-in task and sets only its mixing (``weight``, ``max_train_rows``)."""
+    from .registry import TASK_NAMES
+
+    return raw.get("name") in TASK_NAMES and set(raw) <= {"name", *MIXING_KEYS}
 
 
 def _unknown_key(where: str, key) -> str:
