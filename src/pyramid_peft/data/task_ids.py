@@ -15,7 +15,7 @@ When ids are missing anyway, :func:`stock_trainer_hint` adds to the routing erro
 
 from __future__ import annotations
 
-import sys
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -99,17 +99,10 @@ def stock_trainer_hint() -> str | None:
     return None
 
 
-def _enclosing(cls: type, max_depth: int = 64):
-    """The nearest caller whose ``self`` is an instance of ``cls``."""
-    frame = sys._getframe(2)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, cls):
-            return candidate
-        frame = frame.f_back
-    return None
+def _enclosing(cls: type):
+    """The nearest caller whose ``self`` is an instance of ``cls``, or None."""
+    callers = (frame.f_locals.get("self") for frame, _ in traceback.walk_stack(None))
+    return next((caller for caller in callers if isinstance(caller, cls)), None)
 
 
 MISSING_IDS_HINTS.append(stock_trainer_hint)
