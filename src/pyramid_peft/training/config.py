@@ -20,7 +20,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from transformers import Seq2SeqTrainingArguments
@@ -161,7 +161,7 @@ class ExperimentConfig:
     data: DataSection = field(default_factory=DataSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     training: dict = field(default_factory=dict)
-    config_dir: str | None = field(default=None, compare=False, repr=False)
+    config_dir: ClassVar[str | None] = None  # set per instance by from_dict; not a section of the config
 
     @property
     def task_names(self) -> list[str]:
@@ -254,9 +254,9 @@ def from_dict(
         method=MethodSection(name=str(method.pop("name", "lora")), options=method),
         tasks=[t if isinstance(t, dict) else str(t) for t in ([tasks] if isinstance(tasks, (str, dict)) else tasks)],
         training=dict(training),
-        config_dir=config_dir,
         **sections,
     )
+    config.config_dir = config_dir
     check_config(config, source, for_training, problems)
     return config
 

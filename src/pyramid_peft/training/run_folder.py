@@ -108,7 +108,9 @@ def recorded_config(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig
     data_dir = resolve_data_dir(config.data.data_dir)
     data = replace(config.data, data_dir=str(data_dir.absolute()) if data_dir is not None else None)
     tasks = [_with_found_files(entry, data_dir, config.config_dir) for entry in config.tasks]
-    return replace(config, training={**training, "output_dir": str(run_dir)}, data=data, tasks=tasks)
+    record = replace(config, training={**training, "output_dir": str(run_dir)}, data=data, tasks=tasks)
+    record.config_dir = config.config_dir
+    return record
 
 
 def _with_found_files(entry, data_dir: Path | None, config_dir: str | None):
