@@ -108,6 +108,8 @@ def _example(spec: TaskSpec, split: str, where: str, index: int, row: dict) -> d
     value = row[column("target" if spec.is_generation else "label")]
     location = f"task {spec.name!r}: {where}, row {index + 1}"
     if spec.is_generation:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # a numeric answer is said as its digits
         if not isinstance(value, str) or not value.strip():
             raise DeclaredDataError(f"{location}: field 'target': the answer text is empty or not text ({value!r}).")
         return {**row, "label": value}
