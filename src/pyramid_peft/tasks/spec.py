@@ -1,11 +1,16 @@
 """What a task is: its label space, its metrics, and how one example becomes model input.
 
+A task is one of four kinds (:data:`KINDS`): classification, regression, multiple choice, generation. The twelve
+built-in tasks and the tasks declared in a config (:mod:`.declare`) are TaskSpecs alike.
+
 Examples are plain dicts, the same whatever the data came from:
 
 * GLUE: ``{"idx": int, "sentence1": str, "sentence2": str | None, "label": int | float}``
   (MNLI: sentence1 = premise, sentence2 = hypothesis; QNLI: sentence1 = question, sentence2 = sentence);
 * commonsense QA: ``{"question": str, "passage": str, "choices": list[str], "label": int}``, where
-  ``label`` indexes ``choices`` (BoolQ: ``choices == ["no", "yes"]``, so label 1 means "yes").
+  ``label`` indexes ``choices`` (BoolQ: ``choices == ["no", "yes"]``, so label 1 means "yes");
+* declared tasks: the file's row, plus ``label`` (a label id, a score, an option index, or the target text; see
+  :mod:`pyramid_peft.data.declared`).
 
 Three renderings serve the three kinds of model the library trains:
 
@@ -14,7 +19,7 @@ Three renderings serve the three kinds of model the library trains:
 * :meth:`TaskSpec.to_classification` for encoder heads: text pair plus a label id (or float for STS-B).
 
 Where a task's rows live is part of its definition too: :class:`LocalFiles` (the offline data folder's layout) and
-:class:`HubSource` (the Hugging Face hub copy), so that adding a task is one :class:`TaskSpec` plus its data.
+:class:`HubSource` (the Hugging Face hub copy) for the built-in tasks, :class:`TaskFiles` for declared ones.
 """
 
 from __future__ import annotations
@@ -277,10 +282,6 @@ class TaskSpec:
         low, high = self.score_range
         steps = math.floor((high - low) / self.score_step + 1e-9)
         return tuple(dict.fromkeys(self.format_score(low + i * self.score_step) for i in range(steps + 1)))
-
-    def reference(self, example: dict):
-        """What the example's prediction is scored against: its label id, score, or target text."""
-        return example["label"]
 
     def prompt_fields(self, example: dict) -> dict:
         """The fields a ``prompt`` template may name: the example's keys, and ``options`` (lettered choices)."""
