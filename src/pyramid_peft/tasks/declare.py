@@ -293,7 +293,7 @@ def _number_problems(where: str, raw: dict) -> list[str]:
         value = raw.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             problems.append(f"{where}: field {key!r} must be a whole number of at least {low}, got {value!r}.")
-    if raw.get("num_choices", 0) > len(OPTION_LETTERS):
+    if isinstance(raw.get("num_choices"), int) and raw["num_choices"] > len(OPTION_LETTERS):
         problems.append(f"{where}: field 'num_choices' must be at most {len(OPTION_LETTERS)}.")
     weight = raw.get("weight")
     if weight is not None and not (_is_number(weight) and weight > 0):
