@@ -31,7 +31,7 @@ _UNLABELLED = -1
 _FIX_HINT = (
     f"Fix: pass data_dir or set ${DATA_DIR_ENV} to a folder laid out as glue/<task>/<split>.jsonl and "
     "commonsense/<Dataset>/<split>.json, or make the Hugging Face hub reachable (network access, "
-    "HF_HUB_OFFLINE unset, `pip install datasets`)."
+    "HF_HUB_OFFLINE unset)."
 )
 
 
@@ -239,7 +239,7 @@ def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
         raise LookupError(
             f"the hub copy of {spec.name} has no {split!r} split (it has: {', '.join(source.split_names)})"
         )
-    import datasets  # optional dependency (extra "hub"), imported only when the hub is actually used
+    import datasets  # imported only when the hub is used: it is slow to import
 
     rows = datasets.load_dataset(source.path, source.config, split=hub_split)
     config = f" ({source.config})" if source.config else ""
