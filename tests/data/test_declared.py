@@ -188,3 +188,27 @@ def test_a_hub_dataset_is_loaded_only_when_written_as_one(monkeypatch, tmp_path)
     assert [ex["label"] for ex in examples] == [1, 0]
     with pytest.raises(DeclaredDataError, match="file 'org/tickets' not found"):
         resolve_task_file("tickets", "train", "org/tickets", tmp_path, None)  # a bare id is a path, never the hub
+
+
+def test_a_glue_file_declared_as_a_task_reads_and_renders_as_the_built_in_task(ept_data_dir):
+    """RTE's validation file through ``datasets`` gives the built-in reader's examples, and the declared default
+    layout renders them as RTE does, but for the prompt's first word (the task's own name)."""
+    from pyramid_peft.data import load_examples
+    from pyramid_peft.tasks import get_task
+
+    declared = declare_task(
+        {
+            "name": "my_rte",
+            "kind": "classification",
+            "data": {"train": "glue/rte/validation.jsonl"},
+            "columns": {"text": "sentence1", "text_pair": "sentence2", "label": "label"},
+            "labels": {0: "entailment", 1: "not_entailment"},
+        }
+    )
+    examples = load_examples(declared, "train", ept_data_dir)
+    assert examples == load_examples("rte", "validation", ept_data_dir)
+    rte = get_task("rte")
+    for example in examples[:20]:
+        source, target = declared.to_text_to_text(example)
+        assert (source.replace("my_rte", "rte", 1), target) == rte.to_text_to_text(example)
+        assert declared.to_classification(example) == rte.to_classification(example)
