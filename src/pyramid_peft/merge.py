@@ -25,6 +25,7 @@ from .atomic import atomic_directory
 from .methods.base import RoutedTuner, find_tuners
 from .methods.capabilities import Capabilities
 from .methods.tucka import fixed_route
+from .models.quantized import dequantized
 
 
 def _single_tuner(model: nn.Module) -> RoutedTuner:
@@ -66,6 +67,11 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
 
     ``W0 + B @ A`` is computed in :func:`merge_compute_dtype` of the weight's device (float64 on the CPU, float32 on
     accelerators) and rounded once to the weight's dtype.
+
+    On a quantized (bitsandbytes) base the merged model is a dequantized copy in the base's compute dtype: ``ΔW``
+    cannot be added to 4- or 8-bit weights without quantizing it away, so every quantized linear becomes a plain
+    one (see :func:`pyramid_peft.models.quantized.dequantized`). For a quantized model to serve, export the task
+    with :func:`export_lora` and load it on the same quantized base.
     """
     factors = task_factors(model, task_id, adapter_name)
     tuner = _single_tuner(model)
@@ -81,8 +87,9 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
         linears = {name: copy.deepcopy(layer.get_base_layer()) for name, layer in layers.items()}
         memo = {id(layers[name]): linear for name, linear in linears.items()}
         merged = copy.deepcopy(tuner.model, memo)
-    for name, linear in linears.items():
-        up, down = factors[name]
+    merged = dequantized(merged)  # a quantized base becomes plain linears in its compute dtype (models/quantized.py)
+    for name, (up, down) in factors.items():
+        linear = merged.get_submodule(name)
         compute = merge_compute_dtype(linear.weight.device)
         merged_weight = linear.weight.to(compute) + up.to(compute) @ down.to(compute)
         linear.weight.copy_(merged_weight.to(linear.weight.dtype))

@@ -7,6 +7,7 @@ never changed), :mod:`.loading` (a trained run rebuilt and checked), :mod:`.expo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -17,12 +18,13 @@ from transformers import TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from .config import ConfigError, ExperimentConfig
-from .evaluate import Predictor, evaluate_tasks
+from .evaluate import Predictor, evaluate_tasks, with_baseline_floors
 from .experiment import build_experiment, collators, eval_sets, load_splits
 from .heads import needs_task_ids
 from .loading import load_run
 from .run_folder import (
     ADAPTER_DIR,
+    BASELINE_FILE,
     TENSORBOARD_DIR,
     WEIGHTS_CONFIG_FILE,
     claim_run_folder,
@@ -30,6 +32,7 @@ from .run_folder import (
     finish_run,
     move_aside,
     recorded_config,
+    write_metrics,
 )
 from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
 from .validation import check_config
@@ -50,7 +53,9 @@ def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback]
     trainer = MultiTaskTrainer(
         model=experiment.model,
         args=args,
-        train_dataset=MultiTaskDataset(config.tasks, [s.train for s in splits]),
+        train_dataset=MultiTaskDataset(
+            config.task_names, [s.train for s in splits], [t.weight for t in experiment.tasks]
+        ),
         data_collator=train_collator,
         processing_class=experiment.tokenizer,
         eval_setup=EvalSetup(
@@ -147,9 +152,16 @@ def _check_sharding(args) -> None:
         )
 
 
-def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | None = None) -> dict:
-    """Per-task results of a finished run (final adapter, or ``checkpoint``) on its ``eval`` or ``test`` split."""
-    experiment = load_run(run_dir, checkpoint)
+def evaluate_run(
+    run_dir: str | Path, split: str = "eval", checkpoint: str | None = None, baseline: bool = False
+) -> dict:
+    """Per-task results of a finished run (final adapter, or ``checkpoint``) on its ``eval`` or ``test`` split.
+
+    ``baseline``: the untrained model instead (the run's base with its adapter as initialised, the same seed), whose
+    scores are the generation tasks' floors; they are written to ``RUN/baseline-<split>.json``, and later
+    evaluations of the run read them from there.
+    """
+    experiment = load_run(run_dir, checkpoint, untrained=baseline)
     splits = load_splits(experiment)
     _, eval_collator = collators(experiment)
     predictor = Predictor.for_run(
@@ -162,6 +174,12 @@ def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | Non
         answer_scoring=experiment.config.data.answer_scoring,
     )
     results = evaluate_tasks(predictor, eval_sets(experiment, splits, use_test=split == "test"))
+    baseline_file = Path(run_dir) / BASELINE_FILE.format(split=split)
+    if baseline:
+        results = {**results, "weights": "untrained (adapter as initialised)"}
+        write_metrics(baseline_file, {"model": experiment.config.model.name, **results})
+    elif baseline_file.is_file():
+        results = with_baseline_floors(results, json.loads(baseline_file.read_text()))
     return {
         "model": experiment.config.model.name,
         "method": experiment.config.method.name,
