@@ -59,10 +59,9 @@ from pyramid_peft.metrics import average_scores, compute_metrics
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import EvalSet, Predictor
-from pyramid_peft.training.experiment import collators, eval_sets, load_splits
+from pyramid_peft.training.experiment import eval_sets, evaluation_setup, load_splits
 from pyramid_peft.training.full import FULL, full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
-from pyramid_peft.training.heads import needs_task_ids
 from pyramid_peft.training.loading import load_run
 from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, recorded_config
 
@@ -428,18 +427,9 @@ def evaluate_run_splits(experiment, train_results: dict | None) -> dict:
     selection protocol it evaluates the validation split), so only the reported split is predicted here; without
     ``train_results`` (the untuned floor) the adapter is disabled and both splits are predicted."""
     experiment.model.eval()
-    _, collator = collators(experiment)
-    config = experiment.config
-    predictor = Predictor.for_run(
-        experiment.model,
-        experiment.family,
-        collator,
-        experiment.tokenizer,
-        config.training_arguments(),
-        needs_task_ids(experiment.model),
-        answer_scoring=config.data.answer_scoring,
-    )
     splits = load_splits(experiment)
+    setup = evaluation_setup(experiment, splits)
+    predictor = Predictor.for_run(experiment.model, setup, experiment.config.training_arguments())
     if train_results is None:
         with experiment.peft_model.disable_adapter():
             return _evaluate_both(predictor, experiment, splits, None)

@@ -94,8 +94,10 @@ def test_errors_name_the_key_and_the_module(tmp_path):
         convert_reference(src, tmp_path / "a", base_model=One(d_in=50))
     with pytest.raises(ConversionError, match="names module 'q', which the base model does not have"):
         convert_reference(src, tmp_path / "b", base_model=nn.Sequential(nn.Linear(96, 192)))
-    with pytest.raises(ConversionError, match="lacks.*not a checkpoint of the public TuckA code"):
+    with pytest.raises(ConversionError, match="not a tensor of the public TuckA layer.*another source"):
         convert_reference(src, tmp_path / "c", source="tucka-code")
+    with pytest.raises(ConversionError, match=r"\['gate'\] do not apply to tucka-code"):
+        convert_reference(src, tmp_path / "c", source="tucka-code", gate="code")
     bad = dict(tensors)
     bad["lora_gate.default.0.bias"] = torch.zeros(7)
     with pytest.raises(ConversionError, match=r"'base_model.model.q.lora_gate.0.bias' of module 'q' has shape \(7,\)"):

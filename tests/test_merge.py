@@ -74,9 +74,11 @@ def test_token_routing_cannot_be_merged_or_exported(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_merge_and_unload_points_to_merge_for_task():
-    with pytest.raises(NotMergeableError, match="merge_for_task"):
-        routed_model("t5").merge_and_unload()
+def test_merge_and_unload_of_a_task_routed_method_asks_for_the_task():
+    model = routed_model("t5")
+    with pytest.raises(NotMergeableError, match=r"name the task to merge, model.merge_and_unload\(task_id=t\)"):
+        model.merge_and_unload()
+    assert model.base_model.routed_layers()  # refused before any layer was touched
 
 
 def test_merge_rejects_task_ids_out_of_range():

@@ -108,6 +108,8 @@ def _take_flag(overrides: list[str], flag: str) -> tuple[list[str], bool]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .convert import converter_sources
+
     parser = argparse.ArgumentParser(prog="ept", description="Multi-task parameter-efficient fine-tuning.")
     parser.add_argument(
         "--debug",
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="import an adapter trained with the public EPT or TuckA code")
     convert.add_argument("src", help="the public code's save_pretrained folder")
     convert.add_argument("out", help="the pyramid-peft adapter folder to write")
-    convert.add_argument("--from", dest="source", required=True, choices=("ept-code", "tucka-code"))
+    convert.add_argument("--from", dest="source", required=True, choices=converter_sources())
     convert.add_argument("--base", help="the base model (hub id, path or alias) to check the module shapes against")
     convert.add_argument("--top_k", type=int, help="EPT experts per task (default 2, as the public code)")
     convert.add_argument("--num_tasks", type=int, help="task ids (default: the rows of the task table)")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import ACCELERATE_TWO_PROCESS_TRAIN
 from pyramid_peft import aux_loss
 from pyramid_peft.training.config import from_dict, load_config
-from pyramid_peft.training.heads import MultiTaskClassifier
+from pyramid_peft.training.heads import MultiTaskClassifier, forward_takes_task_ids
 from pyramid_peft.training.run import build_trainer, evaluate_run, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def test_task_id_features_survive_the_trainer(tiny_experiment):
     assert {"task_id", "task", "example", "task_ids"} <= set(trainer._signature_columns)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["task_ids"].shape == (4,) and len(set(batch["task_ids"].tolist())) == 1  # one task per batch
-    assert trainer.keeps_task_ids
+    assert forward_takes_task_ids(trainer.model)
 
 
 def test_loss_adds_the_methods_aux_loss(tiny_experiment):
@@ -44,7 +44,7 @@ def test_loss_adds_the_methods_aux_loss(tiny_experiment):
 
 def test_stock_lora_never_sees_task_ids(tiny_experiment, monkeypatch):
     trainer = build_trainer(from_dict(tiny_experiment("seq2seq", method="lora")))
-    assert not trainer.keeps_task_ids
+    assert not forward_takes_task_ids(trainer.model)
     seen = []
     original = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda **kw: seen.append(set(kw)) or original(**kw))

@@ -11,12 +11,11 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
-from ..methods.base import uses_task_ids
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
 from ..registry import make_peft_config
 from ..tasks import TaskSpec, get_task
 from .config import ConfigError, ExperimentConfig
-from .evaluate import EvalSet, answer_token_budget
+from .evaluate import EvalSet, EvalSetup, answer_token_budget
 from .full import is_full
 from .heads import MultiTaskClassifier
 from .validation import method_options
@@ -72,7 +71,6 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
             [t.name for t in tasks],
             [t.num_labels for t in tasks],
             hidden_size=base.config.hidden_size,
-            route_task_ids=uses_task_ids(adapted),
             **_head_dropout(base.config),
         )
     return Experiment(config, resolved, tokenizer, tasks, model)
@@ -148,3 +146,16 @@ def eval_sets(experiment: Experiment, splits: list, use_test: bool = False) -> l
         examples, name = (split.test, split.test_split) if use_test else (split.eval, split.eval_split)
         sets.append(EvalSet(task, task_id, examples, name))
     return sets
+
+
+def evaluation_setup(experiment: Experiment, splits: list, use_test: bool = False) -> EvalSetup:
+    """What evaluating ``experiment`` takes: its per-task sets (:func:`eval_sets`), evaluation collator, tokenizer,
+    family and answer scoring."""
+    _, collator = collators(experiment)
+    return EvalSetup(
+        eval_sets(experiment, splits, use_test),
+        collator,
+        experiment.tokenizer,
+        experiment.family,
+        experiment.config.data.answer_scoring,
+    )

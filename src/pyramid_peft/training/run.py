@@ -18,8 +18,7 @@ from transformers.integrations import TensorBoardCallback
 
 from .config import ConfigError, ExperimentConfig
 from .evaluate import Predictor, evaluate_tasks
-from .experiment import build_experiment, collators, eval_sets, load_splits
-from .heads import needs_task_ids
+from .experiment import build_experiment, collators, evaluation_setup, load_splits
 from .loading import load_run
 from .run_folder import (
     ADAPTER_DIR,
@@ -31,7 +30,7 @@ from .run_folder import (
     move_aside,
     recorded_config,
 )
-from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
+from .trainer import MultiTaskDataset, MultiTaskTrainer
 from .validation import check_config
 
 
@@ -45,16 +44,14 @@ def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback]
     set_seed(args.seed)
     experiment = build_experiment(record)
     splits = load_splits(experiment)
-    train_collator, eval_collator = collators(experiment)
+    train_collator, _ = collators(experiment)
     trainer = MultiTaskTrainer(
         model=experiment.model,
         args=args,
         train_dataset=MultiTaskDataset(config.tasks, [s.train for s in splits]),
         data_collator=train_collator,
         processing_class=experiment.tokenizer,
-        eval_setup=EvalSetup(
-            eval_sets(experiment, splits), eval_collator, experiment.family, config.data.answer_scoring
-        ),
+        eval_setup=evaluation_setup(experiment, splits),
         sampling=config.sampling,
         head_learning_rate=config.model.head_learning_rate,
         extra_files={WEIGHTS_CONFIG_FILE: config_text(record)},
@@ -135,18 +132,9 @@ def _check_processes(args) -> None:
 def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | None = None) -> dict:
     """Per-task results of a finished run (final adapter, or ``checkpoint``) on its ``eval`` or ``test`` split."""
     experiment = load_run(run_dir, checkpoint)
-    splits = load_splits(experiment)
-    _, eval_collator = collators(experiment)
-    predictor = Predictor.for_run(
-        experiment.model,
-        experiment.family,
-        eval_collator,
-        experiment.tokenizer,
-        experiment.config.training_arguments(),
-        needs_task_ids(experiment.model),
-        answer_scoring=experiment.config.data.answer_scoring,
-    )
-    results = evaluate_tasks(predictor, eval_sets(experiment, splits, use_test=split == "test"))
+    setup = evaluation_setup(experiment, load_splits(experiment), use_test=split == "test")
+    predictor = Predictor.for_run(experiment.model, setup, experiment.config.training_arguments())
+    results = evaluate_tasks(predictor, setup.sets)
     return {
         "model": experiment.config.model.name,
         "method": experiment.config.method.name,

@@ -1,8 +1,7 @@
 from ..spec import MethodSpec, register_method
 from .config import MoeLoraConfig
 from .layer import Linear, MoeLoraLayer
-from .model import MoeLoraModel
 
-register_method(MethodSpec(MoeLoraConfig, MoeLoraModel, "moelora", "MOELoRA"))
+SPEC = register_method(MethodSpec(MoeLoraConfig, "moelora", "MOELoRA", layer_cls=Linear))
 
-__all__ = ["Linear", "MoeLoraConfig", "MoeLoraLayer", "MoeLoraModel"]
+__all__ = ["MoeLoraConfig", "MoeLoraLayer", "Linear", "SPEC"]

@@ -1,8 +1,7 @@
 from ..spec import MethodSpec, register_method
 from .config import MultiLoraConfig
 from .layer import Linear, MultiLoraLayer
-from .model import MultiLoraModel
 
-register_method(MethodSpec(MultiLoraConfig, MultiLoraModel, "multilora", "MultiLoRA"))
+SPEC = register_method(MethodSpec(MultiLoraConfig, "multilora", "MultiLoRA", layer_cls=Linear))
 
-__all__ = ["Linear", "MultiLoraConfig", "MultiLoraLayer", "MultiLoraModel"]
+__all__ = ["MultiLoraConfig", "MultiLoraLayer", "Linear", "SPEC"]

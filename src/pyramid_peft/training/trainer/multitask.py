@@ -23,7 +23,6 @@ from __future__ import annotations
 from transformers import Seq2SeqTrainer
 
 from ..config import SamplingSection
-from ..heads import needs_task_ids
 from .data import TaskBatches
 from .evaluation import EvalSetup, PerTaskEvaluation
 from .loss import AuxiliaryLoss
@@ -71,7 +70,6 @@ class MultiTaskTrainer(
         self.sampling = sampling
         self.head_learning_rate = head_learning_rate
         self.extra_files = dict(extra_files or {})
-        self.keeps_task_ids = needs_task_ids(self.model)
         # The aux loss is a per-batch mean, so the task loss must be one too: the model must not normalise by the
         # token count of the whole accumulated batch, or the two terms would be scaled differently.
         self.model_accepts_loss_kwargs = False
