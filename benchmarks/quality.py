@@ -57,13 +57,14 @@ from pyramid_peft.analysis.sweeps import Sweep, TableLayout
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.metrics import average_scores, compute_metrics
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
+from pyramid_peft.training.checkpoints import WEIGHTS_CONFIG_FILE, config_differences, resume_differences
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import EvalSet, Predictor
 from pyramid_peft.training.experiment import eval_sets, evaluation_setup, load_splits
 from pyramid_peft.training.full import FULL, full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
 from pyramid_peft.training.loading import load_run
-from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, recorded_config
+from pyramid_peft.training.run_folder import recorded_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
@@ -233,46 +234,20 @@ def load_done(suite: Suite, results_dir: Path) -> dict[RunKey, dict]:
     for path in sorted((results_dir / suite.key).glob("*.json")):
         record = json.loads(path.read_text())
         key = RunKey(record["variant"], record.get("learning_rate"), record["seed"])
-        refuse_another_config(path, record.get("config", {}), suite.config(key, Path()).to_dict())
+        refuse_another_config(path, config_differences(record.get("config", {}), suite.config(key, Path()).to_dict()))
         done[key] = record
     return done
 
 
-def refuse_another_config(source: Path, saved: dict, current: dict) -> None:
-    """Stop, naming the settings that differ, when ``source`` (a result file or a checkpoint) was made under
-    another config than ``current``."""
-    differ = config_differences(saved, current)
+def refuse_another_config(source: Path, differ: list[str]) -> None:
+    """Stop, naming the settings that differ (``differ``), when ``source`` (a result file or a checkpoint) was made
+    under another config than the suite's now."""
     if differ:
         raise SystemExit(
             f"[quality] {source} was made under another config than this suite's now ({'; '.join(differ[:6])}). "
             "Keep the two apart: run the changed suite with a fresh --results-dir and --runs-dir, or restore "
             "the config."
         )
-
-
-# Where a run's folder and data live, not what it trained on.
-NOT_COMPARED = {"training.output_dir", "data.data_dir"}
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: was X, now Y`` for every setting of two config dicts that differs (nested keys dotted)."""
-    was, now = dotted_settings(saved), dotted_settings(current)
-    return [
-        f"{key}: was {was.get(key, '(unset)')!r}, now {now.get(key, '(unset)')!r}"
-        for key in sorted((set(was) | set(now)) - NOT_COMPARED)
-        if json.dumps(was.get(key), default=str) != json.dumps(now.get(key), default=str)
-    ]
-
-
-def dotted_settings(config: dict, prefix: str = "") -> dict:
-    """A nested config dict as ``{"section.key": value}``."""
-    settings = {}
-    for name, value in config.items():
-        if isinstance(value, dict):
-            settings.update(dotted_settings(value, f"{prefix}{name}."))
-        else:
-            settings[f"{prefix}{name}"] = value
-    return settings
 
 
 def claim(path: Path) -> bool:
@@ -405,9 +380,9 @@ def last_checkpoint(config: ExperimentConfig) -> str | None:
     (another budget: resuming it would splice two schedules) stops the suite."""
     run_dir = Path(config.training["output_dir"])
     checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if checkpoint:
-        saved = Path(checkpoint) / WEIGHTS_CONFIG_FILE
-        refuse_another_config(saved, read_yaml(saved.read_text()), recorded_config(config, run_dir).to_dict())
+    if checkpoint:  # the library's resume guard, asked before the run starts: a refusal stops the suite
+        differ = resume_differences(checkpoint, recorded_config(config, run_dir).to_dict())
+        refuse_another_config(Path(checkpoint) / WEIGHTS_CONFIG_FILE, differ)
     return checkpoint
 
 

@@ -193,7 +193,8 @@ def test_results_of_another_budget_stop_the_suite_instead_of_counting_as_done(qu
 
 
 def test_a_checkpoint_of_another_budget_is_not_resumed(quality, tmp_path):
-    from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, config_text, recorded_config
+    from pyramid_peft.training.checkpoints import WEIGHTS_CONFIG_FILE
+    from pyramid_peft.training.run_folder import config_text, recorded_config
 
     suite = smoke_suite(quality)
     key = quality.RunKey("lora", 1e-3, 0)

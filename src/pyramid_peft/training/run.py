@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
+from .checkpoints import WEIGHTS_CONFIG_FILE
 from .config import ConfigError, ExperimentConfig
 from .evaluate import Predictor, evaluate_tasks
 from .experiment import build_experiment, collators, evaluation_setup, load_splits
@@ -23,7 +24,6 @@ from .loading import load_run
 from .run_folder import (
     ADAPTER_DIR,
     TENSORBOARD_DIR,
-    WEIGHTS_CONFIG_FILE,
     claim_run_folder,
     config_text,
     finish_run,
@@ -39,8 +39,18 @@ def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback]
     ``train()``."""
     check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
+    return _trainer(config, args, recorded_config(config, Path(args.output_dir)), callbacks)
+
+
+def _trainer(
+    config: ExperimentConfig,
+    args,
+    record: ExperimentConfig,
+    callbacks: Sequence[TrainerCallback],
+    allow_config_change: bool = False,
+) -> MultiTaskTrainer:
+    """The trainer of a checked ``config`` with its built training arguments and its run-folder ``record``."""
     _check_processes(args)
-    record = recorded_config(config, Path(args.output_dir))
     set_seed(args.seed)
     experiment = build_experiment(record)
     splits = load_splits(experiment)
@@ -55,27 +65,39 @@ def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback]
         sampling=config.sampling,
         head_learning_rate=config.model.head_learning_rate,
         extra_files={WEIGHTS_CONFIG_FILE: config_text(record)},
+        config_record=record.to_dict(),
+        allow_config_change=allow_config_change,
         callbacks=list(callbacks),
     )
     _log_to_the_run_folder(trainer, Path(args.output_dir))
     return trainer
 
 
-def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+def train(
+    config: ExperimentConfig,
+    overwrite: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+    allow_config_change: bool = False,
+    checked: bool = False,
+) -> dict:
     """Check the config and the run folder, train, evaluate and fill the run folder; returns the final results.
     ``callbacks`` are extra Trainer callbacks (a benchmark recording each evaluation as it happens).
 
     A folder that holds a run is refused (see :func:`.run_folder.claim_run_folder`) unless this resumes an
-    unfinished one, or ``overwrite`` moves the old run aside first.
+    unfinished one, or ``overwrite`` moves the old run aside first. Resuming refuses a checkpoint trained under
+    settings that change the trajectory (see :mod:`.checkpoints`) unless ``allow_config_change``. ``checked``: the
+    config was already validated for training (``load_config(..., for_training=True)`` does), so it is not again.
     """
-    check_config(config, for_training=True)
+    if not checked:
+        check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
     run_dir = Path(args.output_dir)
     must_move = claim_run_folder(run_dir, bool(args.resume_from_checkpoint), overwrite)  # every process alike
     with args.main_process_first(local=False, desc="moving the earlier run aside"):
         if must_move and args.should_save and run_dir.is_dir():
             print(f"ept: moved the run that was in {run_dir} to {move_aside(run_dir)}", file=sys.stderr)
-    trainer = build_trainer(config, callbacks)
+    record = recorded_config(config, run_dir)
+    trainer = _trainer(config, args, record, callbacks, allow_config_change)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     trainer.evaluate()
     results = {
@@ -86,7 +108,7 @@ def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence
     }
     trainer.save_model_atomically(run_dir / ADAPTER_DIR)  # on every rank: FSDP and DeepSpeed gather the weights
     if trainer.is_world_process_zero():
-        finish_run(run_dir, recorded_config(config, run_dir), results)
+        finish_run(run_dir, record, results)
     return results
 
 
