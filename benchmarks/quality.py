@@ -26,7 +26,7 @@ The reported split is never read to choose anything. Each run writes ``<results>
 every example's prediction and label, collapse flags, timings, machine, load, and the resolved config. A run whose
 file exists is skipped; an interrupted run restarts from its last checkpoint in ``runs/benchmarks/``. Several
 processes (``--workers 2``, or the same command twice) share a suite: each claims a run with a lock file beside its
-result file. After the runs, :mod:`quality_report` writes the tables, the sweep plot and the verdict.
+result file. After the runs, ``quality_report.py`` (same arguments) writes the tables, the sweep plot and the verdict.
 """
 
 from __future__ import annotations
@@ -51,17 +51,18 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from common import machine_info
-from pyramid_peft import count_parameters, method_names
+from pyramid_peft import count_parameters
 from pyramid_peft.analysis.significance import collapsed
 from pyramid_peft.analysis.sweeps import Sweep, TableLayout
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.metrics import average_scores, compute_metrics
+from pyramid_peft.registry import method_choices
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
 from pyramid_peft.training.checkpoints import WEIGHTS_CONFIG_FILE, config_differences, resume_differences
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import EvalSet, Predictor
 from pyramid_peft.training.experiment import eval_sets, evaluation_setup, load_splits
-from pyramid_peft.training.full import FULL, full_parameter_count
+from pyramid_peft.training.full import full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
 from pyramid_peft.training.loading import load_run
 from pyramid_peft.training.run_folder import recorded_config
@@ -118,7 +119,7 @@ class Suite:
 
     def runnable(self, variant: str) -> bool:
         """Whether this package has the variant's method (a zero-shot floor always runs)."""
-        return not self.trained(variant) or self.sweep.config(variant).method.name in (*method_names(), FULL)
+        return not self.trained(variant) or self.sweep.config(variant).method.name in method_choices()
 
     def config(self, key: RunKey, runs_dir: Path) -> ExperimentConfig:
         """The run's experiment config, at its learning rate, running in ``runs_dir/<suite>/<run>``."""
@@ -303,7 +304,7 @@ def run_suite(suite: Suite, variants: list[str], results_dir: Path, runs_dir: Pa
         if not suite.runnable(variant):
             print(
                 f"[quality] {variant}: method {suite.sweep.config(variant).method.name!r} is not in pyramid_peft "
-                f"({', '.join(method_names())}); skipped",
+                f"({', '.join(method_choices())}); skipped",
                 flush=True,
             )
     failed: set[RunKey] = set()
@@ -523,10 +524,10 @@ def main(argv: list[str] | None = None) -> None:
         spawn_workers([*argv, "--results-dir", str(results_dir), "--runs-dir", str(runs_dir)], args.workers)
     elif not args.summarize_only:
         run_suite(suite, variants, results_dir, runs_dir)
-    if not args.no_report:
-        from quality_report import write_report
-
-        print(write_report(suite, results_dir))
+    if not args.no_report:  # the report reads this module, so it runs as its own script (no import circle)
+        report = [sys.executable, str(Path(__file__).with_name("quality_report.py")), *argv]
+        if subprocess.run([*report, "--results-dir", str(results_dir)]).returncode:
+            raise SystemExit("[quality] the report failed (see above)")
         print(f"[quality] results in {results_dir}", file=sys.stderr)
 
 

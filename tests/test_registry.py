@@ -29,6 +29,22 @@ def test_make_peft_config_names_the_methods():
     assert method_names()[0] == "lora"
 
 
+def test_one_lookup_covers_the_registered_methods_lora_and_full():
+    from peft import LoraConfig
+
+    from pyramid_peft.registry import lookup_method, method_choices
+
+    assert method_choices() == [*method_names(), "full"]
+    assert lookup_method("LoRA").config_cls is LoraConfig and not lookup_method("lora").full
+    assert lookup_method("full").full and lookup_method("full").config_cls is None
+    assert all(lookup_method(name).config_cls is spec.config_cls for name, spec in METHODS.items())
+    assert lookup_method("ept").takes_num_tasks and not lookup_method("lora").takes_num_tasks
+    with pytest.raises(ValueError, match="Did you mean 'full'"):
+        lookup_method("ful")
+    with pytest.raises(ValueError, match="has no adapter config"):
+        make_peft_config("full")
+
+
 def trained_ept(family):
     config = EptConfig(
         target_modules=TINY_TARGETS[family], num_tasks=4, r=4, kernel_sizes=[2, 4, 4, 8], lora_dropout=0.0

@@ -58,8 +58,8 @@ def shared_settings(config) -> str:
 def test_suite_configs_are_valid(quality, suite):
     """Every variant's config builds with one budget for all, under the selection protocol; each trained variant
     has a grid of >= 4 log-spaced learning rates about a factor 3 apart; method options are accepted."""
+    from pyramid_peft.registry import lookup_method
     from pyramid_peft.training.experiment import peft_config
-    from pyramid_peft.training.full import is_full
 
     loaded = quality.load_suite(suite)
     budgets = set()
@@ -73,7 +73,7 @@ def test_suite_configs_are_valid(quality, suite):
         if grid:
             assert len(grid) >= 4 and 2.5 <= quality.grid_ratio(grid) <= 3.5
             assert config.training["learning_rate"] == grid[0]
-        if grid and not is_full(config.method.name):
+        if grid and not lookup_method(config.method.name).full:
             peft_config(config, "encoder" if suite == "glue8" else "causal", len(config.tasks))
     assert len(budgets) == 1 and loaded.seeds == [0, 1, 2]
 

@@ -12,11 +12,10 @@ from torch import nn
 
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
-from ..registry import make_peft_config
+from ..registry import lookup_method, make_peft_config
 from ..tasks import TaskSpec, get_task
 from .config import ConfigError, ExperimentConfig
 from .evaluate import EvalSet, EvalSetup, answer_token_budget
-from .full import is_full
 from .heads import MultiTaskClassifier
 from .validation import method_options
 
@@ -45,7 +44,7 @@ class Experiment:
     @property
     def full(self) -> bool:
         """Full fine-tuning: no adapter, every weight trains."""
-        return is_full(self.config.method.name)
+        return lookup_method(self.config.method.name).full
 
     @property
     def peft_model(self) -> PeftModel:
@@ -60,7 +59,7 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
     resolved = resolve_model(section.name, section.tokenizer, section.config, section.family, section.trust_remote_code)
     tokenizer = load_tokenizer(resolved)
     base = load_model(resolved, section.dtype, random_init=random_init)
-    if is_full(config.method.name):
+    if lookup_method(config.method.name).full:
         adapted = base  # every weight trains
     else:
         adapted = _adapt(base, peft_config(config, resolved.family, len(tasks)), config.method.name)
