@@ -10,7 +10,7 @@ public TuckA code                           shape                               
 
 The adapter becomes a ``TuckaConfig`` whose sizes come from the tensor shapes, routed from the module that holds
 the centroids. Converted centroids are marked initialised, so the first forward keeps them (the public code's reload
-re-initialises them, spec §3.1).
+re-initialises them).
 """
 
 from __future__ import annotations
