@@ -7,9 +7,10 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
-from pyramid_peft import EptConfig, NotMergeableError, export_lora, merge_for_task
+from pyramid_peft import EptConfig, MultiLoraConfig, NotMergeableError, export_lora, merge_for_task
 
 KEY = {"t5": "logits", "llama": "logits", "bert": "last_hidden_state"}
 
@@ -129,3 +130,21 @@ def test_an_unmergeable_run_is_refused_before_anything_is_written(tiny_experimen
         with pytest.raises(NotMergeableError, match="HydraLoRA cannot be merged.*per token"):
             export_run(run, "sst2", mode, tmp_path / mode)
         assert not (tmp_path / mode).exists()
+
+
+def test_merging_in_place_into_a_quantized_base_is_refused_naming_it():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class Quantized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(16, 16, bias=False, compute_dtype=torch.float32).to("cpu")
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Quantized(), MultiLoraConfig(target_modules=["proj"], r=2))
+    before = model.base_model.model.proj.get_base_layer().weight.clone()
+    with pytest.raises(NotMergeableError, match=r"proj: the base weight is quantized \(torch.uint8\)"):
+        model.merge_adapter()
+    assert torch.equal(model.base_model.model.proj.get_base_layer().weight, before)

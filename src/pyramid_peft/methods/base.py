@@ -164,8 +164,13 @@ class RoutedLayer(BaseTunerLayer):
                     f"{self.module_key or type(self).__name__}: adapter {adapter_name!r} merges per task: name the "
                     "task, e.g. model.merge_and_unload(task_id=t) or model.merge_adapter(task_id=t)."
                 )
-            up, down = (f.detach().clone() for f in self.task_lora_factors(adapter_name, task_id or 0))
             weight = self.get_base_layer().weight
+            if not weight.dtype.is_floating_point:
+                raise NotMergeableError(
+                    f"{self.module_key}: the base weight is quantized ({weight.dtype}): a change cannot be added to "
+                    "it in place; merge into a full-precision copy of the base model instead."
+                )
+            up, down = (f.detach().clone() for f in self.task_lora_factors(adapter_name, task_id or 0))
             merged = merged_weight(weight, up, down)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
