@@ -199,3 +199,11 @@ def test_the_mutual_import_check_sees_a_circle_and_skips_annotation_imports(tmp_
     (tmp_path / "third.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    import first\n")
     files = {path.stem: path for path in tmp_path.glob("*.py")}
     assert mutual_imports(files) == ["first <-> second"]
+
+
+def test_merge_and_convert_read_the_methods_through_the_shared_modules_only():
+    """Each method's merge (TuckA's route) and checkpoint converter live in its folder and register themselves."""
+    for module in ("merge.py", "convert.py"):
+        named = [name.split(".") for _, name in imported_modules(PACKAGE / module)]
+        methods = [parts for parts in named if parts[1:2] == ["methods"] and len(parts) > 2]
+        assert methods and all(parts[2] in SHARED for parts in methods), module
