@@ -1,6 +1,7 @@
 """EPT registered with stock PEFT by its string type: build, save (safetensors), reload, disable, print."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ def test_every_method_is_entered_in_peft_tables():
         assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] is spec.config_cls
         assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] is spec.tuner_cls
         assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] == spec.tuner_cls.prefix
+        assert pickle.loads(pickle.dumps(spec.tuner_cls)) is spec.tuner_cls  # importable by its name
 
 
 def test_make_peft_config_names_the_methods():
