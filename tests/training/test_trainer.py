@@ -256,3 +256,32 @@ def test_quickstart_under_two_process_accelerate_launch(ept_data_dir, tmp_path):
     assert len(metrics["tasks"]) == 5 and all(r["num_examples"] == 8 for r in metrics["tasks"].values())
     assert list(run.glob("checkpoint-*")) and (run / "adapter" / "heads.safetensors").is_file()
     assert done.stdout.count("paper average") == 1  # the table is printed by the main process only
+
+
+def test_ept_train_checks_the_config_once_and_builds_its_arguments_and_record_once(
+    tiny_experiment, tmp_path, monkeypatch
+):
+    import yaml
+
+    from pyramid_peft.cli import main
+    from pyramid_peft.training import run, validation
+    from pyramid_peft.training.config import ExperimentConfig
+
+    calls = {"checked": 0, "arguments": 0, "recorded": 0}
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(validation, "config_problems", counting("checked", validation.config_problems))
+    monkeypatch.setattr(
+        ExperimentConfig, "training_arguments", counting("arguments", ExperimentConfig.training_arguments)
+    )
+    monkeypatch.setattr(run, "recorded_config", counting("recorded", run.recorded_config))
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment("seq2seq", max_steps=1)))
+    assert main(["train", str(path)]) == 0
+    assert calls == {"checked": 1, "arguments": 1, "recorded": 1}
