@@ -99,9 +99,9 @@ def test_gradients_reach_adapters_and_only_the_used_heads():
 
 def test_task_ids_reach_the_encoder_only_when_its_method_routes():
     ept = classifier("ept")
-    assert adapter_reads_task_ids(ept.encoder) and forward_takes_task_ids(ept)
+    assert adapter_reads_task_ids(ept.encoder) and ept.encoder_reads_task_ids and forward_takes_task_ids(ept)
     lora = classifier("lora")
-    assert not adapter_reads_task_ids(lora.encoder) and forward_takes_task_ids(lora)  # the heads take them
+    assert not lora.encoder_reads_task_ids and forward_takes_task_ids(lora)  # the heads take them
     assert lora(**batch([0, 1])).loss.isfinite()  # stock LoRA's forward never sees task_ids
 
 

@@ -68,6 +68,8 @@ class MultiTaskClassifier(nn.Module):
         self.encoder = encoder
         self.task_names = list(task_names)
         self.num_labels = list(num_labels)
+        # asked once, not in every forward: an adapter's method (and so its answer) does not change
+        self.encoder_reads_task_ids = adapter_reads_task_ids(encoder)
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleList(nn.Linear(hidden_size, n) for n in num_labels)
 
@@ -92,7 +94,7 @@ class MultiTaskClassifier(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        if adapter_reads_task_ids(self.encoder):
+        if self.encoder_reads_task_ids:
             inputs["task_ids"] = task_ids
         hidden = self.encoder(**inputs).last_hidden_state
         pooled = self.dropout(mean_pool(hidden, attention_mask))
