@@ -102,6 +102,13 @@ def test_task_ids_reach_the_encoder_only_when_its_method_routes():
     assert adapter_reads_task_ids(ept.encoder) and ept.encoder_reads_task_ids and forward_takes_task_ids(ept)
     lora = classifier("lora")
     assert not lora.encoder_reads_task_ids and forward_takes_task_ids(lora)  # the heads take them
+
+    class Wrapper(torch.nn.Module):  # as FSDP and DDP hold the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert forward_takes_task_ids(Wrapper(lora)) and not forward_takes_task_ids(Wrapper(lora.encoder))
     assert lora(**batch([0, 1])).loss.isfinite()  # stock LoRA's forward never sees task_ids
 
 

@@ -34,8 +34,9 @@ class MultiTaskOutput(ModelOutput):
 def forward_takes_task_ids(model: nn.Module) -> bool:
     """Whether ``model``'s forward accepts ``task_ids``: always for heads (they pick the head), else where its
     adapter reads them (:func:`~pyramid_peft.methods.base.adapter_reads_task_ids`; a stock PEFT model's forward
-    would reject them)."""
-    return isinstance(model, MultiTaskClassifier) or adapter_reads_task_ids(model)
+    would reject them). A wrapper (FSDP, DDP: the model is its ``module``) answers for the model inside."""
+    inner = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    return isinstance(inner, MultiTaskClassifier) or adapter_reads_task_ids(inner)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
