@@ -155,3 +155,17 @@ def test_converted_tucka_checkpoint_keeps_its_trained_centroids(tmp_path):
     h = ref.base_output(first, x) + x @ ref.tucka_delta(first, group, weights).T
     expected = ref.base_output(second, h) + h @ ref.tucka_delta(second, group, weights).T
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+
+def test_the_sources_of_ept_convert_are_the_registered_converters():
+    from pyramid_peft.cli import build_parser
+    from pyramid_peft.methods.spec import CONVERTERS, Converter, register_converter
+
+    assert sorted(CONVERTERS) == ["ept-code", "tucka-code"]
+    register_converter(Converter("toy-code", "a toy layer", r"toy", convert=None, expected_shapes=None))
+    try:
+        assert build_parser().parse_args(["convert", "src", "out", "--from", "toy-code"]).source == "toy-code"
+    finally:
+        CONVERTERS.pop("toy-code")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "src", "out", "--from", "toy-code"])
