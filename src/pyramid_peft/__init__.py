@@ -6,6 +6,7 @@ Importing the package registers its methods with PEFT, so ``peft.get_peft_model(
 
 from .accounting import count_parameters
 from .convert import ConversionError, convert_reference
+from .data.task_ids import TaskIdsCollator
 from .losses import aux_loss
 from .merge import capabilities_of, export_lora, merge_for_task
 from .methods.base import NotMergeableError, adapter_reads_task_ids
@@ -33,6 +34,7 @@ __all__ = [
     "Merging",
     "NotMergeableError",
     "Routing",
+    "TaskIdsCollator",
     "TaskRoutingError",
     "adapter_reads_task_ids",
     "aux_loss",

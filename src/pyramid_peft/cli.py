@@ -2,7 +2,7 @@
 
     ept train CONFIG [--max_steps 20 --output_dir X --method.r 4 ...] [--resume_from_checkpoint [DIR]]
               [--allow_config_change] [--overwrite]
-    ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100] [--output FILE.json]
+    ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100] [--output FILE.json] [--baseline]
     ept export RUN_DIR --task NAME (--merged | --lora) [--output DIR]
     ept params CONFIG [overrides]
     ept convert SRC OUT --from ept-code|tucka-code [--base MODEL --top_k 2 --num_tasks 8 --gate code]
@@ -54,7 +54,7 @@ def _eval(args) -> int:
     from .training.evaluate import metrics_table
     from .training.run_folder import write_metrics
 
-    results = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint)
+    results = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, baseline=args.baseline)
     print(metrics_table(results))
     if args.output:
         write_metrics(args.output, results)
@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("eval", "test"), default="eval")
     evaluate.add_argument("--checkpoint", help="a checkpoint-<step> folder instead of the final adapter")
     evaluate.add_argument("--output", help="also write the results to this JSON file")
+    evaluate.add_argument(
+        "--baseline",
+        action="store_true",
+        help="score the untrained model (adapter as initialised) instead: the generation tasks' floors, kept in "
+        "RUN/baseline-<split>.json for later evaluations of the run",
+    )
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser("export", help="export one task's adapter as stock LoRA or a merged model")

@@ -50,6 +50,11 @@ def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = No
     The routed model is left unchanged unless ``inplace=True`` (which saves a copy of the base model's memory and
     leaves ``model`` unusable; ``model.merge_and_unload(task_id=...)`` gives the same weights the PEFT way).
     Raises ``NotMergeableError`` where the adapter's capabilities do not merge.
+
+    On a quantized (bitsandbytes) base the merged model is a dequantized copy in the base's compute dtype: ``ΔW``
+    cannot be added to 4- or 8-bit weights without quantizing it away, so every quantized linear becomes a plain
+    one (see :func:`pyramid_peft.models.quantized.dequantized`). For a quantized model to serve, export the task
+    with :func:`export_lora` and load it on the same quantized base.
     """
     return _single_tuner(model).merged_model(task_id, adapter_name, inplace=inplace)
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..contrastive import contrastive_module_names
 from ..losses import LossSource
+from ..models.quantized import dequantized
 from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
 from .capabilities import Capabilities, Merging
 
@@ -168,7 +169,7 @@ class RoutedLayer(BaseTunerLayer):
             if not weight.dtype.is_floating_point:
                 raise NotMergeableError(
                     f"{self.module_key}: the base weight is quantized ({weight.dtype}): a change cannot be added to "
-                    "it in place; merge into a full-precision copy of the base model instead."
+                    "it in place; take a merged copy, dequantized, with pyramid_peft.merge_for_task(model, task_id)."
                 )
             up, down = (f.detach().clone() for f in self.task_lora_factors(adapter_name, task_id or 0))
             merged = merged_weight(weight, up, down)
@@ -322,7 +323,9 @@ class RoutedTuner(LossSource, BaseTuner):
         """The base model with ``W0 + ΔW(task_id)`` in every adapted layer (``pyramid_peft.merge_for_task``).
 
         A copy unless ``inplace=True``, which saves a copy of the base model's memory and leaves this tuner
-        unusable.
+        unusable. A quantized (bitsandbytes) base is dequantized first, into its compute dtype
+        (:func:`pyramid_peft.models.quantized.dequantized`): ``ΔW`` cannot be added to 4- or 8-bit weights without
+        being quantized away.
         """
         factors = self.task_factors(task_id, adapter_name)
         layers = dict(self.routed_layers())
@@ -337,8 +340,10 @@ class RoutedTuner(LossSource, BaseTuner):
             linears = {name: copy.deepcopy(layer.get_base_layer()) for name, layer in layers.items()}
             memo = {id(layers[name]): linear for name, linear in linears.items()}
             merged = copy.deepcopy(self.model, memo)
-        for name, linear in linears.items():
-            linear.weight.copy_(merged_weight(linear.weight, *factors[name]))
+        merged = dequantized(merged)  # replaces quantized linears: look each one up again by name
+        for name, (up, down) in factors.items():
+            linear = merged.get_submodule(name)
+            linear.weight.copy_(merged_weight(linear.weight, up, down))
         merged.__dict__.pop("peft_config", None)
         return merged
 

@@ -7,6 +7,7 @@ never changed), :mod:`.loading` (a trained run rebuilt and checked), :mod:`.expo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -18,17 +19,19 @@ from transformers.integrations import TensorBoardCallback
 
 from .checkpoints import WEIGHTS_CONFIG_FILE
 from .config import ConfigError, ExperimentConfig
-from .evaluate import Predictor, evaluate_tasks
+from .evaluate import Predictor, evaluate_tasks, with_baseline_floors
 from .experiment import build_experiment, collators, evaluation_setup, load_splits
 from .loading import load_run
 from .run_folder import (
     ADAPTER_DIR,
+    BASELINE_FILE,
     TENSORBOARD_DIR,
     claim_run_folder,
     config_text,
     finish_run,
     move_aside,
     recorded_config,
+    write_metrics,
 )
 from .trainer import MultiTaskDataset, MultiTaskTrainer
 from .validation import check_config
@@ -58,7 +61,9 @@ def _trainer(
     trainer = MultiTaskTrainer(
         model=experiment.model,
         args=args,
-        train_dataset=MultiTaskDataset(config.tasks, [s.train for s in splits]),
+        train_dataset=MultiTaskDataset(
+            config.task_names, [s.train for s in splits], [t.weight for t in experiment.tasks]
+        ),
         data_collator=train_collator,
         processing_class=experiment.tokenizer,
         eval_setup=evaluation_setup(experiment, splits),
@@ -151,12 +156,25 @@ def _check_processes(args) -> None:
         )
 
 
-def evaluate_run(run_dir: str | Path, split: str = "eval", checkpoint: str | None = None) -> dict:
-    """Per-task results of a finished run (final adapter, or ``checkpoint``) on its ``eval`` or ``test`` split."""
-    experiment = load_run(run_dir, checkpoint)
+def evaluate_run(
+    run_dir: str | Path, split: str = "eval", checkpoint: str | None = None, baseline: bool = False
+) -> dict:
+    """Per-task results of a finished run (final adapter, or ``checkpoint``) on its ``eval`` or ``test`` split.
+
+    ``baseline``: the untrained model instead (the run's base with its adapter as initialised, the same seed), whose
+    scores are the generation tasks' floors; they are written to ``RUN/baseline-<split>.json``, and later
+    evaluations of the run read them from there.
+    """
+    experiment = load_run(run_dir, checkpoint, untrained=baseline)
     setup = evaluation_setup(experiment, load_splits(experiment), use_test=split == "test")
     predictor = Predictor.for_run(experiment.model, setup, experiment.config.training_arguments())
     results = evaluate_tasks(predictor, setup.sets)
+    baseline_file = Path(run_dir) / BASELINE_FILE.format(split=split)
+    if baseline:
+        results = {**results, "weights": "untrained (adapter as initialised)"}
+        write_metrics(baseline_file, {"model": experiment.config.model.name, **results})
+    elif baseline_file.is_file():
+        results = with_baseline_floors(results, json.loads(baseline_file.read_text()))
     return {
         "model": experiment.config.model.name,
         "method": experiment.config.method.name,

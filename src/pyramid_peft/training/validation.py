@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 
 from transformers import Seq2SeqTrainingArguments
 
+from ..data.declared import declared_data_problems
 from ..data.sampling import STRATEGIES
 from ..data.splits import PROTOCOLS
 from ..methods.config_base import field_problems
 from ..models import FAMILIES, model_name_problem
+from ..models.quantized import Quantization
 from ..registry import lookup_method, make_peft_config, method_choices
-from ..tasks import UnknownTaskError, get_task
+from ..tasks.declare import task_specs, tasks_problems
 
 if TYPE_CHECKING:  # annotations only: config.py imports this module to check what it reads
     from .config import ExperimentConfig
@@ -57,7 +59,7 @@ def config_problems(config: ExperimentConfig, for_training: bool = False) -> lis
     """Every problem of ``config``, as one message each (empty when it is valid)."""
     return [
         *_section_problems(config),
-        *_task_problems(config.tasks, for_training),
+        *_task_problems(config, for_training),
         *method_problems(config),
         *_training_problems(config.training, for_training),
         *_model_problems(config, for_training),
@@ -94,7 +96,7 @@ def method_problems(config: ExperimentConfig) -> list[str]:
     num_tasks, tasks = options.get("num_tasks"), len(config.tasks)
     if choice.takes_num_tasks and num_tasks is not None and num_tasks < tasks:
         return [
-            f"method.num_tasks={num_tasks} is smaller than the {tasks} tasks configured {config.tasks}, whose "
+            f"method.num_tasks={num_tasks} is smaller than the {tasks} tasks configured {config.task_names}, whose "
             f"ids run up to {tasks - 1}: remove method.num_tasks (it defaults to the number of tasks) or set it "
             f"to at least {tasks}."
         ]
@@ -122,6 +124,7 @@ def _section_problems(config: ExperimentConfig) -> list[str]:
     model, data, sampling = config.model, config.data, config.sampling
     problems += _choice("model.family", model.family, FAMILIES, optional=True)
     problems += _choice("model.dtype", model.dtype, DTYPES)
+    problems += _quantization_problems(config)
     problems += _choice("data.protocol", data.protocol, PROTOCOLS)
     problems += _choice("data.answer_scoring", data.answer_scoring, ANSWER_SCORING)
     problems += _choice("sampling.strategy", sampling.strategy, STRATEGIES)
@@ -133,22 +136,29 @@ def _section_problems(config: ExperimentConfig) -> list[str]:
     return problems
 
 
-def _task_problems(tasks: list[str], for_training: bool) -> list[str]:
+def _quantization_problems(config: ExperimentConfig) -> list[str]:
+    """``model.quantization``: its keys and types (the fields of :class:`Quantization`), then its values."""
+    section = config.model.quantization
+    if section is None:
+        return []
+    name = config.method.name
+    if name.lower() in method_choices() and lookup_method(name).full:
+        return [
+            "model.quantization: method 'full' trains every weight, and quantized weights do not train: use "
+            "an adapter method (e.g. method.name: lora), or remove model.quantization."
+        ]
+    return field_problems(Quantization, section, "model.quantization.") or Quantization(**section).problems()
+
+
+def _task_problems(config: ExperimentConfig, for_training: bool) -> list[str]:
+    """The task list (names and declarations); for training, also each declared task's files (opened, not kept)."""
+    tasks = config.tasks
     if not tasks and for_training:
         return ["tasks: the config lists no tasks: add e.g. tasks: [rte, sst2]."]
-    problems = []
-    for name in tasks:
-        try:
-            get_task(name)
-        except UnknownTaskError as err:
-            problems.append(f"tasks: {err}")
-    repeated = sorted({name for name in tasks if [t.lower() for t in tasks].count(name.lower()) > 1})
-    if repeated:
-        problems.append(
-            f"tasks: {', '.join(repeated)} listed more than once in {tasks}: each task gets one task id "
-            "and one head, so list each once."
-        )
-    return problems
+    problems = tasks_problems(tasks)
+    if problems or not for_training:
+        return problems
+    return declared_data_problems(task_specs(tasks), config.data.data_dir, config.config_dir)
 
 
 def _training_problems(training: dict, for_training: bool) -> list[str]:
