@@ -42,7 +42,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from common import interleaved, machine_info, markdown_table, ratio, summarize
-from pyramid_peft import aux_loss, uses_task_ids
+from pyramid_peft import adapter_reads_task_ids, aux_loss
 from speed import OneLinear, peft_config, randomize_ept, shared_copy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def adapted(base: nn.Module, method: str, targets) -> nn.Module:
 
 
 def routed(model: nn.Module, ids: torch.Tensor) -> dict:
-    return {"task_ids": ids} if uses_task_ids(model) else {}
+    return {"task_ids": ids} if adapter_reads_task_ids(model) else {}
 
 
 def timing(times) -> dict:

@@ -7,10 +7,11 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from conftest import TINY_BUILDERS, TINY_TARGETS, on_device, tiny_batch
-from pyramid_peft import EptConfig, NotMergeableError, export_lora, merge_for_task
-from pyramid_peft.merge import merge_compute_dtype
+from pyramid_peft import EptConfig, MultiLoraConfig, NotMergeableError, export_lora, merge_for_task
+from pyramid_peft.methods.base import merge_compute_dtype
 
 KEY = {"t5": "logits", "llama": "logits", "bert": "last_hidden_state"}
 
@@ -50,15 +51,18 @@ def test_merge_computes_in_float64_on_the_cpu_and_float32_on_accelerators(device
 
 
 def test_merge_sums_in_float64_on_the_cpu():
-    """W0 + B @ A with float32 tensors whose float32 sum rounds differently: the merge keeps the float64 sum."""
+    """W0 + B @ A with float32 tensors whose float32 sum rounds differently: both merges (the merged copy and PEFT's
+    in-place ``merge_adapter``) keep the float64 sum."""
     model = routed_model("llama")
     name, layer = model.base_model.routed_layers()[0]
     up, down = layer.task_lora_factors("default", 0)
     exact = (layer.get_base_layer().weight.double() + up.double() @ down.double()).float()
     in_float32 = layer.get_base_layer().weight + up @ down
-    assert not torch.equal(exact, in_float32)  # the two sums differ, so the check below can tell them apart
+    assert not torch.equal(exact, in_float32)  # the two sums differ, so the checks below can tell them apart
     merged = merge_for_task(model, 0).get_submodule(name.removeprefix("base_model.model."))
     assert torch.equal(merged.weight, exact)
+    model.merge_adapter(task_id=0)
+    assert torch.equal(layer.get_base_layer().weight, exact)
 
 
 @pytest.mark.device
@@ -96,9 +100,11 @@ def test_token_routing_cannot_be_merged_or_exported(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_merge_and_unload_points_to_merge_for_task():
-    with pytest.raises(NotMergeableError, match="merge_for_task"):
-        routed_model("t5").merge_and_unload()
+def test_merge_and_unload_of_a_task_routed_method_asks_for_the_task():
+    model = routed_model("t5")
+    with pytest.raises(NotMergeableError, match=r"name the task to merge, model.merge_and_unload\(task_id=t\)"):
+        model.merge_and_unload()
+    assert model.base_model.routed_layers()  # refused before any layer was touched
 
 
 def test_merge_rejects_task_ids_out_of_range():
@@ -149,3 +155,21 @@ def test_an_unmergeable_run_is_refused_before_anything_is_written(tiny_experimen
         with pytest.raises(NotMergeableError, match="HydraLoRA cannot be merged.*per token"):
             export_run(run, "sst2", mode, tmp_path / mode)
         assert not (tmp_path / mode).exists()
+
+
+def test_merging_in_place_into_a_quantized_base_is_refused_naming_it():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class Quantized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(16, 16, bias=False, compute_dtype=torch.float32).to("cpu")
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Quantized(), MultiLoraConfig(target_modules=["proj"], r=2))
+    before = model.base_model.model.proj.get_base_layer().weight.clone()
+    with pytest.raises(NotMergeableError, match=r"proj: the base weight is quantized \(torch.uint8\)"):
+        model.merge_adapter()
+    assert torch.equal(model.base_model.model.proj.get_base_layer().weight, before)

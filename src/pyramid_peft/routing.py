@@ -298,6 +298,12 @@ class TaskRoute:
         state = self._state.get()
         return state.stack[-1] if state.stack else state.last
 
+    def finished_calls(self) -> list[CallRoute]:
+        """The finished calls this route still holds: this thread's last one and the one kept for backward
+        re-runs (what ``delete_adapter`` clears of a deleted adapter)."""
+        calls = [self._state.get().last, self._retained]
+        return [call for i, call in enumerate(calls) if call is not None and call not in calls[:i]]
+
     def task_ids(self, batch_size: int, device: torch.device, required: bool = True) -> torch.Tensor | None:
         """The ids for a layer input of ``batch_size`` rows (expanded for beams / returned sequences in generate)."""
         call = self.current()

@@ -58,8 +58,8 @@ def shared_settings(config) -> str:
 def test_suite_configs_are_valid(quality, suite):
     """Every variant's config builds with one budget for all, under the selection protocol; each trained variant
     has a grid of >= 4 log-spaced learning rates about a factor 3 apart; method options are accepted."""
+    from pyramid_peft.registry import lookup_method
     from pyramid_peft.training.experiment import peft_config
-    from pyramid_peft.training.full import is_full
 
     loaded = quality.load_suite(suite)
     budgets = set()
@@ -73,7 +73,7 @@ def test_suite_configs_are_valid(quality, suite):
         if grid:
             assert len(grid) >= 4 and 2.5 <= quality.grid_ratio(grid) <= 3.5
             assert config.training["learning_rate"] == grid[0]
-        if grid and not is_full(config.method.name):
+        if grid and not lookup_method(config.method.name).full:
             peft_config(config, "encoder" if suite == "glue8" else "causal", len(config.tasks))
     assert len(budgets) == 1 and loaded.seeds == [0, 1, 2]
 
@@ -193,7 +193,8 @@ def test_results_of_another_budget_stop_the_suite_instead_of_counting_as_done(qu
 
 
 def test_a_checkpoint_of_another_budget_is_not_resumed(quality, tmp_path):
-    from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, config_text, recorded_config
+    from pyramid_peft.training.checkpoints import WEIGHTS_CONFIG_FILE
+    from pyramid_peft.training.run_folder import config_text, recorded_config
 
     suite = smoke_suite(quality)
     key = quality.RunKey("lora", 1e-3, 0)

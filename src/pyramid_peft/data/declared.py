@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..tasks.declare import template_fields
 from ..tasks.spec import OPTION_LETTERS, TaskSpec
-from .sources import DataSourceError
+from .location import DataSourceError, resolve_data_dir
 
 RESOLUTION_RULE = (
     "a data path is used as written when absolute; else it is looked up in the data folder (data.data_dir, else "
@@ -174,8 +174,6 @@ def _choice_fields(spec: TaskSpec, location: str, row: dict) -> dict:
 def declared_data_problems(specs: list[TaskSpec], data_dir=None, config_dir=None) -> list[str]:
     """The first problem of each declared task's files (missing, unreadable, a column, prompt field or label that
     is not there, no rows), found by reading them as training will; an empty list when every file is fine."""
-    from .sources import resolve_data_dir
-
     root = resolve_data_dir(data_dir)
     problems = []
     for spec in specs:

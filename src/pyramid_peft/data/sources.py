@@ -23,8 +23,9 @@ from functools import partial
 from pathlib import Path
 
 from ..tasks import TaskSpec, get_task
+from .declared import declared_examples
+from .location import DATA_DIR_ENV, DataSourceError, resolve_data_dir
 
-DATA_DIR_ENV = "EPT_DATA_DIR"
 STSB_SCORE_RANGE = (0.0, 5.0)
 _UNLABELLED = -1
 
@@ -35,31 +36,8 @@ _FIX_HINT = (
 )
 
 
-class DataSourceError(RuntimeError):
-    """Raised when a task's examples cannot be loaded, or a row of them is malformed."""
-
-
 class _RowError(ValueError):
     """A malformed row; the reader that caught it adds the file and line."""
-
-
-def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
-    """The local data folder: ``explicit`` if given, else ``$EPT_DATA_DIR``, else ``shared/data`` beside the
-    repository (:func:`shared_data_dir`), else None (use the hub). The same order as ``scripts/env.sh``."""
-    value = explicit if explicit is not None else os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else shared_data_dir()
-
-
-def shared_data_dir() -> Path | None:
-    """``../shared/data`` beside the checkout, if it exists: the checkout is the repository this package was
-    installed from in editable mode (found from the package's own location), or else the current folder."""
-    package_root = Path(__file__).resolve().parents[3]  # src/pyramid_peft/data/sources.py -> the repository
-    roots = [package_root] if (package_root / "pyproject.toml").is_file() else []
-    for root in [*roots, Path.cwd()]:
-        candidate = root.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate  # as found: a data folder reached through a symbolic link is recorded by that name
-    return None
 
 
 def load_examples(
@@ -77,8 +55,6 @@ def load_examples(
     _check_split_name(spec, split)
     root = resolve_data_dir(data_dir)
     if spec.family == "declared":
-        from .declared import declared_examples
-
         return declared_examples(spec, split, root, config_dir)
     path = local_split_path(spec.name, split, root) if root is not None else None
     if path is not None and path.is_file():

@@ -33,7 +33,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..tasks import TaskSpec, get_task
-from .sources import DataSourceError, load_examples, local_split_path, resolve_data_dir
+from .location import DataSourceError, resolve_data_dir
+from .sources import load_examples, local_split_path
 
 PROTOCOLS = ("ept", "hyperformer", "selection")
 EPT_SEED = 1189

@@ -28,6 +28,7 @@ from transformers import Seq2SeqTrainingArguments
 from ..atomic import atomic_write_text
 from ..methods.config_base import unknown_key_message
 from ..tasks.declare import entry_name
+from .validation import ConfigError, check_config
 
 SECTIONS = ("model", "method", "tasks", "data", "sampling", "training")
 # Defaults for training fields whose stock default does not suit a multi-task run.
@@ -62,13 +63,6 @@ YamlLoader.add_implicit_resolver(
 def read_yaml(text: str):
     """Parse YAML text with :class:`YamlLoader`."""
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
-
-
-ANSWER_SCORING = ("generate", "likelihood")
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong kind."""
 
 
 @dataclass
@@ -231,8 +225,6 @@ def from_dict(
     Every problem (unknown keys with the closest valid one, wrong types, out-of-range values, unknown or repeated
     tasks, an unknown method or method option) is collected in one pass and raised as one :class:`ConfigError`.
     """
-    from .validation import check_config  # it reads this module's classes: imported when first used
-
     problems = [_unknown_key(key, SECTIONS, source) for key in raw if key not in SECTIONS]
     sections = {}
     for name, cls in _SECTION_CLASSES.items():

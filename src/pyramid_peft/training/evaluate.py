@@ -19,7 +19,7 @@ from torch import nn
 
 from ..metrics import average_scores, compute_metrics
 from ..tasks import TaskSpec
-from .heads import MultiTaskClassifier
+from .heads import MultiTaskClassifier, forward_takes_task_ids
 
 # What each kind's floor is: the score of a model that learned nothing usable for the task.
 FLOOR_KINDS = {
@@ -41,6 +41,18 @@ class EvalSet:
 
 
 @dataclass
+class EvalSetup:
+    """How to evaluate a run: the per-task sets, the collator that builds evaluation inputs (for causal models the
+    generation collator), the tokenizer that decodes, the model family, and the answer scoring."""
+
+    sets: list[EvalSet]
+    collator: object
+    tokenizer: object
+    family: str
+    answer_scoring: str = "generate"  # see DataSection
+
+
+@dataclass
 class Predictor:
     """What :func:`evaluate_tasks` needs to turn a batch of examples into predictions.
 
@@ -51,7 +63,6 @@ class Predictor:
             generation collator, prompts only, left-padded).
         tokenizer: decodes generations.
         batch_size: examples per forward / generate call.
-        route_task_ids: pass ``task_ids`` to the model (methods that route by task, and all heads models).
         num_beams: beams for generation (1 = greedy, the EPT setting).
         synced_gpus: keep ranks in step inside ``generate`` (DeepSpeed ZeRO-3, FSDP).
         answer_scoring: ``generate`` or ``likelihood`` (classification tasks of generative models; see
@@ -66,35 +77,24 @@ class Predictor:
     collator: object
     tokenizer: object
     batch_size: int = 32
-    route_task_ids: bool = True
     num_beams: int = 1
     synced_gpus: bool = False
     answer_scoring: str = "generate"
     by_length: bool = True
 
     @classmethod
-    def for_run(
-        cls,
-        model,
-        family: str,
-        collator,
-        tokenizer,
-        args,
-        route_task_ids: bool,
-        synced_gpus: bool = False,
-        answer_scoring: str = "generate",
-    ):
-        """A predictor with the evaluation settings of the training arguments ``args``."""
+    def for_run(cls, model, setup: EvalSetup, args, synced_gpus: bool = False) -> Predictor:
+        """The predictor of ``setup`` with the evaluation settings (batch size, beams) of training arguments
+        ``args``; ``synced_gpus`` under DeepSpeed ZeRO-3 or FSDP."""
         return cls(
             model,
-            family,
-            collator,
-            tokenizer,
+            setup.family,
+            setup.collator,
+            setup.tokenizer,
             batch_size=args.per_device_eval_batch_size,
-            route_task_ids=route_task_ids,
             num_beams=args.generation_num_beams or 1,
             synced_gpus=synced_gpus,
-            answer_scoring=answer_scoring,
+            answer_scoring=setup.answer_scoring,
         )
 
     @torch.no_grad()
@@ -156,7 +156,7 @@ class Predictor:
         ]
         options = [len(f["example"]["choices"]) if task.multiple_choice else num_labels for f in features]
         batch = {k: v.to(_device(self.model)) for k, v in self.collator.for_scoring()(candidates).items()}
-        if not self.route_task_ids:
+        if not forward_takes_task_ids(self.model):
             batch.pop("task_ids")
         targets = answer_targets(batch["labels"], self.family, self.tokenizer.all_special_ids)
         scored = targets != -100
@@ -177,7 +177,7 @@ class Predictor:
         return logits[:, :-1] if self.family == "causal" else logits  # causal: position t predicts token t + 1
 
     def _generate(self, batch: dict, max_new_tokens: int, num_beams: int) -> list[str]:
-        kwargs = {"task_ids": batch["task_ids"]} if self.route_task_ids else {}
+        kwargs = {"task_ids": batch["task_ids"]} if forward_takes_task_ids(self.model) else {}
         output = self.model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],

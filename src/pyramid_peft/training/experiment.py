@@ -11,14 +11,12 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
-from ..methods.base import uses_task_ids
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
-from ..registry import make_peft_config
+from ..registry import lookup_method, make_peft_config
 from ..tasks import TaskSpec
 from ..tasks.declare import task_specs
 from .config import ConfigError, ExperimentConfig
-from .evaluate import EvalSet, answer_token_budget
-from .full import is_full
+from .evaluate import EvalSet, EvalSetup, answer_token_budget
 from .heads import MultiTaskClassifier
 from .validation import method_options
 
@@ -47,7 +45,7 @@ class Experiment:
     @property
     def full(self) -> bool:
         """Full fine-tuning: no adapter, every weight trains."""
-        return is_full(self.config.method.name)
+        return lookup_method(self.config.method.name).full
 
     @property
     def peft_model(self) -> PeftModel:
@@ -63,7 +61,7 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
     _check_tasks_fit(tasks, resolved.family)
     tokenizer = load_tokenizer(resolved)
     base = load_model(resolved, section.dtype, random_init=random_init, quantization=section.quantization)
-    if is_full(config.method.name):
+    if lookup_method(config.method.name).full:
         adapted = base  # every weight trains
     else:
         adapted = _adapt(base, peft_config(config, resolved.family, len(tasks)), config.method.name)
@@ -74,7 +72,6 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
             [t.name for t in tasks],
             [t.num_labels for t in tasks],
             hidden_size=base.config.hidden_size,
-            route_task_ids=uses_task_ids(adapted),
             **_head_dropout(base.config),
         )
     return Experiment(config, resolved, tokenizer, tasks, model)
@@ -166,3 +163,16 @@ def eval_sets(experiment: Experiment, splits: list, use_test: bool = False) -> l
         examples, name = (split.test, split.test_split) if use_test else (split.eval, split.eval_split)
         sets.append(EvalSet(task, task_id, examples, name))
     return sets
+
+
+def evaluation_setup(experiment: Experiment, splits: list, use_test: bool = False) -> EvalSetup:
+    """What evaluating ``experiment`` takes: its per-task sets (:func:`eval_sets`), evaluation collator, tokenizer,
+    family and answer scoring."""
+    _, collator = collators(experiment)
+    return EvalSetup(
+        eval_sets(experiment, splits, use_test),
+        collator,
+        experiment.tokenizer,
+        experiment.family,
+        experiment.config.data.answer_scoring,
+    )

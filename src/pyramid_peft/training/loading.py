@@ -11,12 +11,12 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import set_seed
 
-from .checkpoints import checkpoint_problem, newest_valid_checkpoint
+from .checkpoints import WEIGHTS_CONFIG_FILE, checkpoint_problem, newest_valid_checkpoint
 from .config import ConfigError, load_config
 from .experiment import Experiment, RunError, build_experiment
 from .full import load_weights
 from .heads import MultiTaskClassifier
-from .run_folder import ADAPTER_DIR, WEIGHTS_CONFIG_FILE
+from .run_folder import ADAPTER_DIR
 
 # adapter_config.json keys that say where or how the adapter was loaded, not what it is.
 _NOT_COMPARED = {"base_model_name_or_path", "inference_mode", "revision", "peft_version", "auto_mapping"}

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..data.sources import DATA_DIR_ENV
+from ..data.location import DATA_DIR_ENV
 from ..merge import capabilities_of, task_factors, truncate
 from ..models import ALIASES
 from .run_folder import METRICS_FILE

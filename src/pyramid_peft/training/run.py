@@ -17,16 +17,15 @@ import torch
 from transformers import TrainerCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
+from .checkpoints import WEIGHTS_CONFIG_FILE
 from .config import ConfigError, ExperimentConfig
 from .evaluate import Predictor, evaluate_tasks, with_baseline_floors
-from .experiment import build_experiment, collators, eval_sets, load_splits
-from .heads import needs_task_ids
+from .experiment import build_experiment, collators, evaluation_setup, load_splits
 from .loading import load_run
 from .run_folder import (
     ADAPTER_DIR,
     BASELINE_FILE,
     TENSORBOARD_DIR,
-    WEIGHTS_CONFIG_FILE,
     claim_run_folder,
     config_text,
     finish_run,
@@ -34,7 +33,7 @@ from .run_folder import (
     recorded_config,
     write_metrics,
 )
-from .trainer import EvalSetup, MultiTaskDataset, MultiTaskTrainer
+from .trainer import MultiTaskDataset, MultiTaskTrainer
 from .validation import check_config
 
 
@@ -43,13 +42,23 @@ def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback]
     ``train()``."""
     check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
+    return _trainer(config, args, recorded_config(config, Path(args.output_dir)), callbacks)
+
+
+def _trainer(
+    config: ExperimentConfig,
+    args,
+    record: ExperimentConfig,
+    callbacks: Sequence[TrainerCallback],
+    allow_config_change: bool = False,
+) -> MultiTaskTrainer:
+    """The trainer of a checked ``config`` with its built training arguments and its run-folder ``record``."""
     _check_processes(args)
     _check_sharding(args)
-    record = recorded_config(config, Path(args.output_dir))
     set_seed(args.seed)
     experiment = build_experiment(record)
     splits = load_splits(experiment)
-    train_collator, eval_collator = collators(experiment)
+    train_collator, _ = collators(experiment)
     trainer = MultiTaskTrainer(
         model=experiment.model,
         args=args,
@@ -58,26 +67,35 @@ def build_trainer(config: ExperimentConfig, callbacks: Sequence[TrainerCallback]
         ),
         data_collator=train_collator,
         processing_class=experiment.tokenizer,
-        eval_setup=EvalSetup(
-            eval_sets(experiment, splits), eval_collator, experiment.family, config.data.answer_scoring
-        ),
+        eval_setup=evaluation_setup(experiment, splits),
         sampling=config.sampling,
         head_learning_rate=config.model.head_learning_rate,
         extra_files={WEIGHTS_CONFIG_FILE: config_text(record)},
+        config_record=record.to_dict(),
+        allow_config_change=allow_config_change,
         callbacks=list(callbacks),
     )
     _log_to_the_run_folder(trainer, Path(args.output_dir))
     return trainer
 
 
-def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+def train(
+    config: ExperimentConfig,
+    overwrite: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+    allow_config_change: bool = False,
+    checked: bool = False,
+) -> dict:
     """Check the config and the run folder, train, evaluate and fill the run folder; returns the final results.
     ``callbacks`` are extra Trainer callbacks (a benchmark recording each evaluation as it happens).
 
     A folder that holds a run is refused (see :func:`.run_folder.claim_run_folder`) unless this resumes an
-    unfinished one, or ``overwrite`` moves the old run aside first.
+    unfinished one, or ``overwrite`` moves the old run aside first. Resuming refuses a checkpoint trained under
+    settings that change the trajectory (see :mod:`.checkpoints`) unless ``allow_config_change``. ``checked``: the
+    config was already validated for training (``load_config(..., for_training=True)`` does), so it is not again.
     """
-    check_config(config, for_training=True)
+    if not checked:
+        check_config(config, for_training=True)
     args = config.training_arguments(**_training_defaults(config))
     _check_processes(args)  # before the run folder is claimed
     _check_sharding(args)
@@ -86,7 +104,8 @@ def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence
     with args.main_process_first(local=False, desc="moving the earlier run aside"):
         if must_move and args.should_save and run_dir.is_dir():
             print(f"ept: moved the run that was in {run_dir} to {move_aside(run_dir)}", file=sys.stderr)
-    trainer = build_trainer(config, callbacks)
+    record = recorded_config(config, run_dir)
+    trainer = _trainer(config, args, record, callbacks, allow_config_change)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
     trainer.evaluate()
     results = {
@@ -97,7 +116,7 @@ def train(config: ExperimentConfig, overwrite: bool = False, callbacks: Sequence
     }
     trainer.save_model_atomically(run_dir / ADAPTER_DIR)  # on every rank: FSDP and DeepSpeed gather the weights
     if trainer.is_world_process_zero():
-        finish_run(run_dir, recorded_config(config, run_dir), results)
+        finish_run(run_dir, record, results)
     return results
 
 
@@ -162,18 +181,9 @@ def evaluate_run(
     evaluations of the run read them from there.
     """
     experiment = load_run(run_dir, checkpoint, untrained=baseline)
-    splits = load_splits(experiment)
-    _, eval_collator = collators(experiment)
-    predictor = Predictor.for_run(
-        experiment.model,
-        experiment.family,
-        eval_collator,
-        experiment.tokenizer,
-        experiment.config.training_arguments(),
-        needs_task_ids(experiment.model),
-        answer_scoring=experiment.config.data.answer_scoring,
-    )
-    results = evaluate_tasks(predictor, eval_sets(experiment, splits, use_test=split == "test"))
+    setup = evaluation_setup(experiment, load_splits(experiment), use_test=split == "test")
+    predictor = Predictor.for_run(experiment.model, setup, experiment.config.training_arguments())
+    results = evaluate_tasks(predictor, setup.sets)
     baseline_file = Path(run_dir) / BASELINE_FILE.format(split=split)
     if baseline:
         results = {**results, "weights": "untrained (adapter as initialised)"}

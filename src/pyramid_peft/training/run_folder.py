@@ -34,7 +34,6 @@ from .config import ExperimentConfig
 from .experiment import RunError
 
 CONFIG_FILE = "config.yaml"
-WEIGHTS_CONFIG_FILE = "experiment.yaml"  # inside adapter/ and every checkpoint: the config those weights came from
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 EXPORT_DIR = "export"
@@ -72,7 +71,7 @@ def claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> bool:
         checkpoint = newest_valid_checkpoint(run_dir)
         further = (
             f" To train it further, start a new run from its checkpoint: --output_dir NEW "
-            f"--resume_from_checkpoint {checkpoint}."
+            f"--resume_from_checkpoint {checkpoint} --max_steps MORE --allow_config_change."
             if checkpoint
             else ""
         )

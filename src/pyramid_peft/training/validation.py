@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig
 from transformers import Seq2SeqTrainingArguments
 
 from ..data.declared import declared_data_problems
@@ -19,12 +19,14 @@ from ..data.splits import PROTOCOLS
 from ..methods.config_base import field_problems
 from ..models import FAMILIES, model_name_problem
 from ..models.quantized import Quantization
-from ..registry import METHODS, make_peft_config, method_names
+from ..registry import lookup_method, make_peft_config, method_choices
 from ..tasks.declare import task_specs, tasks_problems
-from .config import ANSWER_SCORING, ConfigError, ExperimentConfig
-from .full import FULL, is_full
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module to check what it reads
+    from .config import ExperimentConfig
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "auto")
+ANSWER_SCORING = ("generate", "likelihood")
 # Training fields that must be positive when set, and those that must not be negative.
 _POSITIVE_TRAINING = (
     "learning_rate",
@@ -36,6 +38,10 @@ _POSITIVE_TRAINING = (
     "eval_steps",
 )
 _NON_NEGATIVE_TRAINING = ("warmup_steps", "weight_decay", "max_grad_norm", "seed", "save_total_limit")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong kind."""
 
 
 def check_config(
@@ -60,20 +66,10 @@ def config_problems(config: ExperimentConfig, for_training: bool = False) -> lis
     ]
 
 
-def method_config_class(method: str) -> type:
-    """The config class of a method name (``lora`` is stock PEFT's); an unknown name raises ``ValueError``."""
-    key = method.lower()
-    if key == "lora":
-        return LoraConfig
-    if key not in METHODS:
-        make_peft_config(method)  # raises the registry's error
-    return METHODS[key].config_cls
-
-
 def method_options(method: str, options: dict, num_tasks: int) -> dict:
     """The method's keyword arguments, ``num_tasks`` defaulting to the number of tasks where the method takes it."""
     options = dict(options)
-    if "num_tasks" in {f.name for f in dataclasses.fields(method_config_class(method))}:
+    if lookup_method(method).takes_num_tasks:
         options.setdefault("num_tasks", num_tasks)
     return options
 
@@ -82,7 +78,10 @@ def method_problems(config: ExperimentConfig) -> list[str]:
     """The method name, its options (keys and types, generically over its config class), ``num_tasks`` against
     the tasks, and the method's own range checks (its config class built once, offline)."""
     name, options = config.method.name, config.method.options
-    if is_full(name):
+    if name.lower() not in method_choices():
+        return [_unknown_choice("method.name", name, method_choices())]
+    choice = lookup_method(name)
+    if choice.full:
         return (
             [
                 f"method 'full' trains every weight and takes no options, got {sorted(options)}: remove them (the "
@@ -91,15 +90,11 @@ def method_problems(config: ExperimentConfig) -> list[str]:
             if options
             else []
         )
-    valid = [*method_names(), FULL]
-    if name.lower() not in valid:
-        return [_unknown_choice("method.name", name, valid)]
-    cls = method_config_class(name)
-    problems = field_problems(cls, options, "method.")
+    problems = field_problems(choice.config_cls, options, "method.")
     if problems:
         return problems
     num_tasks, tasks = options.get("num_tasks"), len(config.tasks)
-    if "num_tasks" in {f.name for f in dataclasses.fields(cls)} and num_tasks is not None and num_tasks < tasks:
+    if choice.takes_num_tasks and num_tasks is not None and num_tasks < tasks:
         return [
             f"method.num_tasks={num_tasks} is smaller than the {tasks} tasks configured {config.task_names}, whose "
             f"ids run up to {tasks - 1}: remove method.num_tasks (it defaults to the number of tasks) or set it "
@@ -146,7 +141,8 @@ def _quantization_problems(config: ExperimentConfig) -> list[str]:
     section = config.model.quantization
     if section is None:
         return []
-    if is_full(config.method.name):
+    name = config.method.name
+    if name.lower() in method_choices() and lookup_method(name).full:
         return [
             "model.quantization: method 'full' trains every weight, and quantized weights do not train: use "
             "an adapter method (e.g. method.name: lora), or remove model.quantization."

@@ -48,6 +48,7 @@ class TuckaRoutingError(RuntimeError):
 class TuckaLayer(RoutedLayer):
     adapter_layer_names = ("tucka_core", "tucka_mode", "tucka_factor", "tucka_centroids")
     other_param_names = ("tucka_config", "tucka_centroids_ready", "tucka_alb_bias")
+    adapter_state_names = ("_ready_seen",)
     parameter_groups = {"tucka_centroids": "router"}
 
     def __init__(self, base_layer: nn.Module, route):
