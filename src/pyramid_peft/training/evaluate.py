@@ -19,6 +19,7 @@ from torch import nn
 from ..metrics import average_scores, compute_metrics
 from ..tasks import TaskSpec
 from ..tasks.spec import format_stsb_score
+from .answer_text import answer_text_predictions
 from .heads import MultiTaskClassifier
 
 # STS-B targets are the 26 scores 0.0, 0.2, ..., 5.0.
@@ -49,8 +50,8 @@ class Predictor:
         route_task_ids: pass ``task_ids`` to the model (methods that route by task, and all heads models).
         num_beams: beams for generation (1 = greedy, the EPT setting).
         synced_gpus: keep ranks in step inside ``generate`` (DeepSpeed ZeRO-3, FSDP).
-        answer_scoring: ``generate`` or ``likelihood`` (classification tasks of generative models; see
-            :meth:`_most_likely_labels`).
+        answer_scoring: ``generate``, ``likelihood`` or ``answer_text`` (classification tasks of generative
+            models; see :meth:`_most_likely_labels` and :mod:`pyramid_peft.training.answer_text`).
         by_length: batch examples of similar length together (sorted by the length of their input text), so
             that little of each batch is padding; predictions come back in the examples' order. Each example's
             prediction is the same either way, up to float rounding in the padded positions' masked sums.
@@ -110,12 +111,15 @@ class Predictor:
     def _predict_in_order(self, eval_set: EvalSet, examples: list[dict]) -> list:
         predictions: list = []
         generative = self.family != "encoder"
-        by_likelihood = generative and self.answer_scoring == "likelihood" and not eval_set.task.is_regression
+        by_likelihood = generative and self.answer_scoring != "generate" and not eval_set.task.is_regression
         generating = generative and not by_likelihood
         budget = answer_token_budget(eval_set.task, self.tokenizer, self.family) if generating else 0
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start : start + self.batch_size]
             features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
+            if by_likelihood and self.answer_scoring == "answer_text":
+                predictions += self._most_likely_texts(chunk, eval_set)
+                continue
             if by_likelihood:
                 predictions += self._most_likely_labels(features, eval_set.task)
                 continue
@@ -162,6 +166,14 @@ class Predictor:
             scores = answer_log_likelihood(self._aligned_logits(batch), targets).view(len(features), num_labels)
         offered = torch.arange(num_labels, device=scores.device) < torch.tensor(options, device=scores.device)[:, None]
         return scores.masked_fill(~offered, float("-inf")).argmax(-1).tolist()
+
+    def _most_likely_texts(self, examples: list[dict], eval_set: EvalSet) -> list[int]:
+        """Per example, the option whose text is most likely per character (``answer_scoring: answer_text``)."""
+        task_ids = torch.full((len(examples),), eval_set.task_id) if self.route_task_ids else None
+        max_length = getattr(self.collator, "max_length", None) or getattr(self.collator, "max_source_length", None)
+        return answer_text_predictions(
+            self.model, self.tokenizer, self.family, eval_set.task, task_ids, examples, max_length
+        )
 
     def _aligned_logits(self, batch: dict) -> torch.Tensor:
         """Logits whose position t scores target t of :func:`answer_targets` (float32)."""

@@ -1,0 +1,179 @@
+"""Commonsense-4's zero-shot floor under both answer scorings: option letters against option texts (acc_norm).
+
+    python benchmarks/commonsense_floor.py [--rows 500] [--scorings likelihood answer_text] [--tasks boolq ...]
+
+The untuned model of ``configs/benchmarks/commonsense4-smollm2.yaml`` (its adapter disabled, as the suite's
+``zero-shot`` run) predicts the first ``--rows`` test rows of each task twice, with the same prompts and data:
+
+* ``likelihood``: the option letter (BoolQ: yes / no) it finds most likely after the prompt that lists the options
+  (the suite's scoring; a small model that never learnt the letter format lands near chance);
+* ``answer_text``: the option whose own text is most likely after the question, per character, the options not
+  listed (lm-evaluation-harness's ``acc_norm``; :mod:`pyramid_peft.training.answer_text`).
+
+Each task's accuracy is shown beside its chance level (the mean of 1 / options over the rows) and its majority level.
+Writes ``benchmarks/results/commonsense4-floor.{json,md}`` after every task and scoring, so an interrupted run keeps
+what it finished and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from common import machine_info
+from pyramid_peft.atomic import atomic_write_text
+from pyramid_peft.training import build_experiment
+from pyramid_peft.training.answer_text import answer_options
+from pyramid_peft.training.evaluate import Predictor, majority_level
+from pyramid_peft.training.experiment import collators, eval_sets, load_splits
+from pyramid_peft.training.heads import needs_task_ids
+from quality import RunKey, aware_time, evaluate_set, load_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT = ROOT / "benchmarks" / "results" / "commonsense4-floor"
+SCORINGS = ("likelihood", "answer_text")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=500, help="first test rows per task (default 500)")
+    parser.add_argument("--scorings", nargs="+", choices=SCORINGS, default=list(SCORINGS))
+    parser.add_argument("--tasks", nargs="+", help="default: the suite's four")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--output", type=Path, default=OUTPUT, help=f"files' stem (default {OUTPUT})")
+    parser.add_argument(
+        "--no-new-runs-after", type=aware_time, metavar="TIME", help="start no task after this ISO time (UTC)"
+    )
+    return parser.parse_args(argv)
+
+
+def floor_experiment(rows: int, tasks: list[str] | None):
+    """The suite's zero-shot experiment with ``rows`` evaluation rows per task."""
+    suite = load_suite("commonsense4", {"data.max_eval_examples": rows, **({"tasks": tasks} if tasks else {})})
+    config = suite.config(RunKey("zero-shot", None, suite.seeds[0]), Path("runs/benchmarks"))
+    return build_experiment(config)
+
+
+def evaluate_floor(experiment, scoring: str, eval_set) -> dict:
+    """One task's test rows under one scoring, the adapter disabled."""
+    _, collator = collators(experiment)
+    predictor = Predictor.for_run(
+        experiment.model,
+        experiment.family,
+        collator,
+        experiment.tokenizer,
+        experiment.config.training_arguments(),
+        needs_task_ids(experiment.model),
+        answer_scoring=scoring,
+    )
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with experiment.peft_model.disable_adapter():
+        result = evaluate_set(predictor, eval_set)
+    return {
+        "split": result["split"],
+        "num_examples": result["num_examples"],
+        "accuracy": result["metrics"]["paper"],
+        "collapsed": result["collapsed"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
+    }
+
+
+def task_levels(eval_set) -> dict:
+    """Chance (mean 1 / options, x100) and majority (always the most common label) of the task's rows."""
+    examples = eval_set.examples
+    labels = [example["label"] for example in examples]
+    chance = statistics.fmean(1 / len(answer_options(eval_set.task, example)) for example in examples)
+    return {"chance": 100 * chance, "majority": majority_level(eval_set.task, labels)}
+
+
+def markdown(record: dict) -> str:
+    """The floor table: per task its chance and majority levels and the accuracy under each scoring."""
+    scorings = [s for s in SCORINGS if any(s in t["scores"] for t in record["tasks"].values())]
+    lines = [
+        f"<!-- written by benchmarks/commonsense_floor.py: {record['command']} -->",
+        f"### Commonsense-4 zero-shot floor of {record['model']} (first {record['rows']} test rows per task)",
+        "",
+        "| task | rows | chance | majority | " + " | ".join(LABELS[s] for s in scorings) + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in scorings) + " |",
+    ]
+    for task, entry in record["tasks"].items():
+        cells = [_score_cell(entry["scores"].get(s)) for s in scorings]
+        lines.append(
+            f"| {task} | {entry['num_examples']} | {entry['chance']:.1f} | {entry['majority']:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        "",
+        "Accuracy x100 of the untuned model (adapter disabled). Option letter: the letter (BoolQ: yes / no) "
+        "the model finds most likely after a prompt that lists the lettered options (the suite's scoring). Answer "
+        "text: each option's own text as the continuation of the question, the options not listed, its "
+        "log-likelihood divided by its length in characters (lm-evaluation-harness's acc_norm). Chance: the mean "
+        "of 1 / options over the rows; majority: always the most common label. † the scoring predicts one option "
+        "for every row.",
+        "",
+        f"Command: `{record['command']}`. Machine: {record['machine']['cpu']}, "
+        f"{record['machine']['torch_threads']} torch thread(s), torch {record['machine']['torch']}, "
+        f"{record['machine']['date']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+LABELS = {"likelihood": "option letter", "answer_text": "answer text (acc_norm)"}
+
+
+def _score_cell(score: dict | None) -> str:
+    if score is None:
+        return ""
+    return f"{score['accuracy']:.1f}" + (" †" if score["collapsed"] else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    experiment = floor_experiment(args.rows, args.tasks)
+    experiment.model.eval()
+    json_path, md_path = args.output.with_suffix(".json"), args.output.with_suffix(".md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/commonsense_floor.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    record = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if record.get("rows") != args.rows or record.get("model") != experiment.config.model.name:
+        record = {"rows": args.rows, "model": experiment.config.model.name, "tasks": {}}
+    record.update(command=command.strip(), machine=machine_info())
+    sets = eval_sets(experiment, load_splits(experiment), use_test=True)
+    for scoring, eval_set in itertools.product(args.scorings, sets):  # a scoring over every task, then the next
+        entry = record["tasks"].setdefault(
+            eval_set.task.name, {"num_examples": len(eval_set.examples), **task_levels(eval_set), "scores": {}}
+        )
+        if scoring in entry["scores"]:
+            continue  # done by an earlier sitting
+        if args.no_new_runs_after and datetime.now(timezone.utc) > args.no_new_runs_after:
+            print(f"[floor] past {args.no_new_runs_after.isoformat()}: {eval_set.task.name} {scoring} not started")
+            continue
+        score = entry["scores"][scoring] = evaluate_floor(experiment, scoring, eval_set)
+        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(md_path, markdown(record))
+        print(
+            f"[floor] {eval_set.task.name} {scoring}: {score['accuracy']:.1f} "
+            f"({score['seconds']:.0f} s, {score['cpu_seconds']:.0f} s of CPU)",
+            flush=True,
+        )
+    print(markdown(record))
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
