@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -355,15 +354,20 @@ def release(path: Path) -> None:
 def pending_runs(suite: Suite, variants: list[str], done: dict[RunKey, dict], failed: set[RunKey]) -> list[RunKey]:
     """What every variant needs next, sweep steps of all variants before any final seed; failed runs left out.
 
-    A probe suite takes the variants' sweep runs in turns, each from its highest rate down: first every method at
-    its shorter budget's rate (the runs that answer most on their own), then the steps below."""
+    A probe suite takes the variants' sweep runs in turns from the top of their grids: first every method at its
+    shorter budget's rate (the runs that answer most on their own), then every method one step below, and so on."""
     plans = [variant_plan(suite, v, done) for v in variants if suite.runnable(v)]
     sweeps = [k for keys, chosen in plans if chosen is None for k in keys]
     if suite.probe:
-        from_top = [[k for k in sweeps if k.variant == v][::-1] for v in variants]
-        sweeps = [k for turn in itertools.zip_longest(*from_top) for k in turn if k is not None]
+        sweeps.sort(key=lambda k: (_steps_from_the_top(suite, k, done), variants.index(k.variant)))
     finals = [k for keys, chosen in plans if chosen is not None for k in keys]
     return [k for k in sweeps + finals if k not in failed]
+
+
+def _steps_from_the_top(suite: Suite, key: RunKey, done: dict[RunKey, dict]) -> int:
+    """How many rates of the variant's grid (with its extensions so far) lie above the run's."""
+    grid = {*suite.grids[key.variant], *sweep_grid(suite, key.variant, done)}
+    return sum(rate > key.learning_rate for rate in grid)
 
 
 def run_suite(
