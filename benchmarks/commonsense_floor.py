@@ -11,6 +11,9 @@ The untuned model of ``configs/benchmarks/commonsense4-smollm2.yaml`` (its adapt
   listed (lm-evaluation-harness's ``acc_norm``; :mod:`pyramid_peft.training.answer_text`).
 
 Each task's accuracy is shown beside its chance level (the mean of 1 / options over the rows) and its majority level.
+``--reuse RECORD`` takes a scoring's predictions from a run file of ``quality.py commonsense4`` (its ``zero-shot``
+run) instead of predicting again, only where that run's config is this one's (under that scoring) and its rows are
+these (the same fingerprint); the table names the file.
 Writes ``benchmarks/results/commonsense4-floor.{json,md}`` after every task and scoring, so an interrupted run keeps
 what it finished and a rerun skips it.
 """
@@ -34,12 +37,13 @@ import torch
 
 from common import machine_info
 from pyramid_peft.atomic import atomic_write_text
+from pyramid_peft.metrics import compute_metrics
 from pyramid_peft.training import build_experiment
 from pyramid_peft.training.answer_text import answer_options
 from pyramid_peft.training.evaluate import Predictor, majority_level
 from pyramid_peft.training.experiment import collators, eval_sets, load_splits
 from pyramid_peft.training.heads import needs_task_ids
-from quality import RunKey, aware_time, evaluate_set, load_suite
+from quality import RunKey, aware_time, config_differences, evaluate_set, fingerprint, load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "benchmarks" / "results" / "commonsense4-floor"
@@ -53,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help="default: the suite's four")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"files' stem (default {OUTPUT})")
+    parser.add_argument(
+        "--reuse", type=Path, metavar="RECORD", help="a quality.py run file of this floor whose predictions to reuse"
+    )
     parser.add_argument(
         "--no-new-runs-after", type=aware_time, metavar="TIME", help="start no task after this ISO time (UTC)"
     )
@@ -91,6 +98,28 @@ def evaluate_floor(experiment, scoring: str, eval_set) -> dict:
     }
 
 
+def reused_floor(experiment, scoring: str, eval_set, run_file: Path) -> dict | None:
+    """The task's score from a quality.py run file made under this config with ``scoring`` on these rows, else
+    None (the reason printed)."""
+    record = json.loads(run_file.read_text())
+    config = experiment.config.to_dict()
+    config["data"]["answer_scoring"] = scoring
+    reported = record["reported"].get(eval_set.task.name)
+    differ = config_differences(record["config"], config)
+    if differ or reported is None or reported["fingerprint"] != fingerprint(eval_set.examples):
+        why = "; ".join(differ[:3]) or "other rows"
+        print(f"[floor] {run_file.name} not reused for {eval_set.task.name} {scoring}: {why}", flush=True)
+        return None
+    metrics = compute_metrics(eval_set.task, reported["predictions"], reported["labels"])
+    return {
+        "split": reported["split"],
+        "num_examples": reported["num_examples"],
+        "accuracy": metrics["paper"],
+        "collapsed": reported["collapsed"],
+        "from": run_file.resolve().relative_to(ROOT).as_posix(),
+    }
+
+
 def task_levels(eval_set) -> dict:
     """Chance (mean 1 / options, x100) and majority (always the most common label) of the task's rows."""
     examples = eval_set.examples
@@ -103,12 +132,15 @@ def markdown(record: dict) -> str:
     """The floor table: per task its chance and majority levels and the accuracy under each scoring."""
     scorings = [s for s in SCORINGS if any(s in t["scores"] for t in record["tasks"].values())]
     lines = [
-        f"<!-- written by benchmarks/commonsense_floor.py: {record['command']} -->",
+        "<!-- written by benchmarks/commonsense_floor.py -->",
         f"### Commonsense-4 zero-shot floor of {record['model']} (first {record['rows']} test rows per task)",
         "",
         "| task | rows | chance | majority | " + " | ".join(LABELS[s] for s in scorings) + " |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in scorings) + " |",
     ]
+    reused = sorted(
+        {score["from"] for t in record["tasks"].values() for score in t["scores"].values() if "from" in score}
+    )
     for task, entry in record["tasks"].items():
         cells = [_score_cell(entry["scores"].get(s)) for s in scorings]
         lines.append(
@@ -123,9 +155,10 @@ def markdown(record: dict) -> str:
         "text: each option's own text as the continuation of the question, the options not listed, its "
         "log-likelihood divided by its length in characters (lm-evaluation-harness's acc_norm). Chance: the mean "
         "of 1 / options over the rows; majority: always the most common label. † the scoring predicts one option "
-        "for every row.",
+        "for every row."
+        + (f" ‡ predictions of the same rows under the same config, from {', '.join(reused)}." if reused else ""),
         "",
-        f"Command: `{record['command']}`. Machine: {record['machine']['cpu']}, "
+        "Commands: " + "; ".join(f"`{c}`" for c in record["commands"]) + f". Machine: {record['machine']['cpu']}, "
         f"{record['machine']['torch_threads']} torch thread(s), torch {record['machine']['torch']}, "
         f"{record['machine']['date']}.",
     ]
@@ -138,7 +171,7 @@ LABELS = {"likelihood": "option letter", "answer_text": "answer text (acc_norm)"
 def _score_cell(score: dict | None) -> str:
     if score is None:
         return ""
-    return f"{score['accuracy']:.1f}" + (" †" if score["collapsed"] else "")
+    return f"{score['accuracy']:.1f}" + (" †" if score["collapsed"] else "") + (" ‡" if "from" in score else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     record = json.loads(json_path.read_text()) if json_path.is_file() else {}
     if record.get("rows") != args.rows or record.get("model") != experiment.config.model.name:
         record = {"rows": args.rows, "model": experiment.config.model.name, "tasks": {}}
-    record.update(command=command.strip(), machine=machine_info())
+    record.update(machine=machine_info())
+    record["commands"] = [*record.get("commands", [record["command"]] if "command" in record else []), command.strip()]
+    record.pop("command", None)
     sets = eval_sets(experiment, load_splits(experiment), use_test=True)
     for scoring, eval_set in itertools.product(args.scorings, sets):  # a scoring over every task, then the next
         entry = record["tasks"].setdefault(
@@ -163,14 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_new_runs_after and datetime.now(timezone.utc) > args.no_new_runs_after:
             print(f"[floor] past {args.no_new_runs_after.isoformat()}: {eval_set.task.name} {scoring} not started")
             continue
-        score = entry["scores"][scoring] = evaluate_floor(experiment, scoring, eval_set)
+        reused = reused_floor(experiment, scoring, eval_set, args.reuse) if args.reuse else None
+        score = entry["scores"][scoring] = reused or evaluate_floor(experiment, scoring, eval_set)
         atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
         atomic_write_text(md_path, markdown(record))
-        print(
-            f"[floor] {eval_set.task.name} {scoring}: {score['accuracy']:.1f} "
-            f"({score['seconds']:.0f} s, {score['cpu_seconds']:.0f} s of CPU)",
-            flush=True,
-        )
+        cost = f"from {score['from']}" if reused else f"{score['seconds']:.0f} s, {score['cpu_seconds']:.0f} s of CPU"
+        print(f"[floor] {eval_set.task.name} {scoring}: {score['accuracy']:.1f} ({cost})", flush=True)
     print(markdown(record))
 
 

@@ -38,7 +38,7 @@ COLLAPSE_MARK = "†"
 def write_report(suite: Suite, results_dir: Path) -> str:
     """Write the suite's Markdown, JSON and plot; print a warning per collapsed run; returns the Markdown."""
     done = load_done(suite, results_dir)
-    if not done:
+    if not done and not suite.compare_with:  # a compared suite's answer is worth stating before this one's runs
         raise SystemExit(f"no result files in {results_dir / suite.key}: run the suite first.")
     rows = {v: variant_row(suite, v, done) for v in suite.sweep.variants if any(k.variant == v for k in done)}
     verdicts = verdict_rows(rows)
@@ -233,8 +233,11 @@ def _sweep_cell(entry: dict | None, chosen: bool) -> str:
 
 def final_table(suite: Suite, rows: dict) -> str:
     tasks = [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
+    title = f"### {suite.sweep.table.title} (reported split, final runs)"
+    if not tasks:
+        return f"{title}\n\nNo method has a final run yet."
     header = ["lr", "seeds", *PARAM_COLUMNS.values(), *(task_title(t) for t in tasks), "AVG", "95% CI"]
-    lines = _table_head(f"### {suite.sweep.table.title} (reported split, final runs)", header)
+    lines = _table_head(title, header)
     for variant, row in rows.items():
         if not row["finals"]:
             continue
@@ -370,10 +373,10 @@ def verdict_table(verdicts: list[dict]) -> str:
 def probe_table(suite: Suite, rows: dict) -> str:
     """Per method: the shorter budget's rate, the probe's runs from it down (validation average of the first seed)
     and the rule each step applied, and the rate chosen."""
-    lines = _table_head(
-        "### Rate probe (the first seed, validation average: the shorter budget's rate, then one step below)",
-        ["from the shorter budget", "probe", "chosen"],
-    )
+    title = "### Rate probe (the first seed, validation average: the shorter budget's rate, then one step below)"
+    if not any(row["trained"] for row in rows.values()):
+        return f"{title}\n\nNo probe run has finished yet."
+    lines = _table_head(title, ["from the shorter budget", "probe", "chosen"])
     for variant, row in rows.items():
         if not row["trained"]:
             continue
@@ -518,6 +521,8 @@ def compute_line(done: dict[RunKey, dict]) -> str:
     """The machine time the finished runs took: process-hours (each run is one single-thread process; workers side
     by side overlap in wall-clock time), and the median run. A run resumed over sittings counts its last one."""
     seconds = sorted(r["wall_seconds"] for r in done.values())
+    if not seconds:
+        return "Machine time: no run has finished yet."
     resumed = sum(1 for r in done.values() if r.get("resumed_from"))
     return (
         f"Machine time: {len(seconds)} runs, {sum(seconds) / 3600:.2f} process-hours in all (training and "
