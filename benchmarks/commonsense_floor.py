@@ -40,10 +40,17 @@ from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.metrics import compute_metrics
 from pyramid_peft.training import build_experiment
 from pyramid_peft.training.answer_text import answer_options
-from pyramid_peft.training.evaluate import Predictor, majority_level
-from pyramid_peft.training.experiment import collators, eval_sets, load_splits
-from pyramid_peft.training.heads import needs_task_ids
-from quality import RunKey, aware_time, config_differences, evaluate_set, fingerprint, load_suite
+from pyramid_peft.training.evaluate import majority_level
+from pyramid_peft.training.experiment import eval_sets, load_splits
+from quality import (
+    RunKey,
+    aware_time,
+    config_differences,
+    evaluate_set,
+    experiment_predictor,
+    fingerprint,
+    load_suite,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "benchmarks" / "results" / "commonsense4-floor"
@@ -75,16 +82,7 @@ def floor_experiment(rows: int, tasks: list[str] | None):
 
 def evaluate_floor(experiment, scoring: str, eval_set) -> dict:
     """One task's test rows under one scoring, the adapter disabled."""
-    _, collator = collators(experiment)
-    predictor = Predictor.for_run(
-        experiment.model,
-        experiment.family,
-        collator,
-        experiment.tokenizer,
-        experiment.config.training_arguments(),
-        needs_task_ids(experiment.model),
-        answer_scoring=scoring,
-    )
+    predictor = experiment_predictor(experiment, scoring)
     start, cpu_start = time.perf_counter(), time.process_time()
     with experiment.peft_model.disable_adapter():
         result = evaluate_set(predictor, eval_set)

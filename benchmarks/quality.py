@@ -485,22 +485,26 @@ def evaluate_run_splits(experiment, train_results: dict | None) -> dict:
     selection protocol it evaluates the validation split), so only the reported split is predicted here; without
     ``train_results`` (the untuned floor) the adapter is disabled and both splits are predicted."""
     experiment.model.eval()
-    _, collator = collators(experiment)
-    config = experiment.config
-    predictor = Predictor.for_run(
-        experiment.model,
-        experiment.family,
-        collator,
-        experiment.tokenizer,
-        config.training_arguments(),
-        needs_task_ids(experiment.model),
-        answer_scoring=config.data.answer_scoring,
-    )
+    predictor = experiment_predictor(experiment, experiment.config.data.answer_scoring)
     splits = load_splits(experiment)
     if train_results is None:
         with experiment.peft_model.disable_adapter():
             return _evaluate_both(predictor, experiment, splits, None)
     return _evaluate_both(predictor, experiment, splits, train_results)
+
+
+def experiment_predictor(experiment, answer_scoring: str) -> Predictor:
+    """The predictor of the experiment's evaluation settings, answering under ``answer_scoring``."""
+    _, collator = collators(experiment)
+    return Predictor.for_run(
+        experiment.model,
+        experiment.family,
+        collator,
+        experiment.tokenizer,
+        experiment.config.training_arguments(),
+        needs_task_ids(experiment.model),
+        answer_scoring=answer_scoring,
+    )
 
 
 def _evaluate_both(predictor: Predictor, experiment, splits: list, train_results: dict | None) -> dict:

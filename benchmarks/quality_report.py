@@ -168,6 +168,11 @@ def _tasks(rows: dict) -> list[str]:
     )
 
 
+def _table_tasks(suite: Suite, rows: dict) -> list[str]:
+    """The tasks of the final runs in the table's column order."""
+    return [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
+
+
 # -- tables ---------------------------------------------------------------------------------------------------
 def sweep_table(rows: dict) -> str:
     columns = rate_columns([lr for r in rows.values() if r["trained"] for lr in r["sweep"]])
@@ -232,7 +237,7 @@ def _sweep_cell(entry: dict | None, chosen: bool) -> str:
 
 
 def final_table(suite: Suite, rows: dict) -> str:
-    tasks = [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
+    tasks = _table_tasks(suite, rows)
     title = f"### {suite.sweep.table.title} (reported split, final runs)"
     if not tasks:
         return f"{title}\n\nNo method has a final run yet."
@@ -422,7 +427,7 @@ def answer_sentence(suite: Suite, rows: dict, verdicts: list[dict]) -> str:
     if not verdicts:
         covered = covered or "none"
         return f"At {steps}): no verdict yet; no EPT form and peer both have final runs (final seeds: {covered})."
-    tasks = _tasks(rows)
+    tasks = _table_tasks(suite, rows)  # the final table's order: the same bootstrap draws, the same interval
     clauses = []
     for ept in dict.fromkeys(v["ept"] for v in verdicts):
         interval = bootstrap_score(task_runs(rows[ept]["finals"], tasks))
