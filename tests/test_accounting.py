@@ -1,4 +1,4 @@
-"""Parameter accounting on a T5-base-shaped skeleton (nothing downloaded): the counts of spec §2.3."""
+"""Parameter accounting on a T5-base-shaped skeleton (nothing downloaded): the counts of arXiv 2603.12577, Table 2."""
 
 import pytest
 import torch
@@ -56,5 +56,5 @@ def test_per_module_breakdown_follows_the_appendix_c_formula():
         model = get_peft_model(t5_base_skeleton(), config)
     per_module = count_parameters(model, per_module=True)["per_module"]
     first = per_module["base_model.model.encoder.block.0.layer.0.SelfAttention.q"]
-    assert first["adapter"] == 2 * 384 * 8 + 2 * (4 + 16 + 36 + 64)  # 6,384 (spec §2.2)
+    assert first["adapter"] == 2 * 384 * 8 + 2 * (4 + 16 + 36 + 64)  # 6,384 (Appendix C)
     assert first["router"] == 8 * 768 + 8 and first["task_embedding"] == 8 * 768

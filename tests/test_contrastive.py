@@ -1,4 +1,4 @@
-"""Token pooling and the contrastive task-embedding loss (spec §1.9), against direct computations."""
+"""Token pooling and the contrastive task-embedding loss (arXiv 2603.12577, eqs. 7-8), against direct computations."""
 
 import math
 

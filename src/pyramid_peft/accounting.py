@@ -1,4 +1,4 @@
-"""Parameter accounting in the two ways the EPT lineage reports it (spec §2).
+"""Parameter accounting in the two ways the EPT lineage reports it (arXiv 2603.12577, Appendix C).
 
 "per task" is total trainable adapter parameters divided by the number of tasks, as MoRE and EPT count. The two
 accountings differ in whether routers (gates) and task-embedding tables are included: MoRE's 0.81M/task includes

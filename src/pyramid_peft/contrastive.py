@@ -1,4 +1,4 @@
-"""Token pooling and the contrastive task-embedding loss of the EPT/MoRE lineage (spec §1.9).
+"""Token pooling and the contrastive task-embedding loss of the EPT/MoRE lineage (arXiv 2603.12577, eqs. 7-8).
 
 Each adapted module owns a task-embedding table ``E`` (num_tasks x d_in). Its input at one position (or the mean
 over the non-pad positions) is a feature ``h_i`` per example, and

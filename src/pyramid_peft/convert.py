@@ -21,8 +21,7 @@ public TuckA code (``--from tucka-code``)
 The EPT adapter becomes ``EptConfig.reference_code`` (code1d experts, the double-softmax gate) with the kernel sizes
 read from the kernel shapes and ``top_k=2`` (what the public ``finetune.py`` sets); the TuckA adapter a
 ``TuckaConfig`` whose sizes come from the tensor shapes, routed from the module that holds the centroids. Converted
-centroids are marked initialised, so the first forward keeps them (the public code's reload re-initialises them,
-spec §3.1).
+centroids are marked initialised, so the first forward keeps them (the public code's reload re-initialises them).
 """
 
 from __future__ import annotations

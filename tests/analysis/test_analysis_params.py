@@ -1,4 +1,4 @@
-"""Appendix C tables on t5-base and Llama-2-7b shapes built from the repository's model configs (spec §2)."""
+"""Appendix C tables on t5-base and Llama-2-7b shapes built from the repository's model configs (arXiv 2603.12577)."""
 
 import pytest
 import yaml

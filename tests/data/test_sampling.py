@@ -1,4 +1,4 @@
-"""Task sampling (spec 1.10): probabilities, empirical proportions, ranks, passes and exact resume."""
+"""Task sampling (docs/pipeline.md): probabilities, empirical proportions, ranks, passes and exact resume."""
 
 import math
 from collections import Counter

@@ -1,4 +1,4 @@
-"""Split protocols on the real data: EPT's half-dev (spec 4.1), HyperFormer's (spec 4.4), held-out naming."""
+"""Split protocols on the real data: EPT's half-dev (docs/tasks.md), HyperFormer's (2106.04489), held-out naming."""
 
 import pytest
 import torch

@@ -56,7 +56,7 @@ def test_batched_kernels_give_batched_factors():
 
 
 def reference_code1d(S, K, d_out, d_in):
-    """ΔW[c*k + j, i] = K[c, j] S[c, i] for i < n, zero elsewhere (spec §1.4b)."""
+    """ΔW[c*k + j, i] = K[c, j] S[c, i] for i < n, zero elsewhere (the public code's form, docs/ept.md)."""
     m, k = K.shape
     n = S.shape[1]
     W = torch.zeros(d_out, d_in)

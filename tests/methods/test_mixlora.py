@@ -353,7 +353,7 @@ def test_unload_returns_the_base_model():
 
 
 def lora(d_in: int, d_out: int) -> int:
-    return R * (d_in + d_out)  # spec §2.1
+    return R * (d_in + d_out)  # LoRA's r (d_in + d_out)
 
 
 @pytest.mark.parametrize(

@@ -233,7 +233,7 @@ def test_parameter_count_matches_formula(family):
     counts = count_parameters(model)
     shapes = adapted_shapes(model)
     tasks, experts = 3, R
-    # spec §2.1: r(d_in + d_out) + gate (E d_in + E) + task-embedding table (T d_in)
+    # r(d_in + d_out) + gate (E d_in + E) + task-embedding table (T d_in)
     assert counts["adapter"] == sum(R * (d_in + d_out) for d_in, d_out in shapes)
     assert counts["router"] == sum(experts * d_in + experts for d_in, _ in shapes)
     assert counts["task_embedding"] == sum(tasks * d_in for d_in, _ in shapes)
@@ -246,7 +246,7 @@ def test_t5_base_totals_match_the_paper():
     assert counts["modules"] == 192
     assert counts["adapter"] == 3_244_032  # LoRA r=8
     assert counts["router"] + counts["task_embedding"] == 3_245_568
-    assert counts["total"] == 6_489_600 and counts["per_task"] == 811_200  # spec §2.3: MoRE's 0.81M/task
+    assert counts["total"] == 6_489_600 and counts["per_task"] == 811_200  # MoRE's 0.81M/task (arXiv 2505.22694)
 
 
 # -- configuration --------------------------------------------------------------------------------------------

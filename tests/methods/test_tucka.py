@@ -315,7 +315,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_parameter_count_matches_formula(family):
     model = tiny(family)
     counts = count_parameters(model)
-    # spec §3.1: k p r^2 + t p + d_in r per layer, plus k t d_in once for the centroids
+    # arXiv 2511.06859: k p r^2 + t p + d_in r per layer, plus k t d_in once for the centroids
     assert counts["adapter"] == sum(K * P * R * R + T * P + d_in * R for d_in, _ in adapted_shapes(model))
     assert counts["router"] == K * T * 32 and counts["task_embedding"] == 0
     assert counts["total"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -325,7 +325,7 @@ def test_t5_base_count_with_the_glue_settings():
     config = TuckaConfig(target_modules=T5_BASE_TARGETS, r=8, k=2, t=2, p=2, alpha=2)
     counts = count_parameters(get_peft_model(t5_base_skeleton(), config))
     per_768_layer = 2 * 2 * 64 + 2 * 2 + 768 * 8
-    assert per_768_layer == 6_404  # spec §3.1
+    assert per_768_layer == 6_404  # docs/methods.md
     assert counts["modules"] == 192
     assert counts["adapter"] == 168 * per_768_layer + 24 * (256 + 4 + 3072 * 8)  # 24 wo layers read 3072
     assert counts["router"] == 2 * 2 * 768

@@ -1,4 +1,4 @@
-"""Task registry: prompts, label words and parsing of all twelve tasks, on real rows (spec 4.1, 4.2)."""
+"""Task registry: prompts, label words and parsing of all twelve tasks, on real rows (docs/tasks.md)."""
 
 import pytest
 
@@ -90,7 +90,7 @@ def test_glue_formats_on_a_real_row(task, ept_data_dir):
     spec, row = get_task(task), first_train_row(task, ept_data_dir)
     source, target = spec.to_text_to_text(row)
     assert source == GLUE_TEMPLATES[task].format(**row)
-    # The first STS-B training pair scores 5.0; label words of the rest come from spec 4.1.
+    # The first STS-B training pair scores 5.0; label words of the rest are the EPT/MoRE code's.
     assert target == ("5.0" if task == "stsb" else LABEL_WORDS[task][row["label"]])
     assert spec.to_causal_lm(row) == (source + "\nAnswer:", " " + target)
     assert spec.to_classification(row) == (row["sentence1"], row["sentence2"], row["label"])

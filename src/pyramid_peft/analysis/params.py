@@ -27,7 +27,7 @@ from ..accounting import GROUPS, count_parameters
 from ..registry import METHODS, make_peft_config, method_names
 from ..training.config import ConfigError
 
-# The modules the EPT paper adapts (spec §4.1, Appendix D), used when a model is named without an experiment config.
+# The modules the EPT paper adapts (arXiv 2603.12577, Appendix D), used when a model is named without a config.
 DEFAULT_TARGETS = {
     "t5": ["q", "k", "v", "o", "wi", "wo"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],

@@ -1,4 +1,4 @@
-"""Which task each training batch comes from (spec 1.10), reproducibly and consistently across ranks.
+"""Which task each training batch comes from (docs/pipeline.md), reproducibly and consistently across ranks.
 
 Strategies for the probability p_t of drawing task t, with n_t its training size and N = sum of n_t:
 

@@ -1,9 +1,9 @@
 """Train / evaluation / test splits of the two published protocols.
 
-* ``"ept"`` (spec 4.1, what the EPT/MoRE code does): full train sets; evaluation on the second half of a seeded
+* ``"ept"`` (what the EPT/MoRE code does; docs/tasks.md): full train sets; evaluation on the second half of a seeded
   permutation of dev (seed 1189) for the small tasks CoLA, STS-B, MRPC and RTE, on the full dev set for the
   others (MNLI: matched). There is no separate test set: checkpoint selection and reporting share the data.
-* ``"hyperformer"`` (spec 4.4): small tasks split dev in two halves (seed 42), validation and test; large tasks
+* ``"hyperformer"`` (arXiv 2106.04489): small tasks split dev in two halves (seed 42), validation and test; large tasks
   move 1000 training rows to validation and test on dev; MNLI validates on mismatched and tests on matched.
 * ``"selection"`` (this project's benchmarks, for choosing hyperparameters honestly): a validation split carved
   from train (``min(1000, n_train // 5)`` rows of a seed-2026 permutation, the same rows whatever the run's

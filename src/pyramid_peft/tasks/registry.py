@@ -1,4 +1,4 @@
-"""The twelve tasks of the EPT benchmarks (spec 4.1 GLUE on T5, 4.2 commonsense QA on LLaMA) by name.
+"""The twelve tasks of the EPT benchmarks (GLUE on T5, commonsense QA on LLaMA; docs/tasks.md) by name.
 
 Each task is one :class:`TaskSpec`: prompts, labels and metrics, and where its rows live (local files, hub copy).
 :func:`register_task` adds another; everything downstream (data loading, splits, tables) reads the spec.

@@ -9,7 +9,7 @@ Examples are plain dicts, the same whatever the data came from:
 
 Three renderings serve the three kinds of model the library trains:
 
-* :meth:`TaskSpec.to_text_to_text` for T5: the EPT/MoRE prompts and label words (spec 4.1, 4.2);
+* :meth:`TaskSpec.to_text_to_text` for T5: the EPT/MoRE prompts and label words (docs/tasks.md);
 * :meth:`TaskSpec.to_causal_lm` for decoder-only models: the same prompt with an answer cue;
 * :meth:`TaskSpec.to_classification` for encoder heads: text pair plus a label id (or float for STS-B).
 

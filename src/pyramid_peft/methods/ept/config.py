@@ -15,7 +15,7 @@ class EptConfig(RoutedConfig):
     Each adapted linear ``W0`` becomes ``W0 + (lora_alpha / r) * sum_{e in TopK(t)} g_e(t) ΔW_e`` where ``t`` is
     the example's task, ``ΔW_e = ConvT_{k_e}(S_{k_e})`` is a transposed convolution with kernel size and stride
     ``k_e`` of the seed slice ``S_k = B[:m_k] A[:, :n_k]``, and the gate ``g(t)`` is a top-k softmax over a learned
-    router fed by the module's task embedding. See ``methods/ept/experts.py`` for the exact forms.
+    router fed by the module's task embedding (arXiv 2603.12577). See ``methods/ept/experts.py`` for the exact forms.
 
     Defaults: the paper's structure, and a start that trains at the learning rates LoRA users pick. The paper
     form of the initialisation is ``factor_init="gaussian", kernel_init="zeros", dim_scale="rank_sq"``; it needs a
@@ -29,11 +29,8 @@ class EptConfig(RoutedConfig):
     variance passes the seed's scale on unchanged; Kaiming's U(±1/k) (fan-in k², as for an ordinary
     convolution) shrinks every expert's update 2-8x, and ``rank_sq`` shrinks rank component ρ by (ρ/r)².
 
-    Measured (``benchmarks/ept_defaults.py``, ``benchmarks/results/ept-defaults.md``: MiniLM-L6, SST-2 + QNLI
-    + MRPC together, 100 steps x 16, heads at lr 2e-3): at lr 2e-3 the defaults reach SST-2 82.5 and a final
-    training loss of 0.633 (LoRA: 85.0, 0.598); the paper form 67.5 and 0.715 (82.0 at lr 1e-2), Gaussian or
-    standard factors with Kaiming kernels 71.5-72.0 and 0.69-0.71, whatever ``dim_scale``. The paper form stays
-    available through the three options above.
+    The short learning curves that compare these starts (``benchmarks/ept_defaults.py``) are on the docs' results
+    pages (docs/ept.md links them). The paper form stays available through the three options above.
 
     Args:
         target_modules: names (or a regex) of the linear layers to adapt.
@@ -141,7 +138,7 @@ class EptConfig(RoutedConfig):
 
     @classmethod
     def reference_code(cls, **overrides) -> EptConfig:
-        """The public EPT code's choices (spec §1.13 'code mode'): code1d experts, Kaiming init, double softmax."""
+        """The public EPT code's choices (docs/ept.md): code1d experts, Kaiming init, double softmax."""
         settings = dict(
             expert_form="code1d", factor_init="kaiming", kernel_init="kaiming", dim_scale="none", gate_form="code"
         )

@@ -1,6 +1,6 @@
 """The deconvolution experts of EPT as low-rank factors, and their literal (materialised) forms.
 
-Notation (spec §1): seed factors A (r x n) and B (m x r) give the seed S = B A (m x n).
+Notation (arXiv 2603.12577; docs/ept.md): seed factors A (r x n) and B (m x r) give the seed S = B A (m x n).
 
 ``kron2d`` (the paper's form). A transposed convolution with one channel, a k x k kernel K and stride k tiles
 scaled copies of K without overlap, so ConvT_k(S) = S ⊗ K (Kronecker product). With ``I_k`` the identity,

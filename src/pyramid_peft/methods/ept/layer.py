@@ -1,6 +1,6 @@
 """The EPT layer: a frozen linear plus a routed pyramid of deconvolution experts over one shared seed.
 
-Forward, for an input row x of task t (spec §1.8):
+Forward, for an input row x of task t (arXiv 2603.12577, eq. 4):
 
     y = W0 x + b0 + (alpha / r) * sum_e g_e(t) ΔW_e dropout(x)
 

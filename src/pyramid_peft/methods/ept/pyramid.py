@@ -50,7 +50,7 @@ def plan_groups(config: EptConfig, d_out: int, d_in: int) -> tuple[list[KernelGr
 
 
 def alp_scales(config: EptConfig, groups: list[KernelGroup], m_total: int, n_total: int):
-    """ALP's dimension-aware scaling (spec §1.6, reconstructed) as (A-row scale, A-column scale, B-row scale).
+    """ALP's dimension-aware scaling (eq. 6 of 2603.12577, reconstructed): (A-row, A-column, B-row) scales.
 
     ``rank_sq`` scales rank component ρ by ρ/r on both factors, i.e. (ρ/r)² on A alone; ``rank_lin`` by ρ/r
     once; ``coord_lin`` scales seed coordinates by tier on both sides.

@@ -1,6 +1,6 @@
 """The HydraLoRA layer: a frozen linear plus one shared A and N B heads mixed per token by a router.
 
-Forward, for every token x (spec §3.7):
+Forward, for every token x (HydraLoRA, arXiv 2404.19245):
 
     g(x) = softmax(W_r x)                                 W_r: Linear(d_in -> N, bias=False)
     y    = W0 x + b0 + (alpha / r) * sum_i g_i(x) B_i A dropout(x)

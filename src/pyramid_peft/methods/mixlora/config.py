@@ -1,4 +1,4 @@
-"""Configuration of MixLoRA (Li et al. 2024, arXiv 2404.15159; spec §3.5)."""
+"""Configuration of MixLoRA (Li et al. 2024, arXiv 2404.15159)."""
 
 from __future__ import annotations
 

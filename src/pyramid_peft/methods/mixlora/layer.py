@@ -1,6 +1,6 @@
 """MixLoRA layers: a token-routed mixture of LoRA experts over each frozen FFN, and plain LoRA on attention.
 
-For the rows x (N x d) entering an FFN block, with router W_r (E x d) and k experts per token (spec §3.5):
+For the rows x (N x d) entering an FFN block, with router W_r (E x d) and k experts per token (arXiv 2404.15159):
 
     w(x)     = renormalised top-k of softmax(W_r x)         (zero outside the k chosen experts; sums to 1)
     y        = sum_{e in TopK(x)} w_e(x) FFN_e(x)

@@ -1,6 +1,6 @@
 """The MOELoRA layer: a frozen linear plus a task-gated dense mixture of LoRA experts.
 
-Forward, for an input row x of task t (spec §3.4):
+Forward, for an input row x of task t (MOELoRA, arXiv 2310.18339):
 
     w(t) = softmax(W_g e_t)                               e_t: row t of this layer's task-embedding table
     y    = W0 x + b0 + (alpha / r) * sum_i w_i(t) B_i A_i dropout(x)

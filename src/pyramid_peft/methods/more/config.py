@@ -18,7 +18,7 @@ class MoreConfig(RoutedConfig):
 
     where ``A`` (r x d_in) and ``B`` (d_out x r) are the LoRA factors, ``A_s`` / ``B_s`` scale rank component ρ by
     ``s_ρ = ρ / r`` on both factors, and ``ρ(t)`` is the rank of the expert the module's selector picks for task t:
-    ``argmax softmax(W_g e_t + b_g)`` over the experts, with ``e_t`` the module's task embedding (spec §3.6).
+    ``argmax softmax(W_g e_t + b_g)`` over the experts, with ``e_t`` the module's task embedding (arXiv 2505.22694).
 
     Args:
         target_modules: names (or a regex) of the linear layers to adapt.
@@ -33,7 +33,7 @@ class MoreConfig(RoutedConfig):
             (the public code's behaviour: each (module, task) keeps the expert picked on its first forward, saved
             with the adapter, and the selector gets no gradient; task embeddings learn from the contrastive loss
             only).
-        contrastive_weight: λ of the contrastive task-embedding loss (spec §1.9); 0 disables it.
+        contrastive_weight: λ of the contrastive task-embedding loss (arXiv 2603.12577, eq. 7); 0 disables it.
         contrastive_tau: temperature of its cosine similarities.
         contrastive_pooling: ``"first"`` (position 0, as the code) or ``"mean"`` (mean over non-pad tokens).
         contrastive_modules: ``"encoder"`` (encoder modules of encoder-decoder models, all modules otherwise) or

@@ -1,6 +1,6 @@
 """The MoRE layer: a frozen linear plus one LoRA whose nested ranks are experts, picked per task.
 
-Forward, for an input row x of task t (spec §3.6):
+Forward, for an input row x of task t (MoRE, arXiv 2505.22694):
 
     p(t) = softmax(W_g e_t + b_g)                    (E experts; e_t = this module's task embedding)
     c(t) = argmax p(t),  ρ = rank of expert c(t)

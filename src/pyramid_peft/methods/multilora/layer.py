@@ -1,6 +1,6 @@
 """The MultiLoRA layer: a frozen linear plus n parallel LoRAs weighted by learnable scalars.
 
-Forward, for every input row x (spec §3.3):
+Forward, for every input row x (MultiLoRA, arXiv 2311.11501):
 
     y = W0 x + b0 + (alpha / r) * sum_i s_i B_i A_i dropout(x)
 

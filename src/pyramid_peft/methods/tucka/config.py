@@ -10,7 +10,7 @@ from ..config_base import RoutedConfig, check_choice, check_positive
 
 @dataclass
 class TuckaConfig(RoutedConfig):
-    """TuckA: a routed Tucker-factored adapter applied multiplicatively on the input side (spec §3.1).
+    """TuckA: a routed Tucker-factored adapter applied multiplicatively on the input side (arXiv 2511.06859).
 
     Every adapted linear ``W0`` (bias b) becomes, for a row x and the route (g, w) of its forward pass,
 

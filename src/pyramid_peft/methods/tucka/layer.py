@@ -1,6 +1,6 @@
 """The TuckA layer: a frozen linear whose input is transformed by a routed, Tucker-factored low-rank map.
 
-For an input row x and the forward's route (g, w) (spec §3.1):
+For an input row x and the forward's route (g, w) (arXiv 2511.06859):
 
     Ĝ_g = G[g] / ||G[g]||_F,  Ĉ = C / ||C||_F,  Û = U / ||U||_F
     M_{g,j} = Σ_q Ĉ[j, q] Ĝ_g[q]                  expert j of group g (r x r)

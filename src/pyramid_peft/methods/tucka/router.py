@@ -1,6 +1,6 @@
 """TuckA's model-level router: the scores, the pick, and the route every adapted layer of a forward shares.
 
-Scores (spec §3.1). For the router input's mean x̄ (d_in) and centroids E_c (k*t x d_in):
+Scores (arXiv 2511.06859). For the router input's mean x̄ (d_in) and centroids E_c (k*t x d_in):
 
     z = E_c x̄  reshaped (k, t),   z_g <- z_g / ||z_g||_2 for each group row,   σ = sigmoid(z).
 
