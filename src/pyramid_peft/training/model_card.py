@@ -107,7 +107,8 @@ def _usage(experiment, task: str, mode: str, out: Path) -> str:
     words = ", ".join(f"`{w}`" for w in get_task(task).label_words) or "the similarity score as text"
     return (
         f"## How answers are read\n\nA generative model: it answers the task's prompt with a label word ({words}), "
-        "generated greedily (or, with `data.answer_scoring: likelihood`, the most likely label word)."
+        "generated greedily (or, with `data.answer_scoring: likelihood`, the most likely label word; with "
+        "`answer_text`, the option whose own text is most likely per character)."
     )
 
 
