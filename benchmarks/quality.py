@@ -585,7 +585,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def aware_time(text: str) -> datetime:
     """An ISO 8601 time; one without a zone is UTC."""
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time: give e.g. 2026-12-07T04:55Z") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 

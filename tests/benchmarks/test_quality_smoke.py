@@ -526,6 +526,9 @@ def test_no_run_starts_after_the_deadline(quality, tmp_path, monkeypatch, capsys
     assert calls == [] and "no new run starts (2 left)" in capsys.readouterr().out
     assert quality.aware_time("2026-12-07T04:55") == datetime(2026, 12, 7, 4, 55, tzinfo=timezone.utc)
     assert quality.parse_args(["glue8-1200", "--no-new-runs-after", "2026-12-07T04:55Z"]).no_new_runs_after.hour == 4
+    with pytest.raises(SystemExit):
+        quality.parse_args(["glue8-1200", "--no-new-runs-after", "five to five"])
+    assert "is not an ISO 8601 time: give e.g. 2026-12-07T04:55Z" in capsys.readouterr().err
 
 
 def test_the_device_is_where_a_run_went_not_what_it_trained(quality):
