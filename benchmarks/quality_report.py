@@ -29,7 +29,7 @@ from pyramid_peft.analysis.significance import TaskRuns, bootstrap_score, paired
 from pyramid_peft.analysis.sweeps import task_title
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.tasks import get_task
-from quality import RunKey, Suite, load_done, sweep_grid, validation_score, variant_plan
+from quality import RunKey, Suite, load_done, load_suite, sweep_grid, validation_score, variant_plan
 
 PARAM_COLUMNS = {"per_task": "params/task (all)", "per_task_without_router": "params/task (no router)"}
 COLLAPSE_MARK = "†"
@@ -405,8 +405,6 @@ def probe_table(suite: Suite, rows: dict) -> str:
 
 def budget_answers(suite: Suite, results_dir: Path, rows: dict, verdicts: list[dict]) -> dict[str, str]:
     """``{suite: sentence}`` for the compared suite (its own results beside this one's) and this one."""
-    from quality import load_suite
-
     other = load_suite(suite.compare_with, suite.sweep.shared, {"tasks": suite.sweep.table.tasks})  # same overrides
     done = load_done(other, results_dir)
     other_rows = {v: variant_row(other, v, done) for v in other.sweep.variants if any(k.variant == v for k in done)}
