@@ -1,6 +1,7 @@
 """Commonsense-4's zero-shot floor under both answer scorings: option letters against option texts (acc_norm).
 
     python benchmarks/commonsense_floor.py [--rows 500] [--scorings likelihood answer_text] [--tasks boolq ...]
+    python benchmarks/commonsense_floor.py --table-only      # rewrite the Markdown from the JSON
 
 The untuned model of ``configs/benchmarks/commonsense4-smollm2.yaml`` (its adapter disabled, as the suite's
 ``zero-shot`` run) predicts the first ``--rows`` test rows of each task twice, with the same prompts and data:
@@ -34,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from scipy.stats import binomtest
 
 from common import machine_info
 from pyramid_peft.atomic import atomic_write_text
@@ -64,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help="default: the suite's four")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--output", type=Path, default=OUTPUT, help=f"files' stem (default {OUTPUT})")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the Markdown from the JSON, run nothing")
     parser.add_argument(
         "--reuse", type=Path, metavar="RECORD", help="a quality.py run file of this floor whose predictions to reuse"
     )
@@ -153,7 +156,7 @@ def markdown(record: dict) -> str:
         "text: each option's own text as the continuation of the question, the options not listed, its "
         "log-likelihood divided by its length in characters (lm-evaluation-harness's acc_norm). Chance: the mean "
         "of 1 / options over the rows; majority: always the most common label. † the scoring predicts one option "
-        "for every row."
+        "for every row. [low, high]: 95% Wilson interval over the rows."
         + (f" ‡ predictions of the same rows under the same config, from {', '.join(reused)}." if reused else ""),
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in record["commands"]) + f". Machine: {record['machine']['cpu']}, "
@@ -169,15 +172,28 @@ LABELS = {"likelihood": "option letter", "answer_text": "answer text (acc_norm)"
 def _score_cell(score: dict | None) -> str:
     if score is None:
         return ""
-    return f"{score['accuracy']:.1f}" + (" †" if score["collapsed"] else "") + (" ‡" if "from" in score else "")
+    low, high = wilson_interval(score["accuracy"], score["num_examples"])
+    marks = (" †" if score["collapsed"] else "") + (" ‡" if "from" in score else "")
+    return f"{score['accuracy']:.1f} [{low:.1f}, {high:.1f}]{marks}"
+
+
+def wilson_interval(accuracy: float, rows: int) -> tuple[float, float]:
+    """The 95% Wilson score interval (x100) of an accuracy (x100) over ``rows`` rows."""
+    interval = binomtest(round(accuracy * rows / 100), rows).proportion_ci(confidence_level=0.95, method="wilson")
+    return 100 * interval.low, 100 * interval.high
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    json_path, md_path = args.output.with_suffix(".json"), args.output.with_suffix(".md")
+    if args.table_only:
+        table = markdown(json.loads(json_path.read_text()))
+        atomic_write_text(md_path, table)
+        print(table)
+        return
     torch.set_num_threads(args.threads)
     experiment = floor_experiment(args.rows, args.tasks)
     experiment.model.eval()
-    json_path, md_path = args.output.with_suffix(".json"), args.output.with_suffix(".md")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/commonsense_floor.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     record = json.loads(json_path.read_text()) if json_path.is_file() else {}

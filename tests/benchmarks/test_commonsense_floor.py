@@ -78,13 +78,22 @@ def test_the_table_shows_both_scorings_beside_chance_and_marks_reused_and_collap
                 "chance": 29.17,
                 "majority": 50.0,
                 "scores": {
-                    "likelihood": {"accuracy": 50.0, "collapsed": True, "from": "run.json"},
-                    "answer_text": {"accuracy": 100.0, "collapsed": False},
+                    "likelihood": {"accuracy": 50.0, "num_examples": 2, "collapsed": True, "from": "run.json"},
+                    "answer_text": {"accuracy": 100.0, "num_examples": 2, "collapsed": False},
                 },
             }
         },
     }
     table = floor.markdown(record)
     assert "| task | rows | chance | majority | option letter | answer text (acc_norm) |" in table
-    assert "| arc_easy | 2 | 29.2 | 50.0 | 50.0 † ‡ | 100.0 |" in table
+    assert "| arc_easy | 2 | 29.2 | 50.0 | 50.0 [9.5, 90.5] † ‡ | 100.0 [34.2, 100.0] |" in table
     assert "from run.json" in table and "`python benchmarks/commonsense_floor.py --rows 2`" in table
+
+
+@pytest.mark.parametrize(("accuracy", "rows"), [(47.2, 500), (50.0, 2), (100.0, 2), (0.0, 10)])
+def test_the_interval_is_wilsons(floor, accuracy, rows):
+    """Against the closed form: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z = 1.959964."""
+    z, p = 1.959964, accuracy / 100
+    centre, spread = p + z * z / (2 * rows), z * (p * (1 - p) / rows + z * z / (4 * rows * rows)) ** 0.5
+    expected = (100 * (centre - spread) / (1 + z * z / rows), 100 * (centre + spread) / (1 + z * z / rows))
+    assert floor.wilson_interval(accuracy, rows) == pytest.approx(expected, abs=1e-4)
