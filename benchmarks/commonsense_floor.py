@@ -29,6 +29,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,14 +43,13 @@ from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.metrics import compute_metrics
 from pyramid_peft.training import build_experiment
 from pyramid_peft.training.answer_text import answer_options
-from pyramid_peft.training.evaluate import majority_level
-from pyramid_peft.training.experiment import eval_sets, load_splits
+from pyramid_peft.training.evaluate import EvalSetup, Predictor, majority_level
+from pyramid_peft.training.experiment import evaluation_setup, load_splits
 from quality import (
     RunKey,
     aware_time,
     config_differences,
     evaluate_set,
-    experiment_predictor,
     fingerprint,
     load_suite,
 )
@@ -83,9 +83,10 @@ def floor_experiment(rows: int, tasks: list[str] | None):
     return build_experiment(config)
 
 
-def evaluate_floor(experiment, scoring: str, eval_set) -> dict:
+def evaluate_floor(experiment, setup: EvalSetup, scoring: str, eval_set) -> dict:
     """One task's test rows under one scoring, the adapter disabled."""
-    predictor = experiment_predictor(experiment, scoring)
+    setup = replace(setup, answer_scoring=scoring)
+    predictor = Predictor.for_run(experiment.model, setup, experiment.config.training_arguments())
     start, cpu_start = time.perf_counter(), time.process_time()
     with experiment.peft_model.disable_adapter():
         result = evaluate_set(predictor, eval_set)
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     record.update(machine=machine_info())
     record["commands"] = [*record.get("commands", [record["command"]] if "command" in record else []), command.strip()]
     record.pop("command", None)
-    sets = eval_sets(experiment, load_splits(experiment), use_test=True)
-    for scoring, eval_set in itertools.product(args.scorings, sets):  # a scoring over every task, then the next
+    setup = evaluation_setup(experiment, load_splits(experiment), use_test=True)
+    for scoring, eval_set in itertools.product(args.scorings, setup.sets):  # a scoring over every task, then the next
         entry = record["tasks"].setdefault(
             eval_set.task.name, {"num_examples": len(eval_set.examples), **task_levels(eval_set), "scores": {}}
         )
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[floor] past {args.no_new_runs_after.isoformat()}: {eval_set.task.name} {scoring} not started")
             continue
         reused = reused_floor(experiment, scoring, eval_set, args.reuse) if args.reuse else None
-        score = entry["scores"][scoring] = reused or evaluate_floor(experiment, scoring, eval_set)
+        score = entry["scores"][scoring] = reused or evaluate_floor(experiment, setup, scoring, eval_set)
         atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
         atomic_write_text(md_path, markdown(record))
         cost = f"from {score['from']}" if reused else f"{score['seconds']:.0f} s, {score['cpu_seconds']:.0f} s of CPU"

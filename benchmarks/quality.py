@@ -31,7 +31,7 @@ The reported split is never read to choose anything. Each run writes ``<results>
 every example's prediction and label, collapse flags, timings, machine, load, and the resolved config. A run whose
 file exists is skipped; an interrupted run restarts from its last checkpoint in ``runs/benchmarks/``. Several
 processes (``--workers 2``, or the same command twice) share a suite: each claims a run with a lock file beside its
-result file. After the runs, :mod:`quality_report` writes the tables, the sweep plot and the verdict.
+result file. After the runs, ``quality_report.py`` (same arguments) writes the tables, the sweep plot and the verdict.
 """
 
 from __future__ import annotations
@@ -57,20 +57,26 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from common import machine_info
-from pyramid_peft import count_parameters, method_names
+from pyramid_peft import count_parameters
 from pyramid_peft.analysis.significance import collapsed
 from pyramid_peft.analysis.sweeps import Sweep, TableLayout
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.metrics import average_scores, compute_metrics
+from pyramid_peft.registry import method_choices
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
+from pyramid_peft.training.checkpoints import (
+    LOCATIONS,
+    WEIGHTS_CONFIG_FILE,
+    config_differences,
+    resume_differences,
+)
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import EvalSet, Predictor
-from pyramid_peft.training.experiment import collators, eval_sets, load_splits
-from pyramid_peft.training.full import FULL, full_parameter_count
+from pyramid_peft.training.experiment import eval_sets, evaluation_setup, load_splits
+from pyramid_peft.training.full import full_parameter_count
 from pyramid_peft.training.guards import TrainingInterrupted
-from pyramid_peft.training.heads import needs_task_ids
 from pyramid_peft.training.loading import load_run
-from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, recorded_config
+from pyramid_peft.training.run_folder import recorded_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
@@ -133,7 +139,7 @@ class Suite:
 
     def runnable(self, variant: str) -> bool:
         """Whether this package has the variant's method (a zero-shot floor always runs)."""
-        return not self.trained(variant) or self.sweep.config(variant).method.name in (*method_names(), FULL)
+        return not self.trained(variant) or self.sweep.config(variant).method.name in method_choices()
 
     def config(self, key: RunKey, runs_dir: Path) -> ExperimentConfig:
         """The run's experiment config, at its learning rate, running in ``runs_dir/<suite>/<run>``."""
@@ -265,6 +271,10 @@ def result_path(results_dir: Path, suite: Suite, key: RunKey) -> Path:
     return results_dir / suite.key / f"{key.name}.json"
 
 
+# Where a run lives (its folder, data and device), not what it trained on.
+NOT_COMPARED = (*LOCATIONS, "training.use_cpu")
+
+
 def load_done(suite: Suite, results_dir: Path) -> dict[RunKey, dict]:
     """Every finished run of the suite, by key. A run made under another config than the suite's now (another
     budget, say) stops the suite: it would be skipped as done and reported as this config's."""
@@ -272,46 +282,21 @@ def load_done(suite: Suite, results_dir: Path) -> dict[RunKey, dict]:
     for path in sorted((results_dir / suite.key).glob("*.json")):
         record = json.loads(path.read_text())
         key = RunKey(record["variant"], record.get("learning_rate"), record["seed"])
-        refuse_another_config(path, record.get("config", {}), suite.config(key, Path()).to_dict())
+        current = suite.config(key, Path()).to_dict()
+        refuse_another_config(path, config_differences(record.get("config", {}), current, NOT_COMPARED))
         done[key] = record
     return done
 
 
-def refuse_another_config(source: Path, saved: dict, current: dict) -> None:
-    """Stop, naming the settings that differ, when ``source`` (a result file or a checkpoint) was made under
-    another config than ``current``."""
-    differ = config_differences(saved, current)
+def refuse_another_config(source: Path, differ: list[str]) -> None:
+    """Stop, naming the settings that differ (``differ``), when ``source`` (a result file or a checkpoint) was made
+    under another config than the suite's now."""
     if differ:
         raise SystemExit(
             f"[quality] {source} was made under another config than this suite's now ({'; '.join(differ[:6])}). "
             "Keep the two apart: run the changed suite with a fresh --results-dir and --runs-dir, or restore "
             "the config."
         )
-
-
-# Where a run's folder, data and device are, not what it trained on.
-NOT_COMPARED = {"training.output_dir", "data.data_dir", "training.use_cpu"}
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: was X, now Y`` for every setting of two config dicts that differs (nested keys dotted)."""
-    was, now = dotted_settings(saved), dotted_settings(current)
-    return [
-        f"{key}: was {was.get(key, '(unset)')!r}, now {now.get(key, '(unset)')!r}"
-        for key in sorted((set(was) | set(now)) - NOT_COMPARED)
-        if json.dumps(was.get(key), default=str) != json.dumps(now.get(key), default=str)
-    ]
-
-
-def dotted_settings(config: dict, prefix: str = "") -> dict:
-    """A nested config dict as ``{"section.key": value}``."""
-    settings = {}
-    for name, value in config.items():
-        if isinstance(value, dict):
-            settings.update(dotted_settings(value, f"{prefix}{name}."))
-        else:
-            settings[f"{prefix}{name}"] = value
-    return settings
 
 
 def claim(path: Path) -> bool:
@@ -381,7 +366,7 @@ def run_suite(
         if not suite.runnable(variant):
             print(
                 f"[quality] {variant}: method {suite.sweep.config(variant).method.name!r} is not in pyramid_peft "
-                f"({', '.join(method_names())}); skipped",
+                f"({', '.join(method_choices())}); skipped",
                 flush=True,
             )
     failed: set[RunKey] = set()
@@ -463,9 +448,9 @@ def last_checkpoint(config: ExperimentConfig) -> str | None:
     (another budget: resuming it would splice two schedules) stops the suite."""
     run_dir = Path(config.training["output_dir"])
     checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    if checkpoint:
-        saved = Path(checkpoint) / WEIGHTS_CONFIG_FILE
-        refuse_another_config(saved, read_yaml(saved.read_text()), recorded_config(config, run_dir).to_dict())
+    if checkpoint:  # the library's resume guard, asked before the run starts: a refusal stops the suite
+        differ = resume_differences(checkpoint, recorded_config(config, run_dir).to_dict())
+        refuse_another_config(Path(checkpoint) / WEIGHTS_CONFIG_FILE, differ)
     return checkpoint
 
 
@@ -485,26 +470,13 @@ def evaluate_run_splits(experiment, train_results: dict | None) -> dict:
     selection protocol it evaluates the validation split), so only the reported split is predicted here; without
     ``train_results`` (the untuned floor) the adapter is disabled and both splits are predicted."""
     experiment.model.eval()
-    predictor = experiment_predictor(experiment, experiment.config.data.answer_scoring)
     splits = load_splits(experiment)
+    setup = evaluation_setup(experiment, splits)
+    predictor = Predictor.for_run(experiment.model, setup, experiment.config.training_arguments())
     if train_results is None:
         with experiment.peft_model.disable_adapter():
             return _evaluate_both(predictor, experiment, splits, None)
     return _evaluate_both(predictor, experiment, splits, train_results)
-
-
-def experiment_predictor(experiment, answer_scoring: str) -> Predictor:
-    """The predictor of the experiment's evaluation settings, answering under ``answer_scoring``."""
-    _, collator = collators(experiment)
-    return Predictor.for_run(
-        experiment.model,
-        experiment.family,
-        collator,
-        experiment.tokenizer,
-        experiment.config.training_arguments(),
-        needs_task_ids(experiment.model),
-        answer_scoring=answer_scoring,
-    )
 
 
 def _evaluate_both(predictor: Predictor, experiment, splits: list, train_results: dict | None) -> dict:
@@ -641,10 +613,10 @@ def main(argv: list[str] | None = None) -> None:
         spawn_workers([*argv, "--results-dir", str(results_dir), "--runs-dir", str(runs_dir)], args.workers)
     elif not args.summarize_only:
         run_suite(suite, variants, results_dir, runs_dir, args.no_new_runs_after)
-    if not args.no_report:
-        from quality_report import write_report
-
-        print(write_report(suite, results_dir))
+    if not args.no_report:  # the report reads this module, so it runs as its own script (no import circle)
+        report = [sys.executable, str(Path(__file__).with_name("quality_report.py")), *argv]
+        if subprocess.run([*report, "--results-dir", str(results_dir)]).returncode:
+            raise SystemExit("[quality] the report failed (see above)")
         print(f"[quality] results in {results_dir}", file=sys.stderr)
 
 

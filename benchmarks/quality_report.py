@@ -14,6 +14,9 @@ A probe suite (``benchmark.probe``) also records each method's rate probe; a sui
 ``benchmark.compare_with`` (a shorter budget) states the answer at each budget in one sentence: for each EPT form, the
 peers it ties, beats and loses to, with the paired intervals, and the methods with final runs.
 
+Run by ``benchmarks/quality.py`` after its runs, or alone with the same arguments
+(``python benchmarks/quality_report.py glue8 [--smoke] [--results-dir DIR]``).
+
 Parameters per task (spec §2): total trainable weights over the tasks, heads left out; "all" counts routers and task
 embeddings (as MoRE counts), "no router" the adapter weights only (as EPT counts).
 """
@@ -29,7 +32,18 @@ from pyramid_peft.analysis.significance import TaskRuns, bootstrap_score, paired
 from pyramid_peft.analysis.sweeps import task_title
 from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.tasks import get_task
-from quality import RunKey, Suite, load_done, load_suite, sweep_grid, validation_score, variant_plan
+from quality import (
+    RESULTS_DIR,
+    RunKey,
+    Suite,
+    load_done,
+    load_suite,
+    parse_args,
+    smoke_overrides,
+    sweep_grid,
+    validation_score,
+    variant_plan,
+)
 
 PARAM_COLUMNS = {"per_task": "params/task (all)", "per_task_without_router": "params/task (no router)"}
 COLLAPSE_MARK = "†"
@@ -549,3 +563,15 @@ def _json_row(row: dict) -> dict:
         "grid_collapses": {t: [f"{lr:.3g}" for lr in rates] for t, rates in grid_collapses(row).items()},
         "wall_seconds": [r["wall_seconds"] for r in finals],
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the report of the suite that ``quality.py`` with the same arguments ran (``--results-dir`` given, or
+    the default results folder)."""
+    args = parse_args(argv)
+    shared, benchmark = smoke_overrides(args.suite) if args.smoke else ({}, {})
+    print(write_report(load_suite(args.suite, shared, benchmark), args.results_dir or RESULTS_DIR))
+
+
+if __name__ == "__main__":
+    main()

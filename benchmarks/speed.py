@@ -55,7 +55,7 @@ from common import (
     storage_pointers,
     summarize,
 )
-from pyramid_peft import aux_loss, make_peft_config, merge_for_task, method_names, uses_task_ids
+from pyramid_peft import adapter_reads_task_ids, aux_loss, make_peft_config, merge_for_task, method_names
 from pyramid_peft.models import load_model, resolve_model
 
 THREADS = 2
@@ -222,7 +222,7 @@ def force_route(layer: nn.Module, experts: tuple[int, ...]) -> None:
 
 def task_kwargs(model: nn.Module, batch: int) -> dict:
     """``task_ids`` (one per example, all the same task) for this package's methods; nothing for others."""
-    return {"task_ids": torch.full((batch,), TASK, dtype=torch.long)} if uses_task_ids(model) else {}
+    return {"task_ids": torch.full((batch,), TASK, dtype=torch.long)} if adapter_reads_task_ids(model) else {}
 
 
 # -- 1. per layer --------------------------------------------------------------------------------------------------

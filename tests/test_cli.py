@@ -175,6 +175,6 @@ def test_eval_finds_the_data_the_run_recorded_with_no_environment_set(tiny_exper
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["data_dir"] == str(Path(data_dir).resolve())
 
     monkeypatch.delenv("EPT_DATA_DIR")
-    monkeypatch.setattr("pyramid_peft.data.sources.shared_data_dir", lambda: None)  # only the record knows
+    monkeypatch.setattr("pyramid_peft.data.location.shared_data_dir", lambda: None)  # only the record knows
     assert main(["eval", str(run)]) == 0
     assert main(["export", str(run), "--task", "rte", "--lora"]) == 0

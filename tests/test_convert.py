@@ -94,8 +94,10 @@ def test_errors_name_the_key_and_the_module(tmp_path):
         convert_reference(src, tmp_path / "a", base_model=One(d_in=50))
     with pytest.raises(ConversionError, match="names module 'q', which the base model does not have"):
         convert_reference(src, tmp_path / "b", base_model=nn.Sequential(nn.Linear(96, 192)))
-    with pytest.raises(ConversionError, match="lacks.*not a checkpoint of the public TuckA code"):
+    with pytest.raises(ConversionError, match="not a tensor of the public TuckA layer.*another source"):
         convert_reference(src, tmp_path / "c", source="tucka-code")
+    with pytest.raises(ConversionError, match=r"\['gate'\] do not apply to tucka-code"):
+        convert_reference(src, tmp_path / "c", source="tucka-code", gate="code")
     bad = dict(tensors)
     bad["lora_gate.default.0.bias"] = torch.zeros(7)
     with pytest.raises(ConversionError, match=r"'base_model.model.q.lora_gate.0.bias' of module 'q' has shape \(7,\)"):
@@ -153,3 +155,17 @@ def test_converted_tucka_checkpoint_keeps_its_trained_centroids(tmp_path):
     h = ref.base_output(first, x) + x @ ref.tucka_delta(first, group, weights).T
     expected = ref.base_output(second, h) + h @ ref.tucka_delta(second, group, weights).T
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+
+def test_the_sources_of_ept_convert_are_the_registered_converters():
+    from pyramid_peft.cli import build_parser
+    from pyramid_peft.methods.spec import CONVERTERS, Converter, register_converter
+
+    assert sorted(CONVERTERS) == ["ept-code", "tucka-code"]
+    register_converter(Converter("toy-code", "a toy layer", r"toy", convert=None, expected_shapes=None))
+    try:
+        assert build_parser().parse_args(["convert", "src", "out", "--from", "toy-code"]).source == "toy-code"
+    finally:
+        CONVERTERS.pop("toy-code")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "src", "out", "--from", "toy-code"])

@@ -1,6 +1,6 @@
 """Imports run one way: every module imports only its own package or packages on a lower floor (``FLOOR``); the
-methods stand on routing, the loss collector, contrastive and gating and on the shared modules beside
-``methods/base.py``, and no method imports another method.
+methods stand on routing, the loss collector, contrastive, gating and models (a merge dequantizes a quantized base)
+and on the shared modules beside ``methods/base.py``, and no method imports another method.
 
 Checked by parsing every ``import`` statement of the package (``ast``), so a violation names the file and line.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import pyramid_peft
 
 PACKAGE = Path(pyramid_peft.__file__).parent
-FLOORS = {"routing", "losses", "contrastive", "gating"}  # what methods may stand on, outside methods/
+FLOORS = {"routing", "losses", "contrastive", "gating", "models"}  # what methods may stand on, outside methods/
 SHARED = {"base", "capabilities", "config_base", "mixture", "spec", "task_contrastive"}  # beside methods/base.py
 # The floors of the house, lowest first: a module may import its own package and anything on a lower floor.
 FLOOR = {
@@ -63,10 +63,14 @@ def test_methods_import_only_their_floors_and_the_shared_modules():
 
 
 def test_the_floors_do_not_import_the_methods():
+    files = sorted(
+        path for floor in FLOORS for path in [*PACKAGE.glob(f"{floor}.py"), *PACKAGE.glob(f"{floor}/**/*.py")]
+    )
+    assert {path.relative_to(PACKAGE).parts[0].removesuffix(".py") for path in files} == FLOORS
     bad = [
-        f"{floor}.py:{line} imports {name}"
-        for floor in sorted(FLOORS)
-        for line, name in imported_modules(PACKAGE / f"{floor}.py")
+        f"{path.relative_to(PACKAGE)}:{line} imports {name}"
+        for path in files
+        for line, name in imported_modules(path)
         if name.startswith("pyramid_peft.methods")
     ]
     assert bad == []
@@ -127,3 +131,83 @@ def test_the_floor_check_sees_upward_and_front_imports(tmp_path):
         "data/probe.py:2 imports pyramid_peft.EptConfig",
         "data/probe.py:3 imports pyramid_peft.metrics",
     ]
+
+
+# -- no two modules import each other ----------------------------------------------------------------------------
+BENCHMARKS = PACKAGE.parents[1] / "benchmarks"
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """Dotted names imported by ``path`` when it runs: every import statement, at any depth, except those under
+    ``if TYPE_CHECKING:`` (annotations only)."""
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for statement in node.body
+        for child in ast.walk(statement)
+    }
+    if path.is_relative_to(PACKAGE):
+        return {name for line, name in imported_modules(path) if not _line_skipped(tree, line, skipped)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def _line_skipped(tree: ast.AST, line: int, skipped: set[int]) -> bool:
+    return any(
+        id(node) in skipped
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and node.lineno == line
+    )
+
+
+def module_files() -> dict[str, Path]:
+    """Dotted module name -> file, for the package and the benchmark scripts (which import their siblings by name)."""
+    files = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    files.update({path.stem: path for path in BENCHMARKS.glob("*.py")})
+    return files
+
+
+def owning_module(name: str, files: dict[str, Path]) -> str | None:
+    """The module a dotted import name lands in (``pyramid_peft.training.config.ConfigError`` -> its module)."""
+    parts = name.split(".")
+    return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in files), None)
+
+
+def mutual_imports(files: dict[str, Path]) -> list[str]:
+    graph = {
+        module: {owning_module(name, files) for name in runtime_imports(path)} - {None, module}
+        for module, path in files.items()
+    }
+    return sorted(f"{a} <-> {b}" for a, targets in graph.items() for b in targets if a < b and a in graph.get(b, ()))
+
+
+def test_no_two_modules_import_each_other():
+    assert mutual_imports(module_files()) == []
+
+
+def test_the_mutual_import_check_sees_a_circle_and_skips_annotation_imports(tmp_path):
+    (tmp_path / "first.py").write_text("import third\n\n\ndef late():\n    from second import thing\n")
+    (tmp_path / "second.py").write_text("from first import late\n")
+    (tmp_path / "third.py").write_text("from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    import first\n")
+    files = {path.stem: path for path in tmp_path.glob("*.py")}
+    assert mutual_imports(files) == ["first <-> second"]
+
+
+def test_merge_and_convert_read_the_methods_through_the_shared_modules_only():
+    """Each method's merge (TuckA's route) and checkpoint converter live in its folder and register themselves."""
+    for module in ("merge.py", "convert.py"):
+        named = [name.split(".") for _, name in imported_modules(PACKAGE / module)]
+        methods = [parts for parts in named if parts[1:2] == ["methods"] and len(parts) > 2]
+        assert methods and all(parts[2] in SHARED for parts in methods), module

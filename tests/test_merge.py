@@ -7,9 +7,10 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from conftest import TINY_BUILDERS, TINY_TARGETS, tiny_batch
-from pyramid_peft import EptConfig, NotMergeableError, export_lora, merge_for_task
+from pyramid_peft import EptConfig, MultiLoraConfig, NotMergeableError, export_lora, merge_for_task
 
 KEY = {"t5": "logits", "llama": "logits", "bert": "last_hidden_state"}
 
@@ -74,9 +75,11 @@ def test_token_routing_cannot_be_merged_or_exported(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_merge_and_unload_points_to_merge_for_task():
-    with pytest.raises(NotMergeableError, match="merge_for_task"):
-        routed_model("t5").merge_and_unload()
+def test_merge_and_unload_of_a_task_routed_method_asks_for_the_task():
+    model = routed_model("t5")
+    with pytest.raises(NotMergeableError, match=r"name the task to merge, model.merge_and_unload\(task_id=t\)"):
+        model.merge_and_unload()
+    assert model.base_model.routed_layers()  # refused before any layer was touched
 
 
 def test_merge_rejects_task_ids_out_of_range():
@@ -127,3 +130,21 @@ def test_an_unmergeable_run_is_refused_before_anything_is_written(tiny_experimen
         with pytest.raises(NotMergeableError, match="HydraLoRA cannot be merged.*per token"):
             export_run(run, "sst2", mode, tmp_path / mode)
         assert not (tmp_path / mode).exists()
+
+
+def test_merging_in_place_into_a_quantized_base_is_refused_naming_it():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class Quantized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(16, 16, bias=False, compute_dtype=torch.float32).to("cpu")
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Quantized(), MultiLoraConfig(target_modules=["proj"], r=2))
+    before = model.base_model.model.proj.get_base_layer().weight.clone()
+    with pytest.raises(NotMergeableError, match=r"proj: the base weight is quantized \(torch.uint8\)"):
+        model.merge_adapter()
+    assert torch.equal(model.base_model.model.proj.get_base_layer().weight, before)

@@ -92,3 +92,43 @@ def test_average_scores():
     assert averages["full_average"] == pytest.approx((85 + 50 + 87) / 3)
     with pytest.raises(ValueError, match="at least one task"):
         average_scores({})
+
+
+def test_exact_match_normalises_case_punctuation_articles_and_spaces():
+    from pyramid_peft.metrics import exact_match, normalize_answer
+
+    assert normalize_answer("  The  Eiffel-Tower!  ") == "eiffeltower"
+    assert exact_match(["The cat.", "a dog", "cats", None], ["cat", "Dog", "cat", "cat"]) == pytest.approx(0.5)
+
+
+def test_rouge_l_is_the_longest_common_subsequence_f_measure_by_hand():
+    from pyramid_peft.metrics import rouge_l
+
+    # LCS("the cat sat", "the cat sat down") = 3 words: precision 3/3, recall 3/4, F = 2PR / (P + R) = 6/7.
+    # LCS("a b c d", "d c b a") = 1: P = R = 1/4.
+    assert rouge_l(["the cat sat", "a b c d"], ["the cat sat down", "d c b a"]) == pytest.approx((6 / 7 + 1 / 4) / 2)
+
+
+def test_chrf_is_one_for_identical_text_and_zero_for_no_shared_character():
+    from pyramid_peft.metrics import chrf
+
+    assert chrf(["hello world"], ["hello world"]) == pytest.approx(1.0)
+    assert chrf(["xyz"], ["abc"]) == 0.0
+    assert 0 < chrf(["hello word"], ["hello world"]) < 1
+
+
+def test_generation_metrics_score_generated_text_and_average_the_first():
+    from pyramid_peft.tasks.declare import declare_task
+
+    task = declare_task(
+        {
+            "name": "qa",
+            "kind": "generation",
+            "data": {"train": "qa.jsonl"},
+            "prompt": "{q}",
+            "target": "a",
+            "metrics": ["rouge_l", "exact_match"],
+        }
+    )
+    scores = compute_metrics(task, ["  Paris\n", "the river"], ["paris", "a river bank"])
+    assert scores["exact_match"] == pytest.approx(50.0) and scores["paper"] == scores["rouge_l"]

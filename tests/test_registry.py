@@ -1,6 +1,7 @@
 """EPT registered with stock PEFT by its string type: build, save (safetensors), reload, disable, print."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ def test_every_method_is_entered_in_peft_tables():
         assert peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] is spec.config_cls
         assert peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] is spec.tuner_cls
         assert peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] == spec.tuner_cls.prefix
+        assert pickle.loads(pickle.dumps(spec.tuner_cls)) is spec.tuner_cls  # importable by its name
 
 
 def test_make_peft_config_names_the_methods():
@@ -27,6 +29,22 @@ def test_make_peft_config_names_the_methods():
     with pytest.raises(ValueError, match="Did you mean 'ept'"):
         make_peft_config("epy")
     assert method_names()[0] == "lora"
+
+
+def test_one_lookup_covers_the_registered_methods_lora_and_full():
+    from peft import LoraConfig
+
+    from pyramid_peft.registry import lookup_method, method_choices
+
+    assert method_choices() == [*method_names(), "full"]
+    assert lookup_method("LoRA").config_cls is LoraConfig and not lookup_method("lora").full
+    assert lookup_method("full").full and lookup_method("full").config_cls is None
+    assert all(lookup_method(name).config_cls is spec.config_cls for name, spec in METHODS.items())
+    assert lookup_method("ept").takes_num_tasks and not lookup_method("lora").takes_num_tasks
+    with pytest.raises(ValueError, match="Did you mean 'full'"):
+        lookup_method("ful")
+    with pytest.raises(ValueError, match="has no adapter config"):
+        make_peft_config("full")
 
 
 def trained_ept(family):

@@ -158,8 +158,11 @@ def test_resuming_with_other_sampling_settings_is_refused(tiny_experiment, tmp_p
     raw["training"].update(
         output_dir=str(tmp_path / "next"), resume_from_checkpoint=str(checkpoint), per_device_train_batch_size=2
     )
-    with pytest.raises(CheckpointError, match=r"checkpoint-2: .*'batch_size': 4.*original tasks, batch size"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 was trained under another config: .*batch_size: was 4"):
         train(from_dict(raw))
+    # past the config guard (--allow_config_change), the sampler still cannot replay another batch size
+    with pytest.raises(CheckpointError, match=r"checkpoint-2: .*'batch_size': 4.*original tasks, batch size"):
+        train(from_dict(raw), allow_config_change=True)
 
 
 @main_thread_only

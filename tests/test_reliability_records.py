@@ -91,10 +91,10 @@ def test_overwrite_moves_the_finished_run_aside_and_a_killed_rerun_loses_nothing
 ):
     raw, run, results, files = finished_run
 
-    def killed(config, callbacks=()):  # stands in for a kill -9 right after the rerun started
+    def killed(*args, **kwargs):  # stands in for a kill -9 right after the rerun started
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pyramid_peft.training.run.build_trainer", killed)
+    monkeypatch.setattr("pyramid_peft.training.run._trainer", killed)
     with pytest.raises(KeyboardInterrupt):
         main(["train", str(write_config(raw, run.parent)), "--overwrite"])
     moved = [p for p in run.parent.iterdir() if p.name.startswith("run.replaced-")]
@@ -117,8 +117,12 @@ def test_an_unfinished_run_is_resumed_or_refused_and_the_resume_is_announced(tin
     assert code == 2 and f"{run} holds an unfinished run: continue it with --resume_from_checkpoint" in err
     code, err = exit_code_and_error(["train", path, "--resume_from_checkpoint", "--overwrite"], capsys)
     assert code == 2 and "exclude each other" in err
-    assert main(["train", path, "--resume_from_checkpoint"]) == 0
-    assert f"ept: resuming from {run / 'checkpoint-2'}" in capsys.readouterr().err
+    code, err = exit_code_and_error(["train", path, "--resume_from_checkpoint"], capsys)  # trained to 2 steps
+    assert code == 2 and "training.max_steps: was 2, now 4" in err and "--allow_config_change" in err
+    assert main(["train", path, "--resume_from_checkpoint", "--allow_config_change"]) == 0
+    err = capsys.readouterr().err
+    assert f"ept: resuming from {run / 'checkpoint-2'}" in err
+    assert "under a changed config (--allow_config_change): training.max_steps: was 2, now 4" in err
 
 
 def test_eval_of_the_final_adapter_folder_as_a_checkpoint_works(finished_run, capsys):

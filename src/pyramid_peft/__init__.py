@@ -6,9 +6,10 @@ Importing the package registers its methods with PEFT, so ``peft.get_peft_model(
 
 from .accounting import count_parameters
 from .convert import ConversionError, convert_reference
+from .data.task_ids import TaskIdsCollator
 from .losses import aux_loss
-from .merge import capabilities_of, export_lora, merge_for_task, merge_tucka_route
-from .methods.base import NotMergeableError, uses_task_ids
+from .merge import capabilities_of, export_lora, merge_for_task
+from .methods.base import NotMergeableError, adapter_reads_task_ids
 from .methods.capabilities import Capabilities, Merging, Routing
 from .methods.ept import EptConfig
 from .methods.hydralora import HydraLoraConfig
@@ -16,7 +17,7 @@ from .methods.mixlora import MixLoraConfig
 from .methods.moelora import MoeLoraConfig
 from .methods.more import MoreConfig
 from .methods.multilora import MultiLoraConfig
-from .methods.tucka import TuckaConfig
+from .methods.tucka import TuckaConfig, merge_tucka_route
 from .registry import make_peft_config, method_names
 from .routing import TaskRoutingError, attach_to_peft_model
 
@@ -33,7 +34,9 @@ __all__ = [
     "Merging",
     "NotMergeableError",
     "Routing",
+    "TaskIdsCollator",
     "TaskRoutingError",
+    "adapter_reads_task_ids",
     "aux_loss",
     "capabilities_of",
     "convert_reference",
@@ -44,7 +47,6 @@ __all__ = [
     "merge_for_task",
     "merge_tucka_route",
     "method_names",
-    "uses_task_ids",
 ]
 
 

@@ -1,7 +1,8 @@
 """The ``ept`` command line: train, eval, export, params (and ``analyze`` when that module is installed).
 
     ept train CONFIG [--max_steps 20 --output_dir X --method.r 4 ...] [--resume_from_checkpoint [DIR]]
-    ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100] [--output FILE.json]
+              [--allow_config_change] [--overwrite]
+    ept eval RUN_DIR [--split test] [--checkpoint RUN_DIR/checkpoint-100] [--output FILE.json] [--baseline]
     ept export RUN_DIR --task NAME (--merged | --lora) [--output DIR]
     ept params CONFIG [overrides]
     ept convert SRC OUT --from ept-code|tucka-code [--base MODEL --top_k 2 --num_tasks 8 --gate code]
@@ -11,7 +12,9 @@ Every subcommand sets ``func`` (a callable taking the parsed arguments and retur
 ``pyramid_peft.analysis.cli`` may add the ``analyze`` group through ``add_analyze_parser(subparsers)``.
 
 ``--resume_from_checkpoint`` alone resumes from the newest valid checkpoint of the output folder (a partial or
-corrupt one is skipped with a warning); with a folder, from that checkpoint. ``--overwrite`` moves a run already
+corrupt one is skipped with a warning); with a folder, from that checkpoint. A checkpoint trained under settings
+that change the trajectory (steps, schedule, learning rate, method, tasks, data, sampling) is refused, naming them;
+``--allow_config_change`` resumes it anyway (a run extended on purpose). ``--overwrite`` moves a run already
 in the output folder aside (never deletes it); without it ``ept train`` refuses a folder that holds a run. SIGTERM
 or Ctrl-C during ``ept train`` saves a checkpoint, prints how to resume, and exits with 128 + the signal number.
 
@@ -34,8 +37,10 @@ def _train(args) -> int:
     from .training.guards import TrainingInterrupted
 
     overrides, overwrite = _take_flag(args.overrides, "--overwrite")
+    overrides, allow_change = _take_flag(overrides, "--allow_config_change")
     try:
-        results = train(load_config(args.config, overrides, for_training=True), overwrite=overwrite)
+        config = load_config(args.config, overrides, for_training=True)  # checked here, once
+        results = train(config, overwrite=overwrite, allow_config_change=allow_change, checked=True)
     except TrainingInterrupted as stop:  # its checkpoint is saved: exit as the signal would, saying how to resume
         print(f"ept train: {stop}", file=sys.stderr)
         return 128 + stop.signum
@@ -49,7 +54,7 @@ def _eval(args) -> int:
     from .training.evaluate import metrics_table
     from .training.run_folder import write_metrics
 
-    results = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint)
+    results = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, baseline=args.baseline)
     print(metrics_table(results))
     if args.output:
         write_metrics(args.output, results)
@@ -108,6 +113,8 @@ def _take_flag(overrides: list[str], flag: str) -> tuple[list[str], bool]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .convert import converter_sources
+
     parser = argparse.ArgumentParser(prog="ept", description="Multi-task parameter-efficient fine-tuning.")
     parser.add_argument(
         "--debug",
@@ -122,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides",
         nargs=argparse.REMAINDER,
         help="e.g. --max_steps 20 --method.r 4; --resume_from_checkpoint [DIR] resumes an interrupted "
-        "run (default: the newest valid checkpoint in output_dir); --overwrite moves a run "
-        "already in output_dir aside",
+        "run (default: the newest valid checkpoint in output_dir), refusing one trained under settings that "
+        "change the trajectory unless --allow_config_change; --overwrite moves a run already in output_dir aside",
     )
     train.set_defaults(func=_train)
 
@@ -132,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=("eval", "test"), default="eval")
     evaluate.add_argument("--checkpoint", help="a checkpoint-<step> folder instead of the final adapter")
     evaluate.add_argument("--output", help="also write the results to this JSON file")
+    evaluate.add_argument(
+        "--baseline",
+        action="store_true",
+        help="score the untrained model (adapter as initialised) instead: the generation tasks' floors, kept in "
+        "RUN/baseline-<split>.json for later evaluations of the run",
+    )
     evaluate.set_defaults(func=_eval)
 
     export = commands.add_parser("export", help="export one task's adapter as stock LoRA or a merged model")
@@ -157,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="import an adapter trained with the public EPT or TuckA code")
     convert.add_argument("src", help="the public code's save_pretrained folder")
     convert.add_argument("out", help="the pyramid-peft adapter folder to write")
-    convert.add_argument("--from", dest="source", required=True, choices=("ept-code", "tucka-code"))
+    convert.add_argument("--from", dest="source", required=True, choices=converter_sources())
     convert.add_argument("--base", help="the base model (hub id, path or alias) to check the module shapes against")
     convert.add_argument("--top_k", type=int, help="EPT experts per task (default 2, as the public code)")
     convert.add_argument("--num_tasks", type=int, help="task ids (default: the rows of the task table)")

@@ -1,27 +1,12 @@
-"""Import adapters trained with the public EPT code or the public TuckA code into pyramid-peft adapter folders.
+"""Import adapters trained with another codebase (the public EPT code, the public TuckA code) into pyramid-peft
+adapter folders.
 
-SRC is what the public code's ``save_pretrained`` writes: ``adapter_config.json`` and ``adapter_model.safetensors``
-(or ``adapter_model.bin``, read with ``weights_only=True``). Its keys are ``base_model.model.<module>.<tensor>``:
-
-=========================================  ==========================================  ===========================
-public EPT code (``--from ept-code``)       shape                                       pyramid-peft (``EptConfig``)
-=========================================  ==========================================  ===========================
-``lora_A.weight``                           (r, floor(d_in / k_min))                    ``ept_A``
-``lora_B.weight``                           (floor(d_out / k_min), r)                   ``ept_B``
-``lora_expert_kernels.<e>``                 (1, floor(d_out / k_e), k_e, 1)             ``ept_kernels`` (flattened,
-                                                                                        expert order)
-``lora_gate.0.weight`` / ``.bias``          (E, d_in) / (E,)                            ``ept_gate.weight`` / ``.bias``
-``lora_task_embedding.weight``              (rows, d_in)                                ``ept_task_embedding``
-public TuckA code (``--from tucka-code``)
-``tucka_g`` / ``tucka_c`` / ``tucka_u``     (k, p, r, r) / (t, p) / (d_in, r)           ``tucka_core`` / ``_mode`` /
-                                                                                        ``_factor``
-``tucka_ec`` (router module only)           (k * t, d_in)                               ``tucka_centroids`` (+ ready)
-=========================================  ==========================================  ===========================
-
-The EPT adapter becomes ``EptConfig.reference_code`` (code1d experts, the double-softmax gate) with the kernel sizes
-read from the kernel shapes and ``top_k=2`` (what the public ``finetune.py`` sets); the TuckA adapter a
-``TuckaConfig`` whose sizes come from the tensor shapes, routed from the module that holds the centroids. Converted
-centroids are marked initialised, so the first forward keeps them (the public code's reload re-initialises them).
+SRC is what that code's ``save_pretrained`` writes: ``adapter_config.json`` and ``adapter_model.safetensors`` (or
+``adapter_model.bin``, read with ``weights_only=True``). Its keys are ``base_model.model.<module>.<tensor>``. Each
+method that can import such a checkpoint registers a :class:`~pyramid_peft.methods.spec.Converter` in its own
+folder (the tensor names it reads, the mapping, the shapes to check against a base model); this module reads the
+folder, splits it by module, checks it against the base model and writes the result atomically. The sources
+offered (``ept convert --from``) are the registered converters.
 """
 
 from __future__ import annotations
@@ -35,18 +20,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import methods  # noqa: F401  (importing the methods registers their converters)
 from .atomic import atomic_directory
-from .methods.ept import EptConfig
-from .methods.tucka import TuckaConfig
+from .methods.spec import CONVERTERS, PREFIX, ConversionError, Converter
 
-SOURCES = ("ept-code", "tucka-code")
-PREFIX = "base_model.model."
-EPT_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_gate.0.weight", "lora_gate.0.bias", "lora_task_embedding.weight")
-TUCKA_TENSORS = {"tucka_g": "tucka_core", "tucka_c": "tucka_mode", "tucka_u": "tucka_factor"}
+__all__ = ["ConversionError", "convert_reference", "converter_sources"]
 
 
-class ConversionError(ValueError):
-    """The source folder is not a checkpoint of the public code, or does not fit the base model."""
+def converter_sources() -> list[str]:
+    """The ``--from`` names of the registered converters."""
+    return sorted(CONVERTERS)
 
 
 def convert_reference(
@@ -71,17 +54,20 @@ def convert_reference(
             rows; TuckA default 8, its output ignores them).
         gate: ``"code"`` (the public double softmax, default) or ``"paper"`` (EPT).
     """
-    if source not in SOURCES:
-        raise ConversionError(f"source={source!r} is not one of {list(SOURCES)}.")
+    if source not in CONVERTERS:
+        raise ConversionError(f"source={source!r} is not one of {converter_sources()}.")
+    converter = CONVERTERS[source]
+    given = {"top_k": top_k, "num_tasks": num_tasks, "gate": gate}
+    unused = [name for name, value in given.items() if value is not None and name not in converter.options]
+    if unused:
+        raise ConversionError(f"{unused} do not apply to {source} checkpoints (it takes {list(converter.options)}).")
     src = Path(src)
     settings, tensors = read_checkpoint(src)
-    modules = split_by_module(tensors, src)
-    if source == "ept-code":
-        config, state = _convert_ept(modules, settings, src, top_k, num_tasks, gate)
-    else:
-        config, state = _convert_tucka(modules, settings, src, num_tasks)
+    modules = split_by_module(tensors, src, converter)
+    options = {name: value for name, value in given.items() if name in converter.options}
+    config, state = converter.convert(modules, settings, src, **options)
     if base_model is not None:
-        check_against_base(config, modules, base_model, src)
+        check_against_base(config, modules, base_model, src, converter)
     with atomic_directory(out) as staging:
         config.save_pretrained(staging)
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(staging) / "adapter_model.safetensors"))
@@ -125,19 +111,19 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def split_by_module(tensors: dict[str, torch.Tensor], src: Path) -> dict[str, dict[str, torch.Tensor]]:
+def split_by_module(
+    tensors: dict[str, torch.Tensor], src: Path, converter: Converter
+) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name: {tensor name: tensor}}`` from keys ``base_model.model.<module>.<tensor>``."""
-    pattern = re.compile(
-        r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_expert_kernels\.\d+|lora_gate\.0\.(?:weight|bias)"
-        r"|lora_task_embedding\.weight|tucka_(?:g|c|u|ec))$"
-    )
+    pattern = re.compile(rf"(.+?)\.({converter.tensor_names})$")
     modules: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, value in tensors.items():
         match = pattern.match(key[len(PREFIX) :]) if key.startswith(PREFIX) else None
         if match is None:
             raise ConversionError(
-                f"key {key!r} in {src} is not a tensor of the public EPT or TuckA layer (expected "
-                f"'{PREFIX}<module>.lora_A.weight', '...lora_expert_kernels.<e>', '...tucka_g', ...)."
+                f"key {key!r} in {src} is not a tensor of {converter.description} (expected "
+                f"'{PREFIX}<module>.<tensor>' with a tensor name matching {converter.tensor_names!r}); "
+                f"is it a checkpoint of another source ({', '.join(converter_sources())})?"
             )
         modules[match.group(1)][match.group(2)] = value
     if not modules:
@@ -145,153 +131,10 @@ def split_by_module(tensors: dict[str, torch.Tensor], src: Path) -> dict[str, di
     return dict(modules)
 
 
-# -- EPT -------------------------------------------------------------------------------------------------------------
-def _convert_ept(modules, settings, src, top_k, num_tasks, gate):
-    kernel_sizes, state = None, {}
-    r = int(settings.get("r", next(iter(modules.values())).get("lora_A.weight", torch.empty(0)).shape[0]))
-    for name, parts in modules.items():
-        sizes = _ept_kernel_sizes(name, parts, src)
-        if kernel_sizes is not None and sizes != kernel_sizes:
-            raise ConversionError(
-                f"module {name!r} has kernel sizes {sizes}, others {kernel_sizes}: one adapter has one pyramid."
-            )
-        kernel_sizes = sizes
-        rows = _check_ept_shapes(name, parts, sizes, r, src)
-        num_tasks = num_tasks or rows
-        if num_tasks > rows:
-            raise ConversionError(f"num_tasks={num_tasks} exceeds the {rows} rows of {name!r}'s task table in {src}.")
-        state.update(_ept_state(name, parts, len(sizes), num_tasks))
-    config = EptConfig.reference_code(
-        target_modules=_exact(modules),
-        num_tasks=num_tasks,
-        r=r,
-        lora_alpha=settings.get("lora_alpha", 8),
-        lora_dropout=settings.get("lora_dropout", 0.0),
-        kernel_sizes=kernel_sizes,
-        top_k=top_k or min(2, len(kernel_sizes)),
-        gate_form=gate or "code",
-        base_model_name_or_path=settings.get("base_model_name_or_path"),
-        task_type=settings.get("task_type"),
-    )
-    return config, state
-
-
-def _ept_kernel_sizes(name: str, parts: dict, src: Path) -> list[int]:
-    missing = [t for t in EPT_TENSORS if t not in parts]
-    kernels = sorted((int(t.rsplit(".", 1)[1]), v) for t, v in parts.items() if t.startswith("lora_expert_kernels."))
-    if missing or not kernels:
-        what = missing or ["lora_expert_kernels.<e>"]
-        raise ConversionError(
-            f"module {name!r} in {src} lacks {what}: not a checkpoint of the public EPT code "
-            "(use --from tucka-code for TuckA)."
-        )
-    if [e for e, _ in kernels] != list(range(len(kernels))):
-        raise ConversionError(f"module {name!r}: expert kernels {[e for e, _ in kernels]} are not numbered 0..E-1.")
-    for e, kernel in kernels:
-        if kernel.dim() != 4 or kernel.shape[0] != 1 or kernel.shape[3] != 1:
-            raise ConversionError(
-                f"key '{PREFIX}{name}.lora_expert_kernels.{e}' has shape {tuple(kernel.shape)}; "
-                "expected (1, floor(d_out/k), k, 1)."
-            )
-    return [kernel.shape[2] for _, kernel in kernels]
-
-
-def _check_ept_shapes(name: str, parts: dict, sizes: list[int], r: int, src: Path) -> int:
-    """Check that the module's tensors fit one layer; returns the rows of its task table."""
-    gate_w, table = parts["lora_gate.0.weight"], parts["lora_task_embedding.weight"]
-    d_in = gate_w.shape[1]
-    k_min = min(sizes)
-    m_min = parts["lora_expert_kernels." + str(sizes.index(k_min))].shape[1]
-    expected = {
-        "lora_A.weight": (r, d_in // k_min),
-        "lora_B.weight": (m_min, r),
-        "lora_gate.0.weight": (len(sizes), d_in),
-        "lora_gate.0.bias": (len(sizes),),
-        "lora_task_embedding.weight": (table.shape[0], d_in),
-    }
-    for tensor, shape in expected.items():
-        if tuple(parts[tensor].shape) != shape:
-            raise ConversionError(
-                f"key '{PREFIX}{name}.{tensor}' of module {name!r} has shape "
-                f"{tuple(parts[tensor].shape)}, expected {shape} (r={r}, kernels {sizes})."
-            )
-    return table.shape[0]
-
-
-def _ept_state(name: str, parts: dict, experts: int, num_tasks: int) -> dict[str, torch.Tensor]:
-    kernels = [parts[f"lora_expert_kernels.{e}"][0, :, :, 0].reshape(-1) for e in range(experts)]
-    key = PREFIX + name
-    return {
-        f"{key}.ept_A": parts["lora_A.weight"],
-        f"{key}.ept_B": parts["lora_B.weight"],
-        f"{key}.ept_kernels": torch.cat(kernels),
-        f"{key}.ept_gate.weight": parts["lora_gate.0.weight"],
-        f"{key}.ept_gate.bias": parts["lora_gate.0.bias"],
-        f"{key}.ept_task_embedding": parts["lora_task_embedding.weight"][:num_tasks],
-    }
-
-
-# -- TuckA -----------------------------------------------------------------------------------------------------------
-def _convert_tucka(modules, settings, src, num_tasks):
-    state, sizes = {}, None
-    for name, parts in modules.items():
-        shape = _check_tucka_shapes(name, parts, src)
-        if sizes is not None and shape[:4] != sizes[:4]:
-            raise ConversionError(f"module {name!r} has (k, p, r, t) = {shape[:4]}, others {sizes[:4]}.")
-        sizes = shape
-        state.update({f"{PREFIX}{name}.{TUCKA_TENSORS[t]}": parts[t] for t in TUCKA_TENSORS})
-    k, p, r, t, _ = sizes
-    routers = [name for name, parts in modules.items() if "tucka_ec" in parts]
-    if len(routers) != 1:
-        raise ConversionError(
-            f"{src} has centroids (tucka_ec) on {routers or 'no module'}: a TuckA checkpoint has "
-            "them on exactly one module, the router."
-        )
-    router = routers[0]
-    centroids = modules[router]["tucka_ec"]
-    if tuple(centroids.shape) != (k * t, modules[router]["tucka_u"].shape[0]):
-        raise ConversionError(
-            f"key '{PREFIX}{router}.tucka_ec' of module {router!r} has shape {tuple(centroids.shape)}, expected "
-            f"({k * t}, d_in)."
-        )
-    state[f"{PREFIX}{router}.tucka_centroids"] = centroids
-    state[f"{PREFIX}{router}.tucka_centroids_ready"] = torch.tensor(True)  # trained centroids: never re-initialise
-    config = TuckaConfig(
-        target_modules=_exact(modules),
-        num_tasks=num_tasks or 8,
-        r=r,
-        k=k,
-        t=t,
-        p=p,
-        alpha=settings.get("alpha", 1.0),
-        ec_perturb_scale=settings.get("ec_perturb_scale", 1.0),
-        router_module=router,
-        base_model_name_or_path=settings.get("base_model_name_or_path"),
-        task_type=settings.get("task_type"),
-    )
-    return config, state
-
-
-def _check_tucka_shapes(name: str, parts: dict, src: Path) -> tuple[int, int, int, int, int]:
-    missing = [t for t in TUCKA_TENSORS if t not in parts]
-    if missing:
-        raise ConversionError(
-            f"module {name!r} in {src} lacks {missing}: not a checkpoint of the public TuckA code "
-            "(use --from ept-code for EPT)."
-        )
-    core, mode, factor = parts["tucka_g"], parts["tucka_c"], parts["tucka_u"]
-    if core.dim() != 4 or core.shape[2] != core.shape[3]:
-        raise ConversionError(f"key '{PREFIX}{name}.tucka_g' has shape {tuple(core.shape)}; expected (k, p, r, r).")
-    k, p, r = core.shape[0], core.shape[1], core.shape[2]
-    if mode.dim() != 2 or mode.shape[1] != p:
-        raise ConversionError(f"key '{PREFIX}{name}.tucka_c' has shape {tuple(mode.shape)}; expected (t, {p}).")
-    if factor.dim() != 2 or factor.shape[1] != r:
-        raise ConversionError(f"key '{PREFIX}{name}.tucka_u' has shape {tuple(factor.shape)}; expected (d_in, {r}).")
-    return k, p, r, mode.shape[0], factor.shape[0]
-
-
 # -- checks against the base model -----------------------------------------------------------------------------------
-def check_against_base(config, modules: dict[str, dict[str, torch.Tensor]], base_model: nn.Module, src: Path) -> None:
+def check_against_base(
+    config, modules: dict[str, dict[str, torch.Tensor]], base_model: nn.Module, src: Path, converter: Converter
+) -> None:
     """Every source module exists in ``base_model`` as an ``nn.Linear`` whose sizes its tensors fit."""
     for name, parts in modules.items():
         try:
@@ -303,29 +146,9 @@ def check_against_base(config, modules: dict[str, dict[str, torch.Tensor]], base
             ) from None
         if not isinstance(linear, nn.Linear):
             raise ConversionError(f"module {name!r} of the base model is a {type(linear).__name__}, not an nn.Linear.")
-        for tensor, shape in _expected_shapes(config, linear).items():
+        for tensor, shape in converter.expected_shapes(config, linear).items():
             if tensor in parts and tuple(parts[tensor].shape) != shape:
                 raise ConversionError(
                     f"key '{PREFIX}{name}.{tensor}' has shape {tuple(parts[tensor].shape)}, but module {name!r} of the "
                     f"base model ({linear.in_features} -> {linear.out_features}) needs {shape}."
                 )
-
-
-def _expected_shapes(config, linear: nn.Linear) -> dict[str, tuple[int, ...]]:
-    d_in, d_out = linear.in_features, linear.out_features
-    if isinstance(config, TuckaConfig):
-        return {"tucka_u": (d_in, config.r), "tucka_ec": (config.k * config.t, d_in)}
-    k_min = min(config.kernel_sizes)
-    shapes = {
-        "lora_A.weight": (config.r, d_in // k_min),
-        "lora_B.weight": (d_out // k_min, config.r),
-        "lora_gate.0.weight": (len(config.kernel_sizes), d_in),
-    }
-    for e, k in enumerate(config.kernel_sizes):
-        shapes[f"lora_expert_kernels.{e}"] = (1, d_out // k, k, 1)
-    return shapes
-
-
-def _exact(modules: dict) -> str:
-    """A target_modules regex that matches exactly the converted modules."""
-    return "^(" + "|".join(re.escape(name) for name in sorted(modules)) + ")$"

@@ -11,7 +11,6 @@ Every method that can state a fixed weight change for a task gives it as LoRA fa
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -24,7 +23,6 @@ from torch import nn
 from .atomic import atomic_directory
 from .methods.base import RoutedTuner, find_tuners
 from .methods.capabilities import Capabilities
-from .methods.tucka import fixed_route
 
 
 def _single_tuner(model: nn.Module) -> RoutedTuner:
@@ -41,56 +39,24 @@ def capabilities_of(model: nn.Module) -> Capabilities | None:
     return _single_tuner(model).capabilities() if find_tuners(model) else None
 
 
-def _check_task(tuner: RoutedTuner, adapter: str, task_id: int) -> None:
-    num_tasks = tuner.peft_config[adapter].num_tasks
-    if not isinstance(task_id, int) or not 0 <= task_id < num_tasks:
-        raise ValueError(f"task_id={task_id!r} is outside [0, {num_tasks}) for this adapter.")
-
-
-@torch.no_grad()
 def task_factors(model: nn.Module, task_id: int, adapter_name: str | None = None) -> dict[str, tuple]:
     """``{module name: (B, A)}`` for every adapted layer: the exact weight change of ``task_id``."""
-    tuner = _single_tuner(model)
-    adapter = adapter_name or tuner.active_adapters[0]
-    tuner.check_mergeable(adapter)
-    _check_task(tuner, adapter, task_id)
-    return {name: layer.task_lora_factors(adapter, task_id) for name, layer in tuner.routed_layers()}
+    return _single_tuner(model).task_factors(task_id, adapter_name)
 
 
-@torch.no_grad()
 def merge_for_task(model: nn.Module, task_id: int, adapter_name: str | None = None, inplace: bool = False):
     """A plain ``transformers`` model whose weights are ``W0 + ΔW(task_id)`` in every adapted layer.
 
     The routed model is left unchanged unless ``inplace=True`` (which saves a copy of the base model's memory and
-    leaves ``model`` unusable). Raises ``NotMergeableError`` where the adapter's capabilities do not merge.
+    leaves ``model`` unusable; ``model.merge_and_unload(task_id=...)`` gives the same weights the PEFT way).
+    Raises ``NotMergeableError`` where the adapter's capabilities do not merge.
+
+    On a quantized (bitsandbytes) base the merged model is a dequantized copy in the base's compute dtype: ``ΔW``
+    cannot be added to 4- or 8-bit weights without quantizing it away, so every quantized linear becomes a plain
+    one (see :func:`pyramid_peft.models.quantized.dequantized`). For a quantized model to serve, export the task
+    with :func:`export_lora` and load it on the same quantized base.
     """
-    factors = task_factors(model, task_id, adapter_name)
-    tuner = _single_tuner(model)
-    layers = dict(tuner.routed_layers())
-    if inplace:
-        merged, linears = tuner.model, {name: layer.get_base_layer() for name, layer in layers.items()}
-        for name, linear in linears.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent_name) if parent_name else merged, child, linear)
-    else:
-        # Copy the model with each adapted layer replaced by a copy of its frozen linear: adapter tensors (and any
-        # autograd state they hold) are never copied.
-        linears = {name: copy.deepcopy(layer.get_base_layer()) for name, layer in layers.items()}
-        memo = {id(layers[name]): linear for name, linear in linears.items()}
-        merged = copy.deepcopy(tuner.model, memo)
-    for name, linear in linears.items():
-        up, down = factors[name]  # summed in float64 so the merge adds no rounding of its own
-        linear.weight.copy_((linear.weight.double() + up.double() @ down.double()).to(linear.weight.dtype))
-    merged.__dict__.pop("peft_config", None)
-    return merged
-
-
-def merge_tucka_route(model: nn.Module, group: int, weights, adapter_name: str | None = None, inplace: bool = False):
-    """A plain ``transformers`` model with ``W0 <- W0 + alpha W0 Û M̄ᵀ Ûᵀ`` (row convention: x ↦ x (I + alpha Û M̄
-    Ûᵀ) before W0) in every adapted TuckA layer, for the fixed route (``group``, ``weights``): exact for every
-    batch that takes this route."""
-    with fixed_route(model, group, weights, adapter_name):
-        return merge_for_task(model, 0, adapter_name, inplace=inplace)
+    return _single_tuner(model).merged_model(task_id, adapter_name, inplace=inplace)
 
 
 def truncate(up: torch.Tensor, down: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:

@@ -1,8 +1,12 @@
-"""GLUE and commonsense QA metrics, computed offline with numpy, scipy and scikit-learn.
+"""Task metrics, computed offline with numpy, scipy, scikit-learn, and for generated text rouge-score and sacrebleu.
 
-The metric functions take parsed predictions (label ids, or floats for STS-B, as returned by
-:meth:`TaskSpec.parse_prediction`) and references, and return values in their natural range ([0, 1] or
+The metric functions take parsed predictions (label ids, floats for regression, texts for generation, as returned
+by :meth:`TaskSpec.parse_prediction`) and references, and return values in their natural range ([0, 1] or
 [-1, 1]). :func:`compute_metrics` scales them by 100, as papers report them.
+
+Generated text: ``exact_match`` after SQuAD's normalisation (lower case, no punctuation, no articles a / an / the,
+white space collapsed; Rajpurkar et al. 2016, arXiv:1606.05250), ``rouge_l`` the mean ROUGE-L F-measure of
+``rouge-score`` (Lin 2004, with its stemmer), ``chrf`` the corpus chrF of ``sacrebleu`` (Popovic 2015).
 
 A prediction of None (a generation that matched no label) always counts as wrong: for accuracy, MCC and F1 it
 is replaced by ``1 - reference``, which differs from the reference for every integer label and is the other
@@ -11,6 +15,7 @@ class of a binary task (HyperFormer's rule for F1). For STS-B it becomes 0.0, as
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,6 +25,7 @@ from sklearn import metrics as sk_metrics
 from .tasks import TaskSpec, get_task
 
 Prediction = int | float | None
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def accuracy(predictions: Sequence[Prediction], references: Sequence[int]) -> float:
@@ -41,6 +47,43 @@ def f1_binary(predictions: Sequence[Prediction], references: Sequence[int]) -> f
     )
 
 
+def f1_macro(predictions: Sequence[Prediction], references: Sequence[int]) -> float:
+    """F1 averaged over the classes that occur in references or predictions (unweighted)."""
+    return float(
+        sk_metrics.f1_score(references, _wrong_if_none(predictions, references), average="macro", zero_division=0)
+    )
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, punctuation and the articles a / an / the removed, white space
+    collapsed."""
+    text = "".join(ch for ch in str(text).lower() if ch not in _PUNCTUATION)
+    return " ".join(word for word in text.split() if word not in ("a", "an", "the"))
+
+
+def exact_match(predictions: Sequence[str | None], references: Sequence[str]) -> float:
+    """The fraction of generated texts equal to their reference after :func:`normalize_answer`."""
+    pairs = zip(predictions, _checked(references, predictions))
+    return float(np.mean([normalize_answer(p or "") == normalize_answer(r) for p, r in pairs]))
+
+
+def rouge_l(predictions: Sequence[str | None], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F-measure (longest common subsequence of words) of ``rouge-score``, with its Porter stemmer."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = zip(predictions, _checked(references, predictions))
+    return float(np.mean([scorer.score(r, p or "")["rougeL"].fmeasure for p, r in pairs]))
+
+
+def chrf(predictions: Sequence[str | None], references: Sequence[str]) -> float:
+    """Corpus chrF (character n-gram F-score, n <= 6, beta 2) of ``sacrebleu``, in [0, 1]."""
+    from sacrebleu.metrics import CHRF
+
+    references = _checked(references, predictions)
+    return float(CHRF().corpus_score([p or "" for p in predictions], [list(references)]).score / 100.0)
+
+
 def pearson(predictions: Sequence[Prediction], references: Sequence[float]) -> float:
     """Pearson correlation; 0.0 when it is undefined (constant predictions, e.g. early in training)."""
     return _correlation(stats.pearsonr, predictions, references)
@@ -55,13 +98,18 @@ METRICS: dict[str, Callable[[Sequence[Prediction], Sequence], float]] = {
     "accuracy": accuracy,
     "mcc": matthews_corr,
     "f1": f1_binary,
+    "f1_macro": f1_macro,
     "pearson": pearson,
     "spearman": spearman,
+    "exact_match": exact_match,
+    "rouge_l": rouge_l,
+    "chrf": chrf,
 }
 
 
 def compute_metrics(task: TaskSpec | str, predictions: Sequence, references: Sequence) -> dict[str, float]:
-    """Every metric of ``task.metrics``, times 100, plus ``"paper"``: the one the EPT paper reports.
+    """Every metric of ``task.metrics``, times 100, plus ``"paper"``: the first one, which averages over tasks
+    (for the built-in tasks, the one the EPT paper reports).
 
     Predictions may be parsed values or raw generated strings, which are parsed with ``task.parse_prediction``.
     """

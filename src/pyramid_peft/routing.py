@@ -33,6 +33,15 @@ class TaskRoutingError(ValueError):
     """Raised when task ids are missing, malformed or out of range."""
 
 
+# Callables that explain why a call arrived without task ids (a stock Trainer dropping the column: see
+# pyramid_peft.data.task_ids); each returns a sentence for the error, or None.
+MISSING_IDS_HINTS: list = []
+
+
+def _missing_ids_hints() -> str:
+    return "".join(f" {hint}" for hint in (provider() for provider in MISSING_IDS_HINTS) if hint)
+
+
 def in_backward_pass() -> bool:
     """True while autograd runs a backward pass (e.g. a gradient-checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
@@ -167,7 +176,7 @@ class TaskRoute:
                 raise TaskRoutingError(
                     f"{self.method} routes each example by its task: call the model with task_ids=<LongTensor of "
                     f"one id per example in [0, {self.num_tasks})>, e.g. model(**batch, task_ids=ids) or "
-                    "model.generate(..., task_ids=ids)."
+                    "model.generate(..., task_ids=ids)." + _missing_ids_hints()
                 )
             return None
         if not entry.expandable and entry.ids.shape[0] != batch_size:

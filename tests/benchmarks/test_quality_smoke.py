@@ -58,8 +58,8 @@ def shared_settings(config) -> str:
 def test_suite_configs_are_valid(quality, suite):
     """Every variant's config builds with one budget for all, under the selection protocol; each trained variant
     has a grid of >= 4 log-spaced learning rates about a factor 3 apart; method options are accepted."""
+    from pyramid_peft.registry import lookup_method
     from pyramid_peft.training.experiment import peft_config
-    from pyramid_peft.training.full import is_full
 
     loaded = quality.load_suite(suite)
     budgets = set()
@@ -73,7 +73,7 @@ def test_suite_configs_are_valid(quality, suite):
         if grid:
             assert len(grid) >= 4 and 2.5 <= quality.grid_ratio(grid) <= 3.5
             assert config.training["learning_rate"] == grid[0]
-        if grid and not is_full(config.method.name):
+        if grid and not lookup_method(config.method.name).full:
             peft_config(config, "encoder" if suite == "glue8" else "causal", len(config.tasks))
     assert len(budgets) == 1 and loaded.seeds == [0, 1, 2]
 
@@ -193,7 +193,8 @@ def test_results_of_another_budget_stop_the_suite_instead_of_counting_as_done(qu
 
 
 def test_a_checkpoint_of_another_budget_is_not_resumed(quality, tmp_path):
-    from pyramid_peft.training.run_folder import WEIGHTS_CONFIG_FILE, config_text, recorded_config
+    from pyramid_peft.training.checkpoints import WEIGHTS_CONFIG_FILE
+    from pyramid_peft.training.run_folder import config_text, recorded_config
 
     suite = smoke_suite(quality)
     key = quality.RunKey("lora", 1e-3, 0)
@@ -531,13 +532,17 @@ def test_no_run_starts_after_the_deadline(quality, tmp_path, monkeypatch, capsys
     assert "is not an ISO 8601 time: give e.g. 2026-12-07T04:55Z" in capsys.readouterr().err
 
 
-def test_the_device_is_where_a_run_went_not_what_it_trained(quality):
+def test_the_device_is_where_a_run_went_not_what_it_trained(quality, tmp_path, monkeypatch):
+    """Runs made with --device cpu are this suite's runs for a worker without --device (and the other way)."""
     _, suite = probe_suites(quality)
     key = quality.RunKey("lora", 3.16e-4, 0)
-    on_cpu = quality.replace(suite, device="cpu").config(key, Path()).to_dict()
-    assert on_cpu["training"]["use_cpu"] is True and "use_cpu" not in suite.config(key, Path()).to_dict()["training"]
-    assert quality.config_differences(on_cpu, suite.config(key, Path()).to_dict()) == []
+    on_cpu = quality.replace(suite, device="cpu")
+    assert on_cpu.config(key, Path()).training["use_cpu"] is True
+    assert "use_cpu" not in suite.config(key, Path()).training
     assert quality.replace(suite, device="cuda").config(key, Path()).training["use_cpu"] is False
+    monkeypatch.setattr(quality, "run_one", fake_run_one([], PROBE_TASKS))
+    quality.run_suite(on_cpu, ["lora"], tmp_path, tmp_path / "runs")
+    assert len(quality.load_done(suite, tmp_path)) == len(list((tmp_path / "glue8-1200").glob("*.json"))) == 4
 
 
 def test_the_300_step_records_still_load_under_todays_config(quality):

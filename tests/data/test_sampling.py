@@ -150,3 +150,14 @@ def test_works_as_a_dataloader_batch_sampler_with_flat_indices():
     for (values,), batch in zip(loader, expected):
         assert values.tolist() == [1000 * task + example for task, example in batch]
     assert sampler.offsets == (0, 100, 500)
+
+
+def test_task_weights_multiply_the_strategy_and_are_checked():
+    assert task_probabilities([10, 10], "uniform", task_weights=[1, 3]).tolist() == pytest.approx([0.25, 0.75])
+    assert task_probabilities([30, 10], "proportional", task_weights=[1, 3]).tolist() == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="Task weights must be 2 positive numbers"):
+        task_probabilities([10, 10], "uniform", task_weights=[1, 0])
+    sampler = MultiTaskBatchSampler([50, 50], batch_size=1, weights=[1, 3], seed=3)
+    drawn = [batch[0][0] for batch in sampler.batches(4000)]
+    assert drawn.count(1) / len(drawn) == pytest.approx(0.75, abs=0.03)
+    assert sampler.state_dict()["weights"] == [1.0, 3.0]

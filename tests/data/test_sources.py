@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pyramid_peft.data import DataSourceError, load_examples, resolve_data_dir, sources
+from pyramid_peft.data import DataSourceError, load_examples, location, resolve_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def no_env_data_dir(monkeypatch):
     """No local data at all: $EPT_DATA_DIR unset and no shared/data beside the repository (the hub is used)."""
     monkeypatch.delenv("EPT_DATA_DIR", raising=False)
-    monkeypatch.setattr(sources, "shared_data_dir", lambda: None)
+    monkeypatch.setattr(location, "shared_data_dir", lambda: None)
 
 
 def fake_hub(monkeypatch, tables):
@@ -51,7 +51,7 @@ def test_resolve_data_dir(monkeypatch, tmp_path):
     assert resolve_data_dir(str(tmp_path)) == tmp_path
     assert resolve_data_dir() == tmp_path / "from_env"
     monkeypatch.delenv("EPT_DATA_DIR")
-    monkeypatch.setattr(sources, "shared_data_dir", lambda: None)
+    monkeypatch.setattr(location, "shared_data_dir", lambda: None)
     assert resolve_data_dir() is None
 
 
@@ -62,7 +62,7 @@ def test_without_ept_data_dir_the_shared_folder_beside_the_checkout_is_found(mon
         monkeypatch.chdir(tmp_path)
         assert resolve_data_dir() == beside_repo.resolve()
     # an installed (not editable) package: found from the current folder, the checkout
-    monkeypatch.setattr(sources, "__file__", str(tmp_path / "site" / "a" / "b" / "sources.py"))
+    monkeypatch.setattr(location, "__file__", str(tmp_path / "site" / "a" / "b" / "location.py"))
     checkout, data = tmp_path / "checkout", tmp_path / "shared" / "data"
     checkout.mkdir()
     monkeypatch.chdir(checkout)

@@ -67,7 +67,7 @@ def test_hyperformer_mnli_locally_names_its_stand_ins(ept_data_dir):
 
 def test_hyperformer_mnli_from_the_hub_uses_mismatched_then_matched(monkeypatch):
     monkeypatch.delenv("EPT_DATA_DIR", raising=False)
-    monkeypatch.setattr("pyramid_peft.data.sources.shared_data_dir", lambda: None)  # no local folder: the hub
+    monkeypatch.setattr("pyramid_peft.data.location.shared_data_dir", lambda: None)  # no local folder: the hub
 
     def rows(label):
         return [{"premise": f"p{label}", "hypothesis": "h", "label": label, "idx": 0}]

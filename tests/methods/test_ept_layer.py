@@ -266,3 +266,18 @@ def test_inference_reuses_factors_until_parameters_or_route_change():
     with torch.no_grad(), layer.route.call(torch.tensor([2, 2])):
         expected = layer.base_layer(x) + x @ reference_delta(layer, 2, 32, 24).T
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+
+
+def test_token_routing_without_the_contrastive_loss_has_no_task_embedding_table():
+    for router_input, contrastive, has_table in (
+        ("token", 0.0, False),
+        ("token", 0.1, True),  # the contrastive loss trains it
+        ("task", 0.0, True),
+        ("task+token", 0.0, True),
+    ):
+        layer = make_layer(router_input=router_input, contrastive_weight=contrastive, randomize=False)
+        assert ("default" in layer.ept_task_embedding) is has_table, (router_input, contrastive)
+    layer = make_layer(router_input="token", contrastive_weight=0.0, randomize=False)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    layer(x).sum().backward()  # routes without ids or a table
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

@@ -354,4 +354,6 @@ def test_registered_by_name():
     assert config.capabilities() == Capabilities(Routing.BATCH, Merging.NONE, config.capabilities().reason)
     assert (config.r, config.k, config.t, config.p, config.alpha) == (8, 3, 3, 2, 1.0)
     # routed by its input: the trainer need not pass task ids (the model accepts and ignores them)
-    assert not pyramid_peft.uses_task_ids(get_peft_model(TwoLinears(), TuckaConfig(target_modules=["first"], r=4)))
+    assert not pyramid_peft.adapter_reads_task_ids(
+        get_peft_model(TwoLinears(), TuckaConfig(target_modules=["first"], r=4))
+    )

@@ -78,3 +78,30 @@ def test_built_in_tasks_name_their_local_files_and_hub_copies():
     assert get_task("qqp").local.file_name("heldout") == "heldout_from_train.jsonl"
     assert get_task("boolq").hub.columns == ("question", "passage")
     assert get_task("sst2").title == "SST-2"
+
+
+def test_the_kind_is_stated_or_follows_the_old_flags_and_the_first_metric_is_averaged():
+    assert [get_task(name).kind for name in ("rte", "stsb", "boolq", "arc_easy")] == [
+        "classification",
+        "regression",
+        "classification",
+        "multiple_choice",
+    ]
+    assert TaskSpec("t", is_regression=True, metrics=("spearman", "pearson")).paper_metric == "spearman"
+    with pytest.raises(ValueError, match="kind 'ranking' is not one of"):
+        TaskSpec("t", kind="ranking")
+
+
+def test_scores_render_at_any_step_with_ties_up_and_stsb_keeps_its_26_targets():
+    half_steps = TaskSpec("t", kind="regression", score_range=(1.0, 3.0), score_step=0.5, score_decimals=1)
+    assert [half_steps.format_score(s) for s in (1.2, 1.25, 2.74, 2.75)] == ["1.0", "1.5", "2.5", "3.0"]
+    assert half_steps.score_targets() == ("1.0", "1.5", "2.0", "2.5", "3.0")
+    assert get_task("stsb").score_targets() == tuple(f"{i / 5:.1f}" for i in range(26))
+
+
+def test_a_template_is_the_whole_prompt_and_generation_predicts_its_text():
+    spec = TaskSpec("t", kind="generation", prompt="Q: {q}\nA:")
+    example = {"q": "two plus two", "label": "four"}
+    assert spec.to_causal_lm(example) == ("Q: two plus two\nA:", " four")
+    assert TaskSpec("t", kind="generation", prompt="Q: {q}\n").to_causal_lm(example)[1] == "four"
+    assert spec.parse_prediction("  four\nand more ") == "four\nand more"

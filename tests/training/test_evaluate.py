@@ -108,7 +108,7 @@ def test_majority_level_is_the_score_of_always_predicting_the_most_common_label(
     assert majority_level(get_task("stsb"), [0.4, 3.2, 5.0]) == 0.0  # Pearson of a constant prediction
 
 
-def test_metrics_table_prints_the_majority_level_and_margin_beside_each_score_and_a_legend():
+def test_metrics_table_prints_the_floor_and_margin_beside_each_score_and_a_legend():
     from pyramid_peft.training.evaluate import metrics_table
 
     results = {
@@ -120,15 +120,32 @@ def test_metrics_table_prints_the_majority_level_and_margin_beside_each_score_an
                 "metrics": {"accuracy": 60.0, "paper": 60.0},
             },
             "cola": {"split": "validation", "num_examples": 10, "metrics": {"mcc": 3.0, "paper": 3.0}},
+            "arc_easy": {
+                "split": "test",
+                "num_examples": 8,
+                "majority": 37.5,
+                "floor": 25.0,
+                "floor_kind": "chance",
+                "metrics": {"accuracy": 50.0, "paper": 50.0},
+            },
+            "echo": {
+                "split": "train[2 rows, seed 2026] (validation carved from train)",
+                "num_examples": 2,
+                "floor": None,
+                "floor_kind": "untrained model",
+                "metrics": {"exact_match": 50.0, "paper": 50.0},
+            },
         },
         "paper_average": 31.5,
         "full_average": 31.5,
     }
     lines = metrics_table(results).splitlines()
-    assert lines[0].split()[:5] == ["task", "split", "n", "majority", "vs"]
-    assert lines[1].split()[:5] == ["rte", "validation[:139]", "139", "52.52", "+7.48"]
+    assert lines[0].split()[:5] == ["task", "split", "n", "floor", "vs"]
+    assert lines[1].split()[:5] == ["rte", "validation[:139]", "139", "52.52", "+7.48"]  # an older file: majority
     assert lines[2].split()[3:5] == ["-", "-"]  # an older results file without majority levels
-    assert "paper average 31.50" in lines[3] and "majority" in lines[4] and "MCC" in lines[4]
+    assert lines[3].split()[3:5] == ["25.00", "+25.00"]  # multiple choice: chance, not the majority
+    assert lines[4].split()[:2] == ["echo", "train[2"] and lines[4].split()[10:12] == ["-", "-"]  # no baseline yet
+    assert "paper average 31.50" in lines[5] and "majority" in lines[6] and "MCC" in lines[6]
 
 
 def test_evaluate_tasks_records_each_tasks_majority_level_from_its_evaluation_labels():

@@ -7,7 +7,6 @@ import torch
 from pyramid_peft.training.config import from_dict
 from pyramid_peft.training.evaluate import EvalSet, Predictor
 from pyramid_peft.training.experiment import build_experiment, collators, load_splits
-from pyramid_peft.training.heads import needs_task_ids
 
 
 @pytest.mark.parametrize(
@@ -38,7 +37,6 @@ def test_length_batching_gives_the_same_predictions_in_the_same_order(tiny_exper
                 collator,
                 experiment.tokenizer,
                 batch_size=4,
-                route_task_ids=needs_task_ids(model),
                 answer_scoring=scoring,
                 by_length=by_length,
             ).predict(eval_set, split.eval)

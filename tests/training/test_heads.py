@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel
 
-from pyramid_peft import EptConfig, uses_task_ids
-from pyramid_peft.training.heads import HEADS_FILE, MultiTaskClassifier, mean_pool
+from pyramid_peft import EptConfig, adapter_reads_task_ids
+from pyramid_peft.training.heads import HEADS_FILE, MultiTaskClassifier, forward_takes_task_ids, mean_pool
 
 TARGETS = ["query", "key", "value", "dense"]
 TASKS = ["rte", "stsb", "mnli"]
@@ -35,9 +35,7 @@ def classifier(method="ept", seed=0):
     )
     encoder = get_peft_model(tiny_bert(seed), config)
     torch.manual_seed(seed + 1)
-    return MultiTaskClassifier(
-        encoder, TASKS, NUM_LABELS, hidden_size=16, route_task_ids=uses_task_ids(encoder), dropout=0.0
-    )
+    return MultiTaskClassifier(encoder, TASKS, NUM_LABELS, hidden_size=16, dropout=0.0)
 
 
 def batch(task_ids, seed=3):
@@ -100,9 +98,17 @@ def test_gradients_reach_adapters_and_only_the_used_heads():
 
 
 def test_task_ids_reach_the_encoder_only_when_its_method_routes():
-    assert classifier("ept").route_task_ids is True
+    ept = classifier("ept")
+    assert adapter_reads_task_ids(ept.encoder) and ept.encoder_reads_task_ids and forward_takes_task_ids(ept)
     lora = classifier("lora")
-    assert lora.route_task_ids is False
+    assert not lora.encoder_reads_task_ids and forward_takes_task_ids(lora)  # the heads take them
+
+    class Wrapper(torch.nn.Module):  # as FSDP and DDP hold the model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert forward_takes_task_ids(Wrapper(lora)) and not forward_takes_task_ids(Wrapper(lora.encoder))
     assert lora(**batch([0, 1])).loss.isfinite()  # stock LoRA's forward never sees task_ids
 
 
@@ -125,6 +131,6 @@ def test_save_and_load_round_trip(tmp_path, method):
 def test_heads_for_other_tasks_are_refused(tmp_path):
     classifier().save_pretrained(tmp_path)
     encoder = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=TARGETS))
-    other = MultiTaskClassifier(encoder, ["sst2", "stsb", "mnli"], NUM_LABELS, 16, route_task_ids=False)
+    other = MultiTaskClassifier(encoder, ["sst2", "stsb", "mnli"], NUM_LABELS, 16)
     with pytest.raises(ValueError, match="holds heads for tasks"):
         other.load_heads(tmp_path / HEADS_FILE)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import ACCELERATE_TWO_PROCESS_TRAIN
 from pyramid_peft import aux_loss
 from pyramid_peft.training.config import from_dict, load_config
-from pyramid_peft.training.heads import MultiTaskClassifier
+from pyramid_peft.training.heads import MultiTaskClassifier, forward_takes_task_ids
 from pyramid_peft.training.run import build_trainer, evaluate_run, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,7 +24,7 @@ def test_task_id_features_survive_the_trainer(tiny_experiment):
     assert {"task_id", "task", "example", "task_ids"} <= set(trainer._signature_columns)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["task_ids"].shape == (4,) and len(set(batch["task_ids"].tolist())) == 1  # one task per batch
-    assert trainer.keeps_task_ids
+    assert forward_takes_task_ids(trainer.model)
 
 
 def test_loss_adds_the_methods_aux_loss(tiny_experiment):
@@ -44,7 +44,7 @@ def test_loss_adds_the_methods_aux_loss(tiny_experiment):
 
 def test_stock_lora_never_sees_task_ids(tiny_experiment, monkeypatch):
     trainer = build_trainer(from_dict(tiny_experiment("seq2seq", method="lora")))
-    assert not trainer.keeps_task_ids
+    assert not forward_takes_task_ids(trainer.model)
     seen = []
     original = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda **kw: seen.append(set(kw)) or original(**kw))
@@ -256,3 +256,32 @@ def test_quickstart_under_two_process_accelerate_launch(ept_data_dir, tmp_path):
     assert len(metrics["tasks"]) == 5 and all(r["num_examples"] == 8 for r in metrics["tasks"].values())
     assert list(run.glob("checkpoint-*")) and (run / "adapter" / "heads.safetensors").is_file()
     assert done.stdout.count("paper average") == 1  # the table is printed by the main process only
+
+
+def test_ept_train_checks_the_config_once_and_builds_its_arguments_and_record_once(
+    tiny_experiment, tmp_path, monkeypatch
+):
+    import yaml
+
+    from pyramid_peft.cli import main
+    from pyramid_peft.training import run, validation
+    from pyramid_peft.training.config import ExperimentConfig
+
+    calls = {"checked": 0, "arguments": 0, "recorded": 0}
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(validation, "config_problems", counting("checked", validation.config_problems))
+    monkeypatch.setattr(
+        ExperimentConfig, "training_arguments", counting("arguments", ExperimentConfig.training_arguments)
+    )
+    monkeypatch.setattr(run, "recorded_config", counting("recorded", run.recorded_config))
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(tiny_experiment("seq2seq", max_steps=1)))
+    assert main(["train", str(path)]) == 0
+    assert calls == {"checked": 1, "arguments": 1, "recorded": 1}

@@ -14,17 +14,16 @@ left out.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, get_peft_model
+from peft import PeftConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from ..accounting import GROUPS, count_parameters
-from ..registry import METHODS, make_peft_config, method_names
+from ..registry import lookup_method, make_peft_config, method_names
 from ..training.config import ConfigError
 
 # The modules the EPT paper adapts (arXiv 2603.12577, Appendix D), used when a model is named without a config.
@@ -119,10 +118,8 @@ def method_config(setting: Setting, method: str) -> PeftConfig:
     """The setting's own method config, or ``method`` with its defaults on the setting's targets and tasks."""
     if method == setting.method:
         return setting.method_config
-    cls = LoraConfig if method == "lora" else METHODS[method].config_cls
-    accepted = {f.name for f in dataclasses.fields(cls)}
     options = {} if method in OWN_TARGETS else {"target_modules": setting.targets}
-    if "num_tasks" in accepted:
+    if lookup_method(method).takes_num_tasks:
         options["num_tasks"] = setting.num_tasks
     return make_peft_config(method, **options)
 

@@ -6,6 +6,9 @@ Strategies for the probability p_t of drawing task t, with n_t its training size
 * ``"proportional"``: n_t / N;
 * ``"temperature"``: (n_t / N) ** (1 / temperature), normalised; HyperFormer's, with temperature 10;
 * ``"exp"``: exp(n_t / N), normalised; what the EPT/MoRE code actually does (nearly uniform).
+
+Per-task ``weights`` (a task declaration's ``weight``, default 1) multiply the strategy's probabilities, which are
+then renormalised: under ``"uniform"``, p_t = w_t / sum of w.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ _EXAMPLE_ORDER_STREAM = 1
 _STEPS_PER_DRAW_BLOCK = 1024
 
 
-def task_probabilities(sizes: Sequence[int], strategy: str, temperature: float = 10.0) -> np.ndarray:
-    """The probability of drawing each task, given the tasks' training sizes (see the module docstring)."""
+def task_probabilities(
+    sizes: Sequence[int], strategy: str, temperature: float = 10.0, task_weights: Sequence[float] | None = None
+) -> np.ndarray:
+    """The probability of drawing each task, given the tasks' training sizes and weights (see the module
+    docstring)."""
     sizes = np.asarray(sizes, dtype=np.float64)
     if sizes.ndim != 1 or sizes.size == 0 or np.any(sizes <= 0):
         raise ValueError(f"Task sizes must be a non-empty list of positive counts, got {sizes.tolist()}.")
@@ -40,7 +46,17 @@ def task_probabilities(sizes: Sequence[int], strategy: str, temperature: float =
         "temperature": lambda: shares ** (1.0 / temperature),
         "exp": lambda: np.exp(shares),
     }[strategy]()
+    weights = weights * _checked_weights(task_weights, len(sizes))
     return weights / weights.sum()
+
+
+def _checked_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(count)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (count,) or not np.all(weights > 0) or not np.all(np.isfinite(weights)):
+        raise ValueError(f"Task weights must be {count} positive numbers, one per task, got {weights.tolist()}.")
+    return weights
 
 
 class MultiTaskBatchSampler:
@@ -54,6 +70,7 @@ class MultiTaskBatchSampler:
             task is the same on every rank, and the ranks split that task's next examples between them.
             False: each example's task is drawn independently (mixed batches).
         seed: seeds everything; batch ``s`` depends only on ``seed``, ``s`` and the batches before it.
+        weights: per-task sampling weights, multiplying the strategy's probabilities (default: all 1).
         rank, world_size: this process's place in data-parallel training.
         drop_last: homogeneous batches only: True discards the tail of a task's pass that cannot fill a
             global batch (every batch then holds distinct examples of one pass); False wraps into the next pass.
@@ -75,8 +92,10 @@ class MultiTaskBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        weights: Sequence[float] | None = None,
     ):
-        self.probabilities = task_probabilities(task_sizes, strategy, temperature)
+        self.probabilities = task_probabilities(task_sizes, strategy, temperature, weights)
+        self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(task_sizes)
         self._cumulative = np.cumsum(self.probabilities)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
@@ -144,6 +163,7 @@ class MultiTaskBatchSampler:
             "seed": self.seed,
             "world_size": self.world_size,
             "drop_last": self.drop_last,
+            "weights": self.weights,
         }
 
     def _check_tasks_fill_a_batch(self) -> None:

@@ -23,56 +23,39 @@ from functools import partial
 from pathlib import Path
 
 from ..tasks import TaskSpec, get_task
+from .declared import declared_examples
+from .location import DATA_DIR_ENV, DataSourceError, resolve_data_dir
 
-DATA_DIR_ENV = "EPT_DATA_DIR"
 STSB_SCORE_RANGE = (0.0, 5.0)
 _UNLABELLED = -1
 
 _FIX_HINT = (
     f"Fix: pass data_dir or set ${DATA_DIR_ENV} to a folder laid out as glue/<task>/<split>.jsonl and "
     "commonsense/<Dataset>/<split>.json, or make the Hugging Face hub reachable (network access, "
-    "HF_HUB_OFFLINE unset, `pip install datasets`)."
+    "HF_HUB_OFFLINE unset)."
 )
-
-
-class DataSourceError(RuntimeError):
-    """Raised when a task's examples cannot be loaded, or a row of them is malformed."""
 
 
 class _RowError(ValueError):
     """A malformed row; the reader that caught it adds the file and line."""
 
 
-def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
-    """The local data folder: ``explicit`` if given, else ``$EPT_DATA_DIR``, else ``shared/data`` beside the
-    repository (:func:`shared_data_dir`), else None (use the hub). The same order as ``scripts/env.sh``."""
-    value = explicit if explicit is not None else os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else shared_data_dir()
-
-
-def shared_data_dir() -> Path | None:
-    """``../shared/data`` beside the checkout, if it exists: the checkout is the repository this package was
-    installed from in editable mode (found from the package's own location), or else the current folder."""
-    package_root = Path(__file__).resolve().parents[3]  # src/pyramid_peft/data/sources.py -> the repository
-    roots = [package_root] if (package_root / "pyproject.toml").is_file() else []
-    for root in [*roots, Path.cwd()]:
-        candidate = root.parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
-
-
-def load_examples(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+def load_examples(
+    task: TaskSpec | str, split: str, data_dir: str | os.PathLike | None = None, config_dir=None
+) -> list[dict]:
     """All examples of one split of ``task``, as example dicts.
 
-    ``split`` is one of ``"train"``, ``"validation"``, ``"validation_mismatched"`` (MNLI), ``"test"``
-    (commonsense) or ``"heldout"`` (local MNLI/QQP only). The local folder (``data_dir`` or
-    ``$EPT_DATA_DIR``) is read when it holds that split; otherwise the hub copy is downloaded. When neither
-    works, one :class:`DataSourceError` explains both failures.
+    A task declared in a config (``family == "declared"``) reads its own files (:mod:`.declared`; ``config_dir`` is
+    the config file's folder, where relative paths are looked up last). A built-in task's ``split`` is one of
+    ``"train"``, ``"validation"``, ``"validation_mismatched"`` (MNLI), ``"test"`` (commonsense) or ``"heldout"``
+    (local MNLI/QQP only). The local folder (``data_dir`` or ``$EPT_DATA_DIR``) is read when it holds that split;
+    otherwise the hub copy is downloaded. When neither works, one :class:`DataSourceError` explains both failures.
     """
-    spec = get_task(task)
+    spec = get_task(task) if isinstance(task, str) else task
     _check_split_name(spec, split)
     root = resolve_data_dir(data_dir)
+    if spec.family == "declared":
+        return declared_examples(spec, split, root, config_dir)
     path = local_split_path(spec.name, split, root) if root is not None else None
     if path is not None and path.is_file():
         return _non_empty(_read_local_file(spec, path), spec, split, str(path))
@@ -232,7 +215,7 @@ def _fetch_hub_rows(spec: TaskSpec, split: str) -> tuple[Iterable[dict], str]:
         raise LookupError(
             f"the hub copy of {spec.name} has no {split!r} split (it has: {', '.join(source.split_names)})"
         )
-    import datasets  # optional dependency (extra "hub"), imported only when the hub is actually used
+    import datasets  # imported only when the hub is used: it is slow to import
 
     rows = datasets.load_dataset(source.path, source.config, split=hub_split)
     config = f" ({source.config})" if source.config else ""

@@ -33,7 +33,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..tasks import TaskSpec, get_task
-from .sources import load_examples, local_split_path, resolve_data_dir
+from .location import DataSourceError, resolve_data_dir
+from .sources import load_examples, local_split_path
 
 PROTOCOLS = ("ept", "hyperformer", "selection")
 EPT_SEED = 1189
@@ -63,14 +64,17 @@ class TaskSplits:
 
 
 def build_splits(
-    task: str,
+    task: TaskSpec | str,
     protocol: str = "ept",
     data_dir: str | os.PathLike | None = None,
     seed: int | None = None,
     max_eval: int | None = None,
+    config_dir: str | os.PathLike | None = None,
 ) -> TaskSplits:
     """The splits of ``task`` under ``protocol`` (``"ept"`` or ``"hyperformer"``).
 
+    A task declared in a config ignores the protocol (:func:`_declared_splits`); ``config_dir`` is where its
+    relative paths are looked up last. A task's ``max_train_rows`` keeps that many training rows (a seeded sample).
     ``seed`` overrides the protocol's permutation seed (1189 for EPT, 42 for HyperFormer, 2026 for selection).
     ``max_eval`` keeps only the first ``max_eval`` evaluation rows after the protocol's selection, for quick runs
     (under ``"selection"``, the first ``max_eval`` test rows too).
@@ -79,9 +83,13 @@ def build_splits(
         raise ValueError(f"Unknown split protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}.")
     if max_eval is not None and max_eval < 1:
         raise ValueError(f"max_eval must be a positive number of rows or None, got {max_eval}.")
-    spec = get_task(task)
+    spec = get_task(task) if isinstance(task, str) else task
+    if spec.family == "declared":
+        splits = _declared_splits(spec, data_dir, config_dir, _or(seed, SELECTION_SEED))
+        return _cap_train(_cap_test(_cap_eval(splits, max_eval), max_eval), spec.max_train_rows)
     if protocol == "selection":
-        return _cap_test(_cap_eval(_selection_splits(spec, data_dir, _or(seed, SELECTION_SEED)), max_eval), max_eval)
+        splits = _selection_splits(spec, data_dir, _or(seed, SELECTION_SEED))
+        return _cap_train(_cap_test(_cap_eval(splits, max_eval), max_eval), spec.max_train_rows)
     if spec.family == "commonsense":
         splits = TaskSplits(
             load_examples(spec.name, "train", data_dir), load_examples(spec.name, "test", data_dir), "test"
@@ -90,7 +98,7 @@ def build_splits(
         splits = _ept_splits(spec, data_dir, _or(seed, EPT_SEED))
     else:
         splits = _hyperformer_splits(spec, data_dir, _or(seed, HYPERFORMER_SEED))
-    return _cap_eval(splits, max_eval)
+    return _cap_train(_cap_eval(splits, max_eval), spec.max_train_rows)
 
 
 def _or(seed: int | None, default: int) -> int:
@@ -151,6 +159,28 @@ def _selection_splits(spec: TaskSpec, data_dir, seed: int) -> TaskSplits:
     return TaskSplits(remaining, validation, validation_name, reported, reported_name)
 
 
+def _declared_splits(spec: TaskSpec, data_dir, config_dir, seed: int) -> TaskSplits:
+    """A declared task's splits: its validation file, or ``min(1000, n // 5)`` rows carved from train (positions of
+    a seed-2026 permutation, as the selection protocol carves) that it then does not train on; its test file if any.
+    """
+    train = load_examples(spec, "train", data_dir, config_dir)
+    test = load_examples(spec, "test", data_dir, config_dir) if "test" in spec.splits else None
+    test_name = "test" if test is not None else None
+    if "validation" in spec.splits:
+        return TaskSplits(train, load_examples(spec, "validation", data_dir, config_dir), "validation", test, test_name)
+    size = min(SELECTION_VALIDATION_SIZE, len(train) // 5)
+    if size == 0:
+        raise DataSourceError(
+            f"task {spec.name!r}: field 'data.validation' is not given and train has {len(train)} rows, too few to "
+            "carve a validation split from (a fifth of train, at least one row). Fix: add rows or a validation file."
+        )
+    order = _permutation(len(train), seed)
+    validation = [train[i] for i in order[:size]]
+    remaining = [train[i] for i in sorted(order[size:])]
+    name = f"train[{size} rows, seed {seed}] (validation carved from train)"
+    return TaskSplits(remaining, validation, name, test, test_name)
+
+
 def _reported_split(spec: TaskSpec, data_dir) -> tuple[list[dict], str]:
     """The whole split a benchmark reports: dev (or its local stand-in) for GLUE, the test file for commonsense."""
     if spec.family == "commonsense":
@@ -192,6 +222,14 @@ def _cap_eval(splits: TaskSplits, max_eval: int | None) -> TaskSplits:
     if max_eval is None or len(splits.eval) <= max_eval:
         return splits
     return replace(splits, eval=splits.eval[:max_eval], eval_split=f"{splits.eval_split} (first {max_eval} rows)")
+
+
+def _cap_train(splits: TaskSplits, max_rows: int | None) -> TaskSplits:
+    """At most ``max_rows`` training rows: those at the first positions of a seed-2026 permutation, in file order."""
+    if max_rows is None or len(splits.train) <= max_rows:
+        return splits
+    keep = sorted(_permutation(len(splits.train), SELECTION_SEED)[:max_rows])
+    return replace(splits, train=[splits.train[i] for i in keep])
 
 
 def _cap_test(splits: TaskSplits, max_eval: int | None) -> TaskSplits:

@@ -8,17 +8,19 @@ and their auxiliary losses through :meth:`RoutedLayer.aux_terms`.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..contrastive import contrastive_module_names
 from ..losses import LossSource
+from ..models.quantized import dequantized
 from ..routing import TaskRoute, attach_to_peft_model, find_enclosing_peft_model
-from .capabilities import Capabilities
+from .capabilities import Capabilities, Merging
 
 
 def find_tuners(model: nn.Module) -> list[RoutedTuner]:
@@ -26,14 +28,23 @@ def find_tuners(model: nn.Module) -> list[RoutedTuner]:
     return [m for m in model.modules() if isinstance(m, RoutedTuner)]
 
 
-def uses_task_ids(model: nn.Module) -> bool:
-    """Whether forward passes of ``model`` take ``task_ids`` (its methods route by task or report token routes
-    per task); stock PEFT models do not."""
+def adapter_reads_task_ids(model: nn.Module) -> bool:
+    """Whether the adapters in ``model`` read ``task_ids`` (their method routes by task, or reports token routes
+    per task: :attr:`Capabilities.reads_task_ids`); stock PEFT adapters do not. Whether a model's *forward* accepts
+    them is another question (heads take them too): ``pyramid_peft.training.heads.forward_takes_task_ids``."""
     return any(tuner.capabilities().reads_task_ids for tuner in find_tuners(model))
 
 
 class NotMergeableError(RuntimeError):
     """Raised when a method's weight change depends on the input (token or batch routing) and cannot be merged."""
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """``weight + sign * up @ down`` in ``weight``'s dtype, summed in float64 so that merging adds no rounding of
+    its own beyond the final cast. Every merge and unmerge goes through here."""
+    delta = up.to(weight.device, torch.float64) @ down.to(weight.device, torch.float64)
+    return (weight.double() + sign * delta).to(weight.dtype)
 
 
 class RoutedLayer(BaseTunerLayer):
@@ -44,12 +55,19 @@ class RoutedLayer(BaseTunerLayer):
     """
 
     parameter_groups: ClassVar[dict[str, str]] = {}  # container name -> "router" | "task_embedding"; default adapter
+    # The method's name as the layer's attributes spell it (``ept`` for ``ept_config``, ``ept_dropout``): set from
+    # the method's spec by ``register_method``.
+    method_key: ClassVar[str]
+    # Per-adapter dicts besides PEFT's two lists that delete_adapter must empty too (plans, caches).
+    adapter_state_names: ClassVar[tuple[str, ...]] = ()
     route: TaskRoute | None = None
 
     def __init__(self, base_layer: nn.Module, route: TaskRoute | None):
         self.base_layer = base_layer
         self.route = route
         self._aux_state: dict[str, Any] = {}
+        self.merged_adapters: list[str] = []  # PEFT's class-level default list would be shared by every layer
+        self._merged_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.module_key = ""
         self.in_features, self.out_features = self.feature_sizes()
 
@@ -71,11 +89,6 @@ class RoutedLayer(BaseTunerLayer):
         return min(self.in_features, self.out_features)
 
     # -- what every adapted layer shares ------------------------------------------------------------------------
-    @property
-    def method_key(self) -> str:
-        """The method's name as the layer's attributes spell it: ``ept`` for ``ept_config``, ``ept_dropout``."""
-        return self.other_param_names[0].removesuffix("_config")
-
     def adapter_config(self, adapter_name: str):
         """The config of ``adapter_name`` (kept per adapter in ``<method>_config``)."""
         return getattr(self, f"{self.method_key}_config")[adapter_name]
@@ -91,6 +104,15 @@ class RoutedLayer(BaseTunerLayer):
 
     def __repr__(self) -> str:
         return f"{self.method_key}." + super().__repr__()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's deletion (``adapter_layer_names`` and ``other_param_names``), then the adapter's dropout and
+        :attr:`adapter_state_names`: nothing of the adapter stays behind."""
+        super().delete_adapter(adapter_name)
+        for name in (f"{self.method_key}_dropout", *self.adapter_state_names):
+            container = getattr(self, name, {})
+            if adapter_name in container:
+                del container[adapter_name]
 
     # -- routing helpers ---------------------------------------------------------------------------------------
     def task_ids_for(self, x: torch.Tensor, required: bool = True) -> torch.Tensor | None:
@@ -130,20 +152,55 @@ class RoutedLayer(BaseTunerLayer):
         """
         raise NotMergeableError(f"{type(self).__name__} cannot state a fixed weight change.")
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotMergeableError(
-            f"{type(self).__name__}'s weight change depends on the task: merge it for one task with "
-            "pyramid_peft.merge_for_task(model, task_id), or export it with pyramid_peft.export_lora."
-        )
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, task_id: int | None = None):
+        """Add the weight change of ``task_id`` (any id where the change is the same for every task) to the base
+        weight, for the active (or named) adapters; :meth:`unmerge` takes exactly that change back out.
+
+        With ``safe_merge`` the sum is checked for NaN / inf before the weight is touched.
+        """
+        for adapter_name in check_adapters_to_merge(self, adapter_names):
+            merging = self.adapter_config(adapter_name).capabilities().merging
+            if task_id is None and merging is Merging.PER_TASK:
+                raise NotMergeableError(
+                    f"{self.module_key or type(self).__name__}: adapter {adapter_name!r} merges per task: name the "
+                    "task, e.g. model.merge_and_unload(task_id=t) or model.merge_adapter(task_id=t)."
+                )
+            weight = self.get_base_layer().weight
+            if not weight.dtype.is_floating_point:
+                raise NotMergeableError(
+                    f"{self.module_key}: the base weight is quantized ({weight.dtype}): a change cannot be added to "
+                    "it in place; take a merged copy, dequantized, with pyramid_peft.merge_for_task(model, task_id)."
+                )
+            up, down = (f.detach().clone() for f in self.task_lora_factors(adapter_name, task_id or 0))
+            merged = merged_weight(weight, up, down)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs or infs detected in the merged weights of {self.module_key}: the adapter "
+                    f"{adapter_name!r} seems to be broken; nothing was merged in this layer."
+                )
+            with torch.no_grad():
+                weight.copy_(merged)
+            self._merged_factors[adapter_name] = (up, down)
+            self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
-        raise NotMergeableError("nothing is merged in place: merge_for_task returns a new model.")
+        """Subtract every merged change, newest first (the factors kept at merge time)."""
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            up, down = self._merged_factors.pop(adapter_name)
+            weight = self.get_base_layer().weight
+            with torch.no_grad():
+                weight.copy_(merged_weight(weight, up, down, sign=-1))
 
     # -- shared plumbing ----------------------------------------------------------------------------------------
     def _active_for_forward(self) -> list[str]:
+        """The adapters whose change a forward adds: active, present here, and not merged into the weight (a
+        disabled layer first takes its merged changes back out, as PEFT's LoRA does)."""
         if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
             return []
-        return [a for a in self.active_adapters if a in self._adapter_names()]
+        return [a for a in self.active_adapters if a in self._adapter_names() and a not in self.merged_adapters]
 
     def _adapter_names(self) -> set[str]:
         container = getattr(self, self.adapter_layer_names[0])
@@ -177,9 +234,14 @@ class RoutedTuner(LossSource, BaseTuner):
     layer_cls: ClassVar[type]
     target_module_mapping: ClassVar[dict] = {}  # no default targets: configs must name them
     method_name: ClassVar[str]
-    # For methods with the contrastive task-embedding loss: the per-adapter dict on each layer saying whether that
-    # layer's input feeds the loss (config fields contrastive_weight and contrastive_modules).
-    contrastive_flags: ClassVar[str | None] = None
+
+    @property
+    def contrastive_flags(self) -> str | None:
+        """For methods with the contrastive task-embedding loss (a ``<method>_contrastive`` dict among the layer's
+        ``other_param_names``): that dict's name. It says per adapter whether a layer's input feeds the loss
+        (config fields contrastive_weight and contrastive_modules)."""
+        name = f"{self.tuner_layer_cls.method_key}_contrastive"
+        return name if name in self.tuner_layer_cls.other_param_names else None
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None):
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
@@ -236,13 +298,92 @@ class RoutedTuner(LossSource, BaseTuner):
             raise NotMergeableError(f"{self.method_name} cannot be merged or exported as LoRA: {capabilities.reason}")
 
     def _check_merge_allowed(self):
-        """PEFT's ``merge_and_unload``: nothing merges in place; say what to use instead."""
-        self.check_mergeable()
-        raise NotMergeableError(
-            f"{self.method_name} is not merged in place by merge_and_unload(): use "
-            "pyramid_peft.merge_for_task(model, task_id) for a merged copy (any task id where the change is the same "
-            "for every task) or pyramid_peft.export_lora(model, task_id, out_dir) for a plain LoRA adapter."
-        )
+        """PEFT's checks (tied embeddings), then each active adapter's capabilities: one whose change depends on
+        the input is refused with the method's reason."""
+        super()._check_merge_allowed()
+        for adapter_name in self.active_adapters:
+            self.check_mergeable(adapter_name)
+
+    def check_task_id(self, adapter_name: str, task_id: int) -> None:
+        """Refuse a ``task_id`` outside ``[0, num_tasks)`` of the adapter."""
+        num_tasks = self.peft_config[adapter_name].num_tasks
+        if not isinstance(task_id, int) or isinstance(task_id, bool) or not 0 <= task_id < num_tasks:
+            raise ValueError(f"task_id={task_id!r} is outside [0, {num_tasks}) for adapter {adapter_name!r}.")
+
+    @torch.no_grad()
+    def task_factors(self, task_id: int, adapter_name: str | None = None) -> dict[str, tuple]:
+        """``{module name: (B, A)}`` for every adapted layer: the exact weight change of ``task_id``."""
+        adapter = adapter_name or self.active_adapters[0]
+        self.check_mergeable(adapter)
+        self.check_task_id(adapter, task_id)
+        return {name: layer.task_lora_factors(adapter, task_id) for name, layer in self.routed_layers()}
+
+    @torch.no_grad()
+    def merged_model(self, task_id: int, adapter_name: str | None = None, inplace: bool = False) -> nn.Module:
+        """The base model with ``W0 + ΔW(task_id)`` in every adapted layer (``pyramid_peft.merge_for_task``).
+
+        A copy unless ``inplace=True``, which saves a copy of the base model's memory and leaves this tuner
+        unusable. A quantized (bitsandbytes) base is dequantized first, into its compute dtype
+        (:func:`pyramid_peft.models.quantized.dequantized`): ``ΔW`` cannot be added to 4- or 8-bit weights without
+        being quantized away.
+        """
+        factors = self.task_factors(task_id, adapter_name)
+        layers = dict(self.routed_layers())
+        if inplace:
+            merged, linears = self.model, {name: layer.get_base_layer() for name, layer in layers.items()}
+            for name, linear in linears.items():
+                parent_name, _, child = name.rpartition(".")
+                setattr(merged.get_submodule(parent_name) if parent_name else merged, child, linear)
+        else:
+            # Copy the model with each adapted layer replaced by a copy of its frozen linear: adapter tensors (and
+            # any autograd state they hold) are never copied.
+            linears = {name: copy.deepcopy(layer.get_base_layer()) for name, layer in layers.items()}
+            memo = {id(layers[name]): linear for name, linear in linears.items()}
+            merged = copy.deepcopy(self.model, memo)
+        merged = dequantized(merged)  # replaces quantized linears: look each one up again by name
+        for name, (up, down) in factors.items():
+            linear = merged.get_submodule(name)
+            linear.weight.copy_(merged_weight(linear.weight, up, down))
+        merged.__dict__.pop("peft_config", None)
+        return merged
+
+    # -- PEFT's merging API, with the task to merge ------------------------------------------------------------
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False, task_id: int | None = None
+    ) -> None:
+        """Merge the active (or named) adapters into the base weights in place, for ``task_id``.
+
+        A method whose change is the same for every task (MultiLoRA, a pinned TuckA route) needs no ``task_id``; a
+        task-routed one (EPT, MOELoRA, MoRE) merges the change of the task named; one whose change depends on the
+        input (token or batch routing) is refused with its reason. ``unmerge_adapter()`` takes it back out. The
+        result equals :func:`pyramid_peft.merge_for_task` for the same task.
+        """
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        self._check_merge_allowed()
+        for adapter_name in names:
+            self.check_mergeable(adapter_name)
+            if task_id is not None:
+                self.check_task_id(adapter_name, task_id)
+            elif self.capabilities(adapter_name).merging is Merging.PER_TASK:
+                raise NotMergeableError(
+                    f"{self.method_name} changes the weights per task: name the task to merge, "
+                    "model.merge_and_unload(task_id=t) or model.merge_adapter(task_id=t), or take a merged copy "
+                    "with pyramid_peft.merge_for_task(model, t)."
+                )
+        for _, layer in self.routed_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, task_id=task_id)
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        task_id: int | None = None,
+    ) -> nn.Module:
+        """PEFT's ``merge_and_unload`` with the task to merge (see :meth:`merge_adapter`): the base model, its
+        adapted linears now ``W0 + ΔW(task_id)``."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, task_id=task_id)
+        return self._unload_and_optionally_merge(merge=False, progressbar=progressbar)
 
     def inject_adapter(self, model, adapter_name: str, *args, **kwargs) -> None:
         """PEFT's injection, then :meth:`_post_injection_hook`: ``PeftModel.add_adapter`` injects a second adapter

@@ -21,6 +21,9 @@ _GLUE_HUB_SPLITS = (("train", "train"), ("validation", "validation"))
 _COMMONSENSE_FILES = (("train", "train.json"), ("test", "test.json"))
 # LLM-Adapters' "test" is BoolQ's official dev set and the official test sets of OpenBookQA and ARC.
 _QA_HUB_SPLITS = (("train", "train"), ("validation", "validation"), ("test", "test"))
+# Commonsense prompts: "<prefix> [passage: ...] question: ... [choices: (A) ...]", the passage only where there is one.
+_QA_FIELDS = (("passage", "passage"), ("question", "question"))
+_QA_LAYOUT = {"fields": _QA_FIELDS, "optional_fields": ("passage",), "text_fields": ("question", "passage")}
 
 
 def _glue(
@@ -44,7 +47,7 @@ def _glue(
         paper_metric=paper_metric,
         metrics=metrics,
         fields=fields,
-        is_regression=is_regression,
+        kind="regression" if is_regression else "classification",
         title=title,
         small=small,
         local=LocalFiles(name, local_files),
@@ -60,8 +63,9 @@ def _multiple_choice(name, title, prompt_prefix, num_options, folder, hub_path, 
         label_words=OPTION_LETTERS[:num_options],
         paper_metric="accuracy",
         metrics=("accuracy",),
-        multiple_choice=True,
+        kind="multiple_choice",
         title=title,
+        **_QA_LAYOUT,
         local=LocalFiles(folder, _COMMONSENSE_FILES),
         hub=HubSource(hub_path, hub_config, _QA_HUB_SPLITS, (question_column,)),
     )
@@ -139,7 +143,9 @@ _TASKS = (
         label_words=("no", "yes"),
         paper_metric="accuracy",
         metrics=("accuracy",),
+        kind="classification",
         title="BoolQ",
+        **_QA_LAYOUT,
         local=LocalFiles("boolq", _COMMONSENSE_FILES),
         hub=HubSource("google/boolq", None, (("train", "train"), ("test", "validation")), ("question", "passage")),
     ),

@@ -31,8 +31,12 @@ def answer_options(task: TaskSpec, example: dict) -> list[str]:
 
 
 def cloze_prompt(task: TaskSpec, example: dict, family: str) -> str:
-    """The prompt without its lettered options list: the source (seq2seq) or the source and answer cue (causal)."""
-    cloze = replace(task, multiple_choice=False)  # the same prompt, less the "choices: (A) ..." part
+    """The prompt without its lettered options list: the source (seq2seq) or the source and answer cue (causal).
+
+    A task with its own ``prompt`` template keeps it as written (the template decides what the prompt shows)."""
+    cloze = task
+    if task.multiple_choice and task.prompt is None:  # the same prompt, less the "choices: (A) ..." part
+        cloze = replace(task, kind="classification")
     return cloze.to_causal_lm(example)[0] if family == "causal" else cloze.to_text_to_text(example)[0]
 
 

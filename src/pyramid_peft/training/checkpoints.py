@@ -5,14 +5,22 @@ Trainer's checkpoint search does not look into) and renamed once complete, so a 
 folder under a checkpoint name. The last file written before the rename is ``checkpoint_manifest.json``, the size
 and SHA-256 of every other file: a folder without one, or whose files differ from it (truncated, edited, a bad
 disk), is not a valid checkpoint, and resuming skips it for the newest valid one before it, with a warning.
+
+Every checkpoint also records the config its weights were trained under (``experiment.yaml``). Resuming compares
+it with the run's config and refuses a difference that changes what is trained (steps, schedule, learning rate,
+method settings, tasks, data and sampling), naming each setting; where the run and its data live, logging, and the
+evaluation and saving cadence may change (:data:`FREE_ON_RESUME`). ``allow_config_change`` (``ept train
+--allow_config_change``) resumes anyway, for a run extended on purpose.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +28,10 @@ import torch
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .config import read_yaml
+
 MANIFEST_FILE = "checkpoint_manifest.json"
+WEIGHTS_CONFIG_FILE = "experiment.yaml"  # inside adapter/ and every checkpoint: the config those weights came from
 SAMPLER_STATE_FILE = "sampler_state.json"
 STAGING_DIR = ".partial"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -33,6 +44,84 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWarning(UserWarning):
     """A partial or corrupt checkpoint was skipped in favour of an older, valid one."""
+
+
+class ConfigChangedError(CheckpointError):
+    """The checkpoint to resume from was trained under settings that the run's config changes."""
+
+
+# Where a run and its data live: never what it trained on.
+LOCATIONS = ("training.output_dir", "data.data_dir")
+# Dotted settings (fnmatch patterns) that a resumed run may change: where it lives, what it logs, and when it
+# evaluates and saves. Everything else shapes the trajectory (a changed max_steps or learning rate would splice
+# two schedules) or what the weights are.
+FREE_ON_RESUME = (
+    *LOCATIONS,
+    "training.resume_from_checkpoint",
+    "training.overwrite_output_dir",
+    "training.logging_*",
+    "training.log_*",
+    "training.report_to",
+    "training.run_name",
+    "training.disable_tqdm",
+    "training.eval_*",
+    "training.per_device_eval_batch_size",
+    "training.save_*",
+    "training.load_best_model_at_end",
+    "training.metric_for_best_model",
+    "training.greater_is_better",
+    "training.generation_num_beams",
+    "data.max_eval_examples",
+    "data.answer_scoring",
+)
+
+
+def dotted_settings(config: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}``."""
+    settings = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            settings.update(dotted_settings(value, f"{prefix}{name}."))
+        else:
+            settings[f"{prefix}{name}"] = value
+    return settings
+
+
+def config_differences(saved: dict, current: dict, ignored: tuple[str, ...] = LOCATIONS) -> list[str]:
+    """``key: was X, now Y`` for every setting of two config dicts (nested keys dotted) that differs, except those
+    matching a pattern of ``ignored``."""
+    was, now = dotted_settings(saved), dotted_settings(current)
+    keys = [key for key in sorted(set(was) | set(now)) if not any(fnmatch.fnmatch(key, p) for p in ignored)]
+    return [
+        f"{key}: was {was.get(key, '(unset)')!r}, now {now.get(key, '(unset)')!r}"
+        for key in keys
+        if json.dumps(was.get(key), default=str) != json.dumps(now.get(key), default=str)
+    ]
+
+
+def resume_differences(checkpoint: str | Path, current: dict) -> list[str]:
+    """The settings of ``current`` (a config dict as the run records it) that change what the weights in
+    ``checkpoint`` were trained under; a checkpoint without a record (written by another tool) has none to check."""
+    record = Path(checkpoint) / WEIGHTS_CONFIG_FILE
+    if not record.is_file():
+        return []
+    return config_differences(read_yaml(record.read_text()) or {}, current, FREE_ON_RESUME)
+
+
+def check_resume_config(checkpoint: str | Path, current: dict, allow_change: bool = False) -> None:
+    """Refuse to resume ``checkpoint`` under a config whose trajectory differs from the one it recorded, naming
+    each setting; with ``allow_change``, say what changed and go on."""
+    differ = resume_differences(checkpoint, current)
+    if not differ:
+        return
+    listed = "; ".join(differ)
+    if allow_change:
+        print(f"ept: resuming {checkpoint} under a changed config (--allow_config_change): {listed}", file=sys.stderr)
+        return
+    raise ConfigChangedError(
+        f"{checkpoint} was trained under another config: {listed}. Resuming would splice two runs. Restore those "
+        "settings, or pass --allow_config_change to extend the run on purpose (e.g. a larger max_steps)."
+    )
 
 
 def staging_folder(checkpoint: Path) -> Path:

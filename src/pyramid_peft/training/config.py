@@ -4,7 +4,7 @@ A config file has six sections::
 
     model:    {name: minilm-l6, ...}          # ModelSection
     method:   {name: ept, r: 8, ...}          # name + keyword arguments of pyramid_peft.make_peft_config
-    tasks:    [cola, sst2, ...]
+    tasks:    [cola, sst2, {name: tickets, kind: classification, ...}]   # built-in names or declarations
     data:     {protocol: ept, ...}            # DataSection
     sampling: {strategy: temperature, ...}    # SamplingSection
     training: {max_steps: 300, ...}           # exactly the fields of transformers' Seq2SeqTrainingArguments
@@ -20,13 +20,15 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from transformers import Seq2SeqTrainingArguments
 
 from ..atomic import atomic_write_text
 from ..methods.config_base import unknown_key_message
+from ..tasks.declare import entry_name
+from .validation import ConfigError, check_config
 
 SECTIONS = ("model", "method", "tasks", "data", "sampling", "training")
 # Defaults for training fields whose stock default does not suit a multi-task run.
@@ -63,13 +65,6 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-ANSWER_SCORING = ("generate", "likelihood", "answer_text")
-
-
-class ConfigError(ValueError):
-    """A config file or override names an unknown key or holds a value of the wrong kind."""
-
-
 @dataclass
 class ModelSection:
     """Which model to adapt.
@@ -81,6 +76,9 @@ class ModelSection:
         config: overrides applied to the model config (e.g. ``{dropout_rate: 0.0}``).
         family: ``seq2seq``, ``causal`` or ``encoder``; read from the model config when empty.
         dtype: weights dtype (``float32``, ``bfloat16``, ``auto``).
+        quantization: load the base in 4 or 8 bits through bitsandbytes, e.g. ``{bits: 4, quant_type: nf4,
+            double_quant: true, compute_dtype: bfloat16}``; empty means unquantized. The keys are the fields of
+            :class:`pyramid_peft.models.quantized.Quantization`.
         trust_remote_code: allow model code from the hub; off unless asked for.
         head_learning_rate: learning rate of the classification heads (encoder family); empty means the
             adapters' ``training.learning_rate``. Fresh heads usually want a larger one than the adapters.
@@ -91,6 +89,7 @@ class ModelSection:
     config: dict = field(default_factory=dict)
     family: str | None = None
     dtype: str = "float32"
+    quantization: dict | None = None
     trust_remote_code: bool = False
     head_learning_rate: float | None = None
 
@@ -145,14 +144,25 @@ class SamplingSection:
 
 @dataclass
 class ExperimentConfig:
-    """A whole experiment; ``training`` holds Seq2SeqTrainingArguments keyword arguments."""
+    """A whole experiment; ``training`` holds Seq2SeqTrainingArguments keyword arguments.
+
+    ``tasks`` holds built-in task names and task declarations (mappings, see :mod:`pyramid_peft.tasks.declare`);
+    ``config_dir`` is the folder of the config file it was read from, where declared tasks' relative data paths
+    are looked up last (not part of the config: not saved, not compared).
+    """
 
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
-    tasks: list[str] = field(default_factory=list)
+    tasks: list[str | dict] = field(default_factory=list)
     data: DataSection = field(default_factory=DataSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     training: dict = field(default_factory=dict)
+    config_dir: ClassVar[str | None] = None  # set per instance by from_dict; not a section of the config
+
+    @property
+    def task_names(self) -> list[str]:
+        """The name of each task, in task-id order."""
+        return [entry_name(entry) for entry in self.tasks]
 
     def training_arguments(self, **defaults) -> Seq2SeqTrainingArguments:
         """Build the Trainer arguments; ``defaults`` fill fields the config leaves unset."""
@@ -163,7 +173,7 @@ class ExperimentConfig:
         return {
             "model": dataclasses.asdict(self.model),
             "method": {"name": self.method.name, **self.method.options},
-            "tasks": list(self.tasks),
+            "tasks": [dict(entry) if isinstance(entry, dict) else entry for entry in self.tasks],
             "data": dataclasses.asdict(self.data),
             "sampling": dataclasses.asdict(self.sampling),
             "training": dict(self.training),
@@ -190,7 +200,7 @@ def load_config(
         raise ConfigError(f"{path} must hold a mapping of sections {SECTIONS}, got {type(raw).__name__}.")
     for key, value in parse_overrides(overrides).items():
         set_dotted(raw, key, value)
-    return from_dict(raw, source=str(path), for_training=for_training)
+    return from_dict(raw, source=str(path), for_training=for_training, config_dir=str(path.parent))
 
 
 def read_yaml_file(path: Path):
@@ -209,14 +219,14 @@ def read_yaml_file(path: Path):
         raise ConfigError(f"{path}{where}: invalid YAML ({problem}). Fix the syntax there.") from None
 
 
-def from_dict(raw: dict, source: str = "config", for_training: bool = False) -> ExperimentConfig:
-    """Validate a nested dict into an :class:`ExperimentConfig`.
+def from_dict(
+    raw: dict, source: str = "config", for_training: bool = False, config_dir: str | None = None
+) -> ExperimentConfig:
+    """Validate a nested dict into an :class:`ExperimentConfig` (``config_dir``: see its docstring).
 
     Every problem (unknown keys with the closest valid one, wrong types, out-of-range values, unknown or repeated
     tasks, an unknown method or method option) is collected in one pass and raised as one :class:`ConfigError`.
     """
-    from .validation import check_config  # it reads this module's classes: imported when first used
-
     problems = [_unknown_key(key, SECTIONS, source) for key in raw if key not in SECTIONS]
     sections = {}
     for name, cls in _SECTION_CLASSES.items():
@@ -236,10 +246,11 @@ def from_dict(raw: dict, source: str = "config", for_training: bool = False) -> 
     tasks = raw.get("tasks") or []
     config = ExperimentConfig(
         method=MethodSection(name=str(method.pop("name", "lora")), options=method),
-        tasks=[str(t) for t in ([tasks] if isinstance(tasks, str) else tasks)],
+        tasks=[t if isinstance(t, dict) else str(t) for t in ([tasks] if isinstance(tasks, (str, dict)) else tasks)],
         training=dict(training),
         **sections,
     )
+    config.config_dir = config_dir
     check_config(config, source, for_training, problems)
     return config
 
@@ -267,7 +278,8 @@ def parse_overrides(tokens: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
-    """Set ``section.field`` in ``raw``; a bare key is a training field or a top-level key like ``tasks``."""
+    """Set ``section.field`` (or ``section.field.key`` in a mapping field) in ``raw``; a bare key is a training
+    field or a top-level key like ``tasks``."""
     section, dot, name = key.partition(".")
     if not dot:
         if key == "tasks":
@@ -277,7 +289,14 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise ConfigError(f"override --{key}: section {section!r} is not a mapping in the config file.")
-    raw[section][name] = value
+    target, (*parents, leaf) = raw[section], name.split(".")
+    for parent in parents:  # a nested key, e.g. --model.quantization.bits 8
+        if target.get(parent) is None:
+            target[parent] = {}
+        if not isinstance(target[parent], dict):
+            raise ConfigError(f"override --{key}: {section}.{parent} is not a mapping in the config file.")
+        target = target[parent]
+    target[leaf] = value
 
 
 def _scalar(text: str) -> Any:

@@ -1,10 +1,11 @@
-"""Per-task evaluation: predictions for each task's evaluation examples, then its metrics.
+"""Per-task evaluation: predictions for each task's evaluation examples, then its metrics beside its floor.
 
 Text-to-text and causal models are scored on what they *generate* (greedy, a few tokens, as the EPT code does),
 parsed back to a label by ``TaskSpec.parse_prediction``, or (``answer_scoring="likelihood"``) on which label word
 they find most likely after the prompt; encoder models with heads are scored on the argmax (or the regression
-output) of each example's head. Under several processes every rank predicts an equal share and the
-predictions are gathered, so all ranks return the same metrics.
+output) of each example's head. Generation tasks are scored on the text ``generate`` writes (greedy or the task's
+beams, up to its ``max_new_tokens``), the prompt cut off, against the target text. Under several processes every
+rank predicts an equal share and the predictions are gathered, so all ranks return the same metrics.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from torch import nn
 
 from ..metrics import average_scores, compute_metrics
 from ..tasks import TaskSpec
-from ..tasks.spec import format_stsb_score
 from .answer_text import answer_text_predictions
-from .heads import MultiTaskClassifier
+from .heads import MultiTaskClassifier, forward_takes_task_ids
 
-# STS-B targets are the 26 scores 0.0, 0.2, ..., 5.0.
-STSB_TARGETS = tuple(format_stsb_score(i / 5) for i in range(26))
+# What each kind's floor is: the score of a model that learned nothing usable for the task.
+FLOOR_KINDS = {
+    "classification": "majority class",
+    "regression": "mean predictor",
+    "multiple_choice": "chance",
+    "generation": "untrained model",
+}
 
 
 @dataclass
@@ -37,6 +42,18 @@ class EvalSet:
 
 
 @dataclass
+class EvalSetup:
+    """How to evaluate a run: the per-task sets, the collator that builds evaluation inputs (for causal models the
+    generation collator), the tokenizer that decodes, the model family, and the answer scoring."""
+
+    sets: list[EvalSet]
+    collator: object
+    tokenizer: object
+    family: str
+    answer_scoring: str = "generate"  # see DataSection
+
+
+@dataclass
 class Predictor:
     """What :func:`evaluate_tasks` needs to turn a batch of examples into predictions.
 
@@ -47,7 +64,6 @@ class Predictor:
             generation collator, prompts only, left-padded).
         tokenizer: decodes generations.
         batch_size: examples per forward / generate call.
-        route_task_ids: pass ``task_ids`` to the model (methods that route by task, and all heads models).
         num_beams: beams for generation (1 = greedy, the EPT setting).
         synced_gpus: keep ranks in step inside ``generate`` (DeepSpeed ZeRO-3, FSDP).
         answer_scoring: ``generate``, ``likelihood`` or ``answer_text`` (classification tasks of generative
@@ -62,35 +78,24 @@ class Predictor:
     collator: object
     tokenizer: object
     batch_size: int = 32
-    route_task_ids: bool = True
     num_beams: int = 1
     synced_gpus: bool = False
     answer_scoring: str = "generate"
     by_length: bool = True
 
     @classmethod
-    def for_run(
-        cls,
-        model,
-        family: str,
-        collator,
-        tokenizer,
-        args,
-        route_task_ids: bool,
-        synced_gpus: bool = False,
-        answer_scoring: str = "generate",
-    ):
-        """A predictor with the evaluation settings of the training arguments ``args``."""
+    def for_run(cls, model, setup: EvalSetup, args, synced_gpus: bool = False) -> Predictor:
+        """The predictor of ``setup`` with the evaluation settings (batch size, beams) of training arguments
+        ``args``; ``synced_gpus`` under DeepSpeed ZeRO-3 or FSDP."""
         return cls(
             model,
-            family,
-            collator,
-            tokenizer,
+            setup.family,
+            setup.collator,
+            setup.tokenizer,
             batch_size=args.per_device_eval_batch_size,
-            route_task_ids=route_task_ids,
             num_beams=args.generation_num_beams or 1,
             synced_gpus=synced_gpus,
-            answer_scoring=answer_scoring,
+            answer_scoring=setup.answer_scoring,
         )
 
     @torch.no_grad()
@@ -110,10 +115,13 @@ class Predictor:
 
     def _predict_in_order(self, eval_set: EvalSet, examples: list[dict]) -> list:
         predictions: list = []
+        task = eval_set.task
         generative = self.family != "encoder"
-        by_likelihood = generative and self.answer_scoring != "generate" and not eval_set.task.is_regression
+        by_label = not (task.is_regression or task.is_generation)
+        by_likelihood = generative and self.answer_scoring != "generate" and by_label
         generating = generative and not by_likelihood
-        budget = answer_token_budget(eval_set.task, self.tokenizer, self.family) if generating else 0
+        budget = answer_token_budget(task, self.tokenizer, self.family) if generating else 0
+        beams = task.num_beams or self.num_beams
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start : start + self.batch_size]
             features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
@@ -127,7 +135,7 @@ class Predictor:
             if self.family == "encoder":
                 predictions += self._classify(batch)
             else:
-                predictions += [eval_set.task.parse_prediction(text) for text in self._generate(batch, budget)]
+                predictions += [task.parse_prediction(text) for text in self._generate(batch, budget, beams)]
         return predictions
 
     def _classify(self, batch: dict) -> list:
@@ -152,7 +160,7 @@ class Predictor:
         ]
         options = [len(f["example"]["choices"]) if task.multiple_choice else num_labels for f in features]
         batch = {k: v.to(_device(self.model)) for k, v in self.collator.for_scoring()(candidates).items()}
-        if not self.route_task_ids:
+        if not forward_takes_task_ids(self.model):
             batch.pop("task_ids")
         targets = answer_targets(batch["labels"], self.family, self.tokenizer.all_special_ids)
         scored = targets != -100
@@ -169,7 +177,7 @@ class Predictor:
 
     def _most_likely_texts(self, examples: list[dict], eval_set: EvalSet) -> list[int]:
         """Per example, the option whose text is most likely per character (``answer_scoring: answer_text``)."""
-        task_ids = torch.full((len(examples),), eval_set.task_id) if self.route_task_ids else None
+        task_ids = torch.full((len(examples),), eval_set.task_id) if forward_takes_task_ids(self.model) else None
         max_length = getattr(self.collator, "max_length", None) or getattr(self.collator, "max_source_length", None)
         return answer_text_predictions(
             self.model, self.tokenizer, self.family, eval_set.task, task_ids, examples, max_length
@@ -180,13 +188,13 @@ class Predictor:
         logits = self.model(**batch).logits.float()
         return logits[:, :-1] if self.family == "causal" else logits  # causal: position t predicts token t + 1
 
-    def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
-        kwargs = {"task_ids": batch["task_ids"]} if self.route_task_ids else {}
+    def _generate(self, batch: dict, max_new_tokens: int, num_beams: int) -> list[str]:
+        kwargs = {"task_ids": batch["task_ids"]} if forward_takes_task_ids(self.model) else {}
         output = self.model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             max_new_tokens=max_new_tokens,
-            num_beams=self.num_beams,
+            num_beams=num_beams,
             do_sample=False,
             synced_gpus=self.synced_gpus,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -219,25 +227,57 @@ def answer_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def answer_token_budget(task: TaskSpec, tokenizer, family: str) -> int:
-    """New tokens enough for the longest answer of ``task``, plus one for the end-of-sequence token."""
-    targets = STSB_TARGETS if task.is_regression else task.label_words
+    """New tokens enough for the longest answer of ``task``, plus one for the end-of-sequence token; a generation
+    task's own ``max_new_tokens``."""
+    if task.is_generation:
+        return task.max_new_tokens
+    targets = task.score_targets() if task.is_regression else task.label_words
     prefix = " " if family == "causal" else ""  # causal answers follow the cue after a space
     longest = max(len(tokenizer(prefix + t, add_special_tokens=False)["input_ids"]) for t in targets)
     return longest + 1
 
 
 def evaluate_tasks(predictor: Predictor, eval_sets: list[EvalSet], rank: int = 0, world_size: int = 1) -> dict:
-    """``{task: {"split", "num_examples", "metrics"}}`` plus ``"paper_average"`` and ``"full_average"``."""
+    """``{task: {"split", "num_examples", "metrics", "floor", "floor_kind"[, "majority"]}}`` plus ``"paper_average"``
+    and ``"full_average"``. A generation task's floor is None here: it is the untrained model's score
+    (:func:`with_baseline_floors`)."""
     results: dict = {"tasks": {}}
     for eval_set in eval_sets:
+        task = eval_set.task
         predictions, references = _predict_sharded(predictor, eval_set, rank, world_size)
-        results["tasks"][eval_set.task.name] = {
+        result = {
             "split": eval_set.split,
             "num_examples": len(references),
-            "metrics": compute_metrics(eval_set.task.name, predictions, references),
-            "majority": majority_level(eval_set.task, references),
+            "metrics": compute_metrics(task, predictions, references),
+            "floor": floor_level(task, eval_set.examples, references),
+            "floor_kind": FLOOR_KINDS[task.kind],
         }
+        if not task.is_generation:
+            result["majority"] = majority_level(task, references)
+        results["tasks"][task.name] = result
     results.update(average_scores({name: r["metrics"] for name, r in results["tasks"].items()}))
+    return results
+
+
+def floor_level(task: TaskSpec, examples: list[dict], references: list) -> float | None:
+    """The first metric of a model that learned nothing usable: the majority class (classification), the mean
+    predictor (regression), chance (multiple choice: the mean of 1 / options); None for generation, whose floor is
+    the untrained model's score (``ept eval --baseline``)."""
+    if task.is_generation:
+        return None
+    if task.multiple_choice:
+        expected = [1.0 / len(example["choices"]) for example in examples]
+        return 100.0 * sum(expected) / len(expected)
+    return majority_level(task, references)
+
+
+def with_baseline_floors(results: dict, baseline: dict) -> dict:
+    """``results`` with each generation task's floor set to its first metric in ``baseline`` (the untrained model's
+    results on the same split, from ``ept eval --baseline``)."""
+    for name, result in results["tasks"].items():
+        base = baseline.get("tasks", {}).get(name)
+        if result.get("floor_kind") == FLOOR_KINDS["generation"] and base and base["split"] == result["split"]:
+            result["floor"] = base["metrics"]["paper"]
     return results
 
 
@@ -276,23 +316,24 @@ def majority_level(task: TaskSpec, references: list) -> float:
 
 
 AVERAGES_LEGEND = (
-    'Averages over tasks: "paper" of the one metric the EPT paper reports per task (accuracy; MCC for '
-    'CoLA, Pearson for STS-B), "full" of each task\'s mean over all its metrics (adds F1 for MRPC '
-    "and QQP, Spearman for STS-B). Metrics x 100; majority = the paper metric of always predicting "
-    "the most common label (CoLA MCC and STS-B Pearson: 0)."
+    'Averages over tasks: "paper" of each task\'s first metric (the one the EPT paper reports for the built-in '
+    'tasks: accuracy; MCC for CoLA, Pearson for STS-B), "full" of each task\'s mean over all its metrics (adds F1 '
+    "for MRPC and QQP, Spearman for STS-B). Metrics x 100; floor = the first metric of a model that learned nothing: "
+    "the majority class (classification; CoLA MCC: 0), the mean predictor (regression; Pearson: 0), chance "
+    "(multiple choice), the untrained model (generation: `ept eval RUN --baseline`; '-' until then)."
 )
 
 
 def metrics_table(results: dict) -> str:
-    """A plain-text table of per-task metrics beside each task's majority level, then the averages and a legend.
+    """A plain-text table of per-task metrics beside each task's floor, then the averages and a legend.
 
-    ``majority`` is :func:`majority_level` of the task's evaluation labels (results written before it existed
-    show "-"); ``vs maj.`` is the paper metric minus it.
+    ``floor`` is :func:`floor_level` of the task's evaluation set (results written before floors existed show
+    their majority level, or "-"); ``vs floor`` is the paper metric minus it.
     """
-    rows = [("task", "split", "n", "majority", "vs maj.", "metrics")]
+    rows = [("task", "split", "n", "floor", "vs floor", "metrics")]
     for name, result in results["tasks"].items():
         metrics = ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items() if isinstance(v, (int, float)))
-        level = result.get("majority")
+        level = result.get("floor", result.get("majority"))
         margin = "-" if level is None else f"{result['metrics']['paper'] - level:+.2f}"
         rows.append(
             (

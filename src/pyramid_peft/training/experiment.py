@@ -11,13 +11,12 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from ..data import CausalLMCollator, ClassificationCollator, TextToTextCollator, build_splits
-from ..methods.base import uses_task_ids
 from ..models import ResolvedModel, load_model, load_tokenizer, resolve_model
-from ..registry import make_peft_config
-from ..tasks import TaskSpec, get_task
+from ..registry import lookup_method, make_peft_config
+from ..tasks import TaskSpec
+from ..tasks.declare import task_specs
 from .config import ConfigError, ExperimentConfig
-from .evaluate import EvalSet, answer_token_budget
-from .full import is_full
+from .evaluate import EvalSet, EvalSetup, answer_token_budget
 from .heads import MultiTaskClassifier
 from .validation import method_options
 
@@ -46,7 +45,7 @@ class Experiment:
     @property
     def full(self) -> bool:
         """Full fine-tuning: no adapter, every weight trains."""
-        return is_full(self.config.method.name)
+        return lookup_method(self.config.method.name).full
 
     @property
     def peft_model(self) -> PeftModel:
@@ -56,12 +55,13 @@ class Experiment:
 
 def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Experiment:
     """Resolve the model, load it (or build it with random weights) and wrap it with the config's method."""
-    tasks = [get_task(name) for name in config.tasks]
+    tasks = task_specs(config.tasks)
     section = config.model
     resolved = resolve_model(section.name, section.tokenizer, section.config, section.family, section.trust_remote_code)
+    _check_tasks_fit(tasks, resolved.family)
     tokenizer = load_tokenizer(resolved)
-    base = load_model(resolved, section.dtype, random_init=random_init)
-    if is_full(config.method.name):
+    base = load_model(resolved, section.dtype, random_init=random_init, quantization=section.quantization)
+    if lookup_method(config.method.name).full:
         adapted = base  # every weight trains
     else:
         adapted = _adapt(base, peft_config(config, resolved.family, len(tasks)), config.method.name)
@@ -72,10 +72,24 @@ def build_experiment(config: ExperimentConfig, random_init: bool = False) -> Exp
             [t.name for t in tasks],
             [t.num_labels for t in tasks],
             hidden_size=base.config.hidden_size,
-            route_task_ids=uses_task_ids(adapted),
             **_head_dropout(base.config),
         )
     return Experiment(config, resolved, tokenizer, tasks, model)
+
+
+def _check_tasks_fit(tasks: list[TaskSpec], family: str) -> None:
+    """Refuse, before the model loads, a task kind the model family cannot do."""
+    for task in tasks:
+        if task.is_generation and family == "encoder":
+            raise ConfigError(
+                f"tasks: task {task.name!r} is a generation task, but the model is an encoder, which has no decoder "
+                "to generate text with: use a seq2seq (T5) or causal model, or drop the task."
+            )
+        if task.chat_template and family != "causal":
+            raise ConfigError(
+                f"tasks: task {task.name!r}: field 'chat_template' applies to causal (instruct) models; this model "
+                f"is {family}: set chat_template: false."
+            )
 
 
 def _adapt(base: nn.Module, method_config, method: str) -> PeftModel:
@@ -115,27 +129,26 @@ def peft_config(config: ExperimentConfig, family: str, num_tasks: int):
 
 def collators(experiment: Experiment) -> tuple[object, object]:
     """(training collator, evaluation collator) for the model family."""
-    data, tokenizer = experiment.config.data, experiment.tokenizer
+    data, tokenizer, tasks = experiment.config.data, experiment.tokenizer, experiment.tasks
     if experiment.family == "encoder":
-        collator = ClassificationCollator(tokenizer, max_length=data.max_source_length)
+        collator = ClassificationCollator(tokenizer, max_length=data.max_source_length, tasks=tasks)
         return collator, collator
     if experiment.family == "causal":
         return (
-            CausalLMCollator(tokenizer, max_length=data.max_source_length),
-            CausalLMCollator(tokenizer, max_length=data.max_source_length, for_generation=True),
+            CausalLMCollator(tokenizer, max_length=data.max_source_length, tasks=tasks),
+            CausalLMCollator(tokenizer, max_length=data.max_source_length, for_generation=True, tasks=tasks),
         )
-    target_length = data.max_target_length or max(
-        answer_token_budget(t, tokenizer, experiment.family) for t in experiment.tasks
-    )
-    collator = TextToTextCollator(tokenizer, data.max_source_length, target_length)
+    target_length = data.max_target_length or max(answer_token_budget(t, tokenizer, experiment.family) for t in tasks)
+    collator = TextToTextCollator(tokenizer, data.max_source_length, target_length, tasks=tasks)
     return collator, collator
 
 
 def load_splits(experiment: Experiment) -> list:
     """Each task's :class:`pyramid_peft.data.TaskSplits` under the config's protocol."""
-    data = experiment.config.data
+    data, config_dir = experiment.config.data, experiment.config.config_dir
     return [
-        build_splits(t.name, data.protocol, data.data_dir, max_eval=data.max_eval_examples) for t in experiment.tasks
+        build_splits(t, data.protocol, data.data_dir, max_eval=data.max_eval_examples, config_dir=config_dir)
+        for t in experiment.tasks
     ]
 
 
@@ -144,7 +157,22 @@ def eval_sets(experiment: Experiment, splits: list, use_test: bool = False) -> l
     sets = []
     for task_id, (task, split) in enumerate(zip(experiment.tasks, splits)):
         if use_test and split.test is None:
+            if task.family == "declared":
+                raise RunError(f"task {task.name!r} declares no test file: add data.test to its declaration.")
             raise RunError(f"protocol {experiment.config.data.protocol!r} has no test split for {task.name}.")
         examples, name = (split.test, split.test_split) if use_test else (split.eval, split.eval_split)
         sets.append(EvalSet(task, task_id, examples, name))
     return sets
+
+
+def evaluation_setup(experiment: Experiment, splits: list, use_test: bool = False) -> EvalSetup:
+    """What evaluating ``experiment`` takes: its per-task sets (:func:`eval_sets`), evaluation collator, tokenizer,
+    family and answer scoring."""
+    _, collator = collators(experiment)
+    return EvalSetup(
+        eval_sets(experiment, splits, use_test),
+        collator,
+        experiment.tokenizer,
+        experiment.family,
+        experiment.config.data.answer_scoring,
+    )

@@ -21,7 +21,7 @@ def export_run(run_dir: str | Path, task: str, mode: str, output: str | Path | N
     A heads model also gets that task's head, as ``head.safetensors`` (``weight``, ``bias``).
     """
     experiment = load_run(run_dir)
-    task_id = _task_id(experiment.config.tasks, task, run_dir)
+    task_id = _task_id(experiment.config.task_names, task, run_dir)
     out = Path(output) if output else Path(run_dir) / EXPORT_DIR / f"{task}-{mode}"
     peft_model = experiment.peft_model
     # None for stock LoRA (and full fine-tuning): the same for every task, exported as it is

@@ -15,12 +15,6 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
-FULL = "full"
-
-
-def is_full(method_name: str) -> bool:
-    return method_name.lower() == FULL
-
 
 def full_parameter_count(model: nn.Module, num_tasks: int) -> dict:
     """Trainable weights of ``model`` (shared tensors once), in :func:`pyramid_peft.count_parameters`'s layout."""

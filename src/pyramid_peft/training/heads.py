@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..methods.base import uses_task_ids
+from ..methods.base import adapter_reads_task_ids
 from .full import load_weights
 
 HEADS_FILE = "heads.safetensors"
@@ -31,10 +31,12 @@ class MultiTaskOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def needs_task_ids(model: nn.Module) -> bool:
-    """Whether ``model``'s forward takes ``task_ids``: always for heads (they pick the head), else if the method
-    routes by task (stock LoRA's forward would reject them)."""
-    return isinstance(model, MultiTaskClassifier) or uses_task_ids(model)
+def forward_takes_task_ids(model: nn.Module) -> bool:
+    """Whether ``model``'s forward accepts ``task_ids``: always for heads (they pick the head), else where its
+    adapter reads them (:func:`~pyramid_peft.methods.base.adapter_reads_task_ids`; a stock PEFT model's forward
+    would reject them). A wrapper (FSDP, DDP: the model is its ``module``) answers for the model inside."""
+    inner = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    return isinstance(inner, MultiTaskClassifier) or adapter_reads_task_ids(inner)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -47,12 +49,11 @@ class MultiTaskClassifier(nn.Module):
     """An encoder (usually a ``PeftModel``) and one linear head per task.
 
     Args:
-        encoder: returns ``last_hidden_state``; receives ``task_ids`` only when ``route_task_ids`` is true (stock
-            LoRA's forward would reject it).
+        encoder: returns ``last_hidden_state``; receives ``task_ids`` where its adapter reads them
+            (:func:`~pyramid_peft.methods.base.adapter_reads_task_ids`; stock LoRA's forward would reject them).
         task_names: head order = task id order.
         num_labels: output width per task; 1 means a regression head.
         hidden_size: width of the encoder's states.
-        route_task_ids: pass ``task_ids`` on to the encoder (methods that route by task).
         dropout: dropout on the pooled state before the heads.
     """
 
@@ -62,14 +63,14 @@ class MultiTaskClassifier(nn.Module):
         task_names: list[str],
         num_labels: list[int],
         hidden_size: int,
-        route_task_ids: bool,
         dropout: float = 0.1,
     ):
         super().__init__()
         self.encoder = encoder
         self.task_names = list(task_names)
         self.num_labels = list(num_labels)
-        self.route_task_ids = route_task_ids
+        # asked once, not in every forward: an adapter's method (and so its answer) does not change
+        self.encoder_reads_task_ids = adapter_reads_task_ids(encoder)
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleList(nn.Linear(hidden_size, n) for n in num_labels)
 
@@ -94,7 +95,7 @@ class MultiTaskClassifier(nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        if self.route_task_ids:
+        if self.encoder_reads_task_ids:
             inputs["task_ids"] = task_ids
         hidden = self.encoder(**inputs).last_hidden_state
         pooled = self.dropout(mean_pool(hidden, attention_mask))

@@ -11,19 +11,20 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import set_seed
 
-from .checkpoints import checkpoint_problem, newest_valid_checkpoint
+from .checkpoints import WEIGHTS_CONFIG_FILE, checkpoint_problem, newest_valid_checkpoint
 from .config import ConfigError, load_config
 from .experiment import Experiment, RunError, build_experiment
 from .full import load_weights
 from .heads import MultiTaskClassifier
-from .run_folder import ADAPTER_DIR, WEIGHTS_CONFIG_FILE
+from .run_folder import ADAPTER_DIR
 
 # adapter_config.json keys that say where or how the adapter was loaded, not what it is.
 _NOT_COMPARED = {"base_model_name_or_path", "inference_mode", "revision", "peft_version", "auto_mapping"}
 
 
-def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Experiment:
-    """Rebuild a run's model from the config its final adapter (or ``checkpoint``) was trained with, and load it."""
+def load_run(run_dir: str | Path, checkpoint: str | None = None, untrained: bool = False) -> Experiment:
+    """Rebuild a run's model from the config its final adapter (or ``checkpoint``) was trained with, and load it
+    (``untrained``: keep the freshly initialised adapter, for the untrained model's baseline scores)."""
     run_dir = Path(run_dir)
     weights = Path(checkpoint) if checkpoint else run_dir / ADAPTER_DIR
     _check_weights_folder(run_dir, weights, checkpoint is not None)
@@ -33,7 +34,8 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Experiment:
         raise RunError(f"{weights / WEIGHTS_CONFIG_FILE}: {err}") from err
     set_seed(config.training_arguments().seed)  # a base built from model.config alone is then the same one
     experiment = build_experiment(config)
-    load_trained(experiment.model, weights)
+    if not untrained:
+        load_trained(experiment.model, weights)
     experiment.model.eval()
     return experiment
 

@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..data.sources import DATA_DIR_ENV
+from ..data.location import DATA_DIR_ENV
 from ..merge import capabilities_of, task_factors, truncate
 from ..models import ALIASES
-from ..tasks import get_task
 from .run_folder import METRICS_FILE
 
 CARD_FILE = "README.md"
@@ -42,7 +41,7 @@ def write_model_card(experiment, task: str, mode: str, out: str | Path, run_dir:
     if saved is not None and config.model.name:
         saved["base_model_name_or_path"] = base_model_id(config.model.name)
         atomic_write_text(adapter_config, json.dumps(saved, indent=2) + "\n")
-    task_id = config.tasks.index(task)
+    task_id = config.task_names.index(task)
     sections = [
         _header(experiment, task, mode, run_dir, _run_scores(run_dir, task), saved),
         _usage(experiment, task, mode, out),
@@ -75,7 +74,8 @@ def _header(experiment, task: str, mode: str, run_dir: Path, scores: dict | None
         "",
         f"- base model: `{base_model_id(config.model.name)}`"
         + (f" (config alias `{config.model.name}`)" if config.model.name in HUB_IDS else ""),
-        f"- task: `{task}` (task id {config.tasks.index(task)} of {len(config.tasks)}: {', '.join(config.tasks)})",
+        f"- task: `{task}` (task id {config.task_names.index(task)} of {len(config.tasks)}: "
+        f"{', '.join(config.task_names)})",
         f"- method: `{config.method.name}`, {_rank_line(config.method.options)}"
         + (
             f"; as exported, LoRA rank up to {adapter['r']} per layer (`rank_pattern` in adapter_config.json)"
@@ -104,7 +104,13 @@ def _usage(experiment, task: str, mode: str, out: Path) -> str:
             f"{files}. The prediction is the argmax of the logits (STS-B: the one output, a similarity score). "
             "Sentence pairs are encoded as the tokenizer's pair (`tokenizer(text_a, text_b)`), truncated together."
         )
-    words = ", ".join(f"`{w}`" for w in get_task(task).label_words) or "the similarity score as text"
+    spec = _spec(experiment, task)
+    if spec.is_generation:
+        return (
+            "## How answers are read\n\nA generative model: it answers the task's prompt with free text, generated "
+            f"greedily (or with {spec.num_beams or 'the run`s'} beams) up to {spec.max_new_tokens} new tokens."
+        )
+    words = ", ".join(f"`{w}`" for w in spec.label_words) or "the score as text"
     return (
         f"## How answers are read\n\nA generative model: it answers the task's prompt with a label word ({words}), "
         "generated greedily (or, with `data.answer_scoring: likelihood`, the most likely label word; with "
@@ -144,7 +150,10 @@ def _snippet(experiment, task: str, mode: str, out: Path) -> str:
             ]
         )
     data_dir = config.data.data_dir or os.environ.get(DATA_DIR_ENV)
-    regression = get_task(task).is_regression  # one output: the score itself
+    regression = _spec(experiment, task).is_regression  # one output: the score itself
+    entry = config.tasks[config.task_names.index(task)]
+    spec_code = f"declare_task({entry!r})" if isinstance(entry, dict) else f'get_task("{task}")'
+    split_task = "spec" if isinstance(entry, dict) else f'"{task}"'
     model = (
         "PeftModel.from_pretrained(AutoModel.from_pretrained(base), EXPORT)"
         if mode == "lora"
@@ -158,13 +167,15 @@ def _snippet(experiment, task: str, mode: str, out: Path) -> str:
         "from pyramid_peft.data import build_splits    # only to fetch the rows `ept eval` scored",
         "from pyramid_peft.metrics import compute_metrics",
         "from pyramid_peft.tasks import get_task",
+        "from pyramid_peft.tasks.declare import declare_task",
         *imports,
         "",
         base,
         f'EXPORT = "{out.resolve()}"',
         f'model, head = {model}.eval(), load_file(f"{{EXPORT}}/head.safetensors")',
         "tokenizer = AutoTokenizer.from_pretrained(base)",
-        f'rows = [get_task("{task}").to_classification(x) for x in build_splits("{task}", '
+        f"spec = {spec_code}",
+        f"rows = [spec.to_classification(x) for x in build_splits({split_task}, "
         f'"{config.data.protocol}", {data_dir!r}, max_eval={config.data.max_eval_examples}).eval]',
         "texts_b = [b for _, b, _ in rows] if rows[0][1] is not None else None",
         f"batch = tokenizer([a for a, _, _ in rows], texts_b, padding=True, truncation=True, "
@@ -187,6 +198,11 @@ def _snippet(experiment, task: str, mode: str, out: Path) -> str:
             "```",
         ]
     )
+
+
+def _spec(experiment, task: str):
+    """The run's :class:`TaskSpec` named ``task`` (built in or declared in its config)."""
+    return experiment.tasks[experiment.config.task_names.index(task)]
 
 
 def _base_line(name: str | None) -> str:

@@ -8,6 +8,7 @@ A run folder holds::
                          was trained with (experiment.yaml) and a manifest
     tensorboard/         TensorBoard logs (unless $TENSORBOARD_LOGGING_DIR names another folder)
     metrics.json         per-task metrics with split names, and the averages
+    baseline-<split>.json  the untrained model's results (`ept eval RUN --baseline`): generation tasks' floors
     config.yaml          the resolved config (what ran, overrides, defaults and the data folder included); written
                          last, so its presence marks the run finished
 
@@ -27,16 +28,17 @@ import yaml
 
 from ..atomic import atomic_write_text
 from ..data import resolve_data_dir
+from ..data.declared import DeclaredDataError, resolve_task_file
 from .checkpoints import STAGING_DIR, newest_valid_checkpoint
 from .config import ExperimentConfig
 from .experiment import RunError
 
 CONFIG_FILE = "config.yaml"
-WEIGHTS_CONFIG_FILE = "experiment.yaml"  # inside adapter/ and every checkpoint: the config those weights came from
 ADAPTER_DIR = "adapter"
 METRICS_FILE = "metrics.json"
 EXPORT_DIR = "export"
 TENSORBOARD_DIR = "tensorboard"
+BASELINE_FILE = "baseline-{split}.json"
 _RUN_MARKERS = (CONFIG_FILE, ADAPTER_DIR, METRICS_FILE, STAGING_DIR)
 
 
@@ -69,7 +71,7 @@ def claim_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> bool:
         checkpoint = newest_valid_checkpoint(run_dir)
         further = (
             f" To train it further, start a new run from its checkpoint: --output_dir NEW "
-            f"--resume_from_checkpoint {checkpoint}."
+            f"--resume_from_checkpoint {checkpoint} --max_steps MORE --allow_config_change."
             if checkpoint
             else ""
         )
@@ -103,8 +105,25 @@ def recorded_config(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig
     the same data with no environment set), without the one-off ``resume_from_checkpoint``."""
     training = {k: v for k, v in config.training.items() if k != "resume_from_checkpoint"}
     data_dir = resolve_data_dir(config.data.data_dir)
-    data = replace(config.data, data_dir=str(data_dir.resolve()) if data_dir is not None else None)
-    return replace(config, training={**training, "output_dir": str(run_dir)}, data=data)
+    data = replace(config.data, data_dir=str(data_dir.absolute()) if data_dir is not None else None)
+    tasks = [_with_found_files(entry, data_dir, config.config_dir) for entry in config.tasks]
+    record = replace(config, training={**training, "output_dir": str(run_dir)}, data=data, tasks=tasks)
+    record.config_dir = config.config_dir
+    return record
+
+
+def _with_found_files(entry, data_dir: Path | None, config_dir: str | None):
+    """A declared task with each data file as found (absolute), so that the run's record finds them from anywhere;
+    a built-in name, a hub source and a file not found (its error comes when it is loaded) stay as written."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("data"), dict):
+        return entry
+    found = {}
+    for split, source in entry["data"].items():
+        try:
+            found[split] = str(resolve_task_file(entry.get("name"), split, source, data_dir, config_dir))
+        except (DeclaredDataError, TypeError):
+            found[split] = source
+    return {**entry, "data": found}
 
 
 def config_text(config: ExperimentConfig) -> str:

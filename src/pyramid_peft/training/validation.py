@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig
 from transformers import Seq2SeqTrainingArguments
 
+from ..data.declared import declared_data_problems
 from ..data.sampling import STRATEGIES
 from ..data.splits import PROTOCOLS
 from ..methods.config_base import field_problems
 from ..models import FAMILIES, model_name_problem
-from ..registry import METHODS, make_peft_config, method_names
-from ..tasks import UnknownTaskError, get_task
-from .config import ANSWER_SCORING, ConfigError, ExperimentConfig
-from .full import FULL, is_full
+from ..models.quantized import Quantization
+from ..registry import lookup_method, make_peft_config, method_choices
+from ..tasks.declare import task_specs, tasks_problems
+
+if TYPE_CHECKING:  # annotations only: config.py imports this module to check what it reads
+    from .config import ExperimentConfig
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "auto")
+ANSWER_SCORING = ("generate", "likelihood", "answer_text")
 # Training fields that must be positive when set, and those that must not be negative.
 _POSITIVE_TRAINING = (
     "learning_rate",
@@ -34,6 +38,10 @@ _POSITIVE_TRAINING = (
     "eval_steps",
 )
 _NON_NEGATIVE_TRAINING = ("warmup_steps", "weight_decay", "max_grad_norm", "seed", "save_total_limit")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong kind."""
 
 
 def check_config(
@@ -51,27 +59,17 @@ def config_problems(config: ExperimentConfig, for_training: bool = False) -> lis
     """Every problem of ``config``, as one message each (empty when it is valid)."""
     return [
         *_section_problems(config),
-        *_task_problems(config.tasks, for_training),
+        *_task_problems(config, for_training),
         *method_problems(config),
         *_training_problems(config.training, for_training),
         *_model_problems(config, for_training),
     ]
 
 
-def method_config_class(method: str) -> type:
-    """The config class of a method name (``lora`` is stock PEFT's); an unknown name raises ``ValueError``."""
-    key = method.lower()
-    if key == "lora":
-        return LoraConfig
-    if key not in METHODS:
-        make_peft_config(method)  # raises the registry's error
-    return METHODS[key].config_cls
-
-
 def method_options(method: str, options: dict, num_tasks: int) -> dict:
     """The method's keyword arguments, ``num_tasks`` defaulting to the number of tasks where the method takes it."""
     options = dict(options)
-    if "num_tasks" in {f.name for f in dataclasses.fields(method_config_class(method))}:
+    if lookup_method(method).takes_num_tasks:
         options.setdefault("num_tasks", num_tasks)
     return options
 
@@ -80,7 +78,10 @@ def method_problems(config: ExperimentConfig) -> list[str]:
     """The method name, its options (keys and types, generically over its config class), ``num_tasks`` against
     the tasks, and the method's own range checks (its config class built once, offline)."""
     name, options = config.method.name, config.method.options
-    if is_full(name):
+    if name.lower() not in method_choices():
+        return [_unknown_choice("method.name", name, method_choices())]
+    choice = lookup_method(name)
+    if choice.full:
         return (
             [
                 f"method 'full' trains every weight and takes no options, got {sorted(options)}: remove them (the "
@@ -89,17 +90,13 @@ def method_problems(config: ExperimentConfig) -> list[str]:
             if options
             else []
         )
-    valid = [*method_names(), FULL]
-    if name.lower() not in valid:
-        return [_unknown_choice("method.name", name, valid)]
-    cls = method_config_class(name)
-    problems = field_problems(cls, options, "method.")
+    problems = field_problems(choice.config_cls, options, "method.")
     if problems:
         return problems
     num_tasks, tasks = options.get("num_tasks"), len(config.tasks)
-    if "num_tasks" in {f.name for f in dataclasses.fields(cls)} and num_tasks is not None and num_tasks < tasks:
+    if choice.takes_num_tasks and num_tasks is not None and num_tasks < tasks:
         return [
-            f"method.num_tasks={num_tasks} is smaller than the {tasks} tasks configured {config.tasks}, whose "
+            f"method.num_tasks={num_tasks} is smaller than the {tasks} tasks configured {config.task_names}, whose "
             f"ids run up to {tasks - 1}: remove method.num_tasks (it defaults to the number of tasks) or set it "
             f"to at least {tasks}."
         ]
@@ -127,6 +124,7 @@ def _section_problems(config: ExperimentConfig) -> list[str]:
     model, data, sampling = config.model, config.data, config.sampling
     problems += _choice("model.family", model.family, FAMILIES, optional=True)
     problems += _choice("model.dtype", model.dtype, DTYPES)
+    problems += _quantization_problems(config)
     problems += _choice("data.protocol", data.protocol, PROTOCOLS)
     problems += _choice("data.answer_scoring", data.answer_scoring, ANSWER_SCORING)
     problems += _choice("sampling.strategy", sampling.strategy, STRATEGIES)
@@ -138,22 +136,29 @@ def _section_problems(config: ExperimentConfig) -> list[str]:
     return problems
 
 
-def _task_problems(tasks: list[str], for_training: bool) -> list[str]:
+def _quantization_problems(config: ExperimentConfig) -> list[str]:
+    """``model.quantization``: its keys and types (the fields of :class:`Quantization`), then its values."""
+    section = config.model.quantization
+    if section is None:
+        return []
+    name = config.method.name
+    if name.lower() in method_choices() and lookup_method(name).full:
+        return [
+            "model.quantization: method 'full' trains every weight, and quantized weights do not train: use "
+            "an adapter method (e.g. method.name: lora), or remove model.quantization."
+        ]
+    return field_problems(Quantization, section, "model.quantization.") or Quantization(**section).problems()
+
+
+def _task_problems(config: ExperimentConfig, for_training: bool) -> list[str]:
+    """The task list (names and declarations); for training, also each declared task's files (opened, not kept)."""
+    tasks = config.tasks
     if not tasks and for_training:
         return ["tasks: the config lists no tasks: add e.g. tasks: [rte, sst2]."]
-    problems = []
-    for name in tasks:
-        try:
-            get_task(name)
-        except UnknownTaskError as err:
-            problems.append(f"tasks: {err}")
-    repeated = sorted({name for name in tasks if [t.lower() for t in tasks].count(name.lower()) > 1})
-    if repeated:
-        problems.append(
-            f"tasks: {', '.join(repeated)} listed more than once in {tasks}: each task gets one task id "
-            "and one head, so list each once."
-        )
-    return problems
+    problems = tasks_problems(tasks)
+    if problems or not for_training:
+        return problems
+    return declared_data_problems(task_specs(tasks), config.data.data_dir, config.config_dir)
 
 
 def _training_problems(training: dict, for_training: bool) -> list[str]:

@@ -1,8 +1,9 @@
 from ..spec import MethodSpec, register_method
+from . import convert  # noqa: F401  (registers the converter of the public EPT code)
 from .config import EptConfig
 from .layer import EptLayer, Linear
-from .model import EptModel
 
-register_method(MethodSpec(EptConfig, EptModel, "ept", "EPT"))
+SPEC = register_method(MethodSpec(EptConfig, "ept", "EPT", layer_cls=Linear))
+EptModel = SPEC.tuner_cls  # the tuner the spec built (importable by name, e.g. for pickling)
 
-__all__ = ["EptConfig", "EptLayer", "EptModel", "Linear"]
+__all__ = ["SPEC", "EptConfig", "EptLayer", "EptModel", "Linear"]

@@ -123,6 +123,13 @@ class EptConfig(RoutedConfig):
             return "zeros"
         return "kaiming"
 
+    @property
+    def uses_task_embedding(self) -> bool:
+        """Whether the adapter has a task-embedding table: the router reads it (``router_input`` 'task' or
+        'task+token'), or the contrastive loss trains it (``contrastive_weight > 0``). Token routing without the
+        loss would leave it a saved parameter that nothing uses."""
+        return self.router_input != "token" or self.contrastive_weight > 0
+
     def capabilities(self) -> Capabilities:
         if self.router_input == "task":
             return Capabilities(Routing.TASK, Merging.PER_TASK)

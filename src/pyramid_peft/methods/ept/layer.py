@@ -29,6 +29,7 @@ class EptLayer(TaskContrastiveLayer):
     adapter_layer_names = ("ept_A", "ept_B", "ept_kernels", "ept_gate", "ept_task_embedding")
     other_param_names = ("ept_config", "ept_contrastive")
     parameter_groups = {"ept_gate": "router", "ept_task_embedding": "task_embedding"}
+    adapter_state_names = ("_plans",)
 
     def __init__(self, base_layer: nn.Module, route):
         super().__init__(base_layer, route)
@@ -64,7 +65,8 @@ class EptLayer(TaskContrastiveLayer):
         kernel_total = sum(experts.kernel_numel(d_out, k, config.expert_form) for k in config.kernel_sizes)
         self.ept_kernels[adapter_name] = nn.Parameter(torch.empty(kernel_total))
         self.ept_gate[adapter_name] = nn.Linear(d_in, len(config.kernel_sizes), bias=True)
-        self.ept_task_embedding[adapter_name] = nn.Parameter(torch.empty(config.num_tasks, d_in))
+        if config.uses_task_embedding:
+            self.ept_task_embedding[adapter_name] = nn.Parameter(torch.empty(config.num_tasks, d_in))
         self.add_dropout(adapter_name, config.lora_dropout)
         self.reset_parameters(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -93,7 +95,8 @@ class EptLayer(TaskContrastiveLayer):
                     view.uniform_(-1.0, 1.0).mul_(
                         1.0 / math.sqrt(view.numel() if config.expert_form == "code1d" else k * k)
                     )
-            nn.init.normal_(self.ept_task_embedding[adapter_name], std=0.01)
+            if adapter_name in self.ept_task_embedding:
+                nn.init.normal_(self.ept_task_embedding[adapter_name], std=0.01)
             self.ept_gate[adapter_name].reset_parameters()
 
     # -- parameter views ----------------------------------------------------------------------------------------

@@ -3,6 +3,6 @@ from .config import MixLoraConfig
 from .layer import ExpertOutput, FeedForward, Linear, MixLoraLayer
 from .model import MixLoraModel
 
-register_method(MethodSpec(MixLoraConfig, MixLoraModel, "mixlora", "MixLoRA"))
+SPEC = register_method(MethodSpec(MixLoraConfig, "mixlora", "MixLoRA", tuner_cls=MixLoraModel))
 
-__all__ = ["ExpertOutput", "FeedForward", "Linear", "MixLoraConfig", "MixLoraLayer", "MixLoraModel"]
+__all__ = ["SPEC", "ExpertOutput", "FeedForward", "Linear", "MixLoraConfig", "MixLoraLayer", "MixLoraModel"]

@@ -203,10 +203,13 @@ class FeedForward(nn.Module, ExpertLoraLayer):
         router = torch.empty(config.num_experts, self.in_features)
         nn.init.normal_(router, std=config.router_init_range)
         self.mixlora_router[adapter_name] = nn.Parameter(router)
-        # The FFN module has no weight of its own to read the device from: use its first linear's.
-        device = getattr(ffn, self.recipe.inputs[0]).weight.device
-        self._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def _get_base_layer_device_and_dtype(self, base_layer):
+        """The FFN module has no weight of its own: its first input linear's device and dtype (PEFT then casts the
+        experts and the router to the base dtype, unless ``autocast_adapter_dtype`` keeps them in float32)."""
+        return super()._get_base_layer_device_and_dtype(getattr(base_layer, self.recipe.inputs[0]))
 
     # -- routing ------------------------------------------------------------------------------------------------
     def router_logits(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:

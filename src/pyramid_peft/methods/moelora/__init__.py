@@ -1,8 +1,8 @@
 from ..spec import MethodSpec, register_method
 from .config import MoeLoraConfig
 from .layer import Linear, MoeLoraLayer
-from .model import MoeLoraModel
 
-register_method(MethodSpec(MoeLoraConfig, MoeLoraModel, "moelora", "MOELoRA"))
+SPEC = register_method(MethodSpec(MoeLoraConfig, "moelora", "MOELoRA", layer_cls=Linear))
+MoeLoraModel = SPEC.tuner_cls  # the tuner the spec built (importable by name, e.g. for pickling)
 
-__all__ = ["Linear", "MoeLoraConfig", "MoeLoraLayer", "MoeLoraModel"]
+__all__ = ["MoeLoraConfig", "MoeLoraLayer", "MoeLoraModel", "Linear", "SPEC"]

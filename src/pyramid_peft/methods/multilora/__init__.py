@@ -1,8 +1,8 @@
 from ..spec import MethodSpec, register_method
 from .config import MultiLoraConfig
 from .layer import Linear, MultiLoraLayer
-from .model import MultiLoraModel
 
-register_method(MethodSpec(MultiLoraConfig, MultiLoraModel, "multilora", "MultiLoRA"))
+SPEC = register_method(MethodSpec(MultiLoraConfig, "multilora", "MultiLoRA", layer_cls=Linear))
+MultiLoraModel = SPEC.tuner_cls  # the tuner the spec built (importable by name, e.g. for pickling)
 
-__all__ = ["Linear", "MultiLoraConfig", "MultiLoraLayer", "MultiLoraModel"]
+__all__ = ["MultiLoraConfig", "MultiLoraLayer", "MultiLoraModel", "Linear", "SPEC"]

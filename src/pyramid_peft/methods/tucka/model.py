@@ -1,4 +1,4 @@
-"""TuckA as a PEFT tuner, and pinning one fixed route (``pyramid_peft.merge_tucka_route`` merges it)."""
+"""TuckA as a PEFT tuner, pinning one fixed route, and merging the model for that route."""
 
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ class TuckaModel(RoutedTuner):
         for layer in layers.values():
             layer.tucka_shared = self.shared_route
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """PEFT's deletion, then the adapter's router owner, last route and pinned route."""
+        super().delete_adapter(adapter_name)
+        for table in (self.shared_route.owners, self.shared_route.routes, self.shared_route.pinned):
+            table.pop(adapter_name, None)
+
     def capabilities(self, adapter_name: str | None = None) -> Capabilities:
         """Batch-routed, not mergeable; while a route is pinned (:func:`fixed_route`) the adapter is static."""
         if (adapter_name or self.active_adapters[0]) in self.shared_route.pinned:
@@ -94,6 +100,14 @@ def fixed_route(model: nn.Module, group: int, weights, adapter_name: str | None 
         yield
     finally:
         tuner.shared_route.pinned.pop(adapter, None)
+
+
+def merge_tucka_route(model: nn.Module, group: int, weights, adapter_name: str | None = None, inplace: bool = False):
+    """A plain ``transformers`` model with ``W0 <- W0 + alpha W0 Û M̄ᵀ Ûᵀ`` (row convention: x ↦ x (I + alpha Û M̄
+    Ûᵀ) before W0) in every adapted TuckA layer, for the fixed route (``group``, ``weights``): exact for every
+    batch that takes this route."""
+    with fixed_route(model, group, weights, adapter_name):
+        return _tucka_tuner(model).merged_model(0, adapter_name, inplace=inplace)
 
 
 def _tucka_tuner(model: nn.Module) -> TuckaModel:

@@ -17,9 +17,10 @@ FEATURE_KEYS = ("task_id", "task", "example", "task_ids")
 class MultiTaskDataset(Dataset):
     """All tasks' training examples, indexed by ``(task index, example index)`` pairs as the sampler yields."""
 
-    def __init__(self, task_names: list[str], examples: list[list[dict]]):
+    def __init__(self, task_names: list[str], examples: list[list[dict]], weights: list[float] | None = None):
         self.task_names = task_names
         self.examples = examples
+        self.weights = weights  # per-task sampling weights (None: all 1)
 
     def __len__(self) -> int:
         return sum(len(e) for e in self.examples)
@@ -60,6 +61,7 @@ class TaskBatches:
             rank=self.args.process_index,
             world_size=self.args.world_size,
             drop_last=False,
+            weights=getattr(dataset, "weights", None),
         )
         self._check_sampler_matches_checkpoint(sampler)
         self._train_sampler = sampler

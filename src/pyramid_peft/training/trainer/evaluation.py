@@ -3,28 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from ..evaluate import EvalSet, Predictor, evaluate_tasks, flat_metrics
-
-
-@dataclass
-class EvalSetup:
-    """How to evaluate: the per-task sets, the collator that builds eval inputs, and the model family."""
-
-    sets: list[EvalSet]
-    collator: object
-    family: str
-    answer_scoring: str = "generate"  # see DataSection
+from ..evaluate import EvalSetup, Predictor, evaluate_tasks, flat_metrics
 
 
 class PerTaskEvaluation:
     """Trainer mixin: ``evaluate`` scores every task's set (generation or heads, see :mod:`..evaluate`), so
     ``metric_for_best_model: paper_average`` selects the best checkpoint on the average.
 
-    Reads ``self.eval_setup`` and ``self.keeps_task_ids``; sets ``self.last_eval_results``.
+    Reads ``self.eval_setup``; sets ``self.last_eval_results``.
     """
 
     eval_setup: EvalSetup
@@ -42,14 +31,5 @@ class PerTaskEvaluation:
         return metrics
 
     def _predictor(self) -> Predictor:
-        setup = self.eval_setup
-        return Predictor.for_run(
-            self.model,
-            setup.family,
-            setup.collator,
-            self.processing_class,
-            self.args,
-            self.keeps_task_ids,
-            synced_gpus=is_deepspeed_zero3_enabled() or self.is_fsdp_enabled,
-            answer_scoring=setup.answer_scoring,
-        )
+        synced = is_deepspeed_zero3_enabled() or self.is_fsdp_enabled
+        return Predictor.for_run(self.model, self.eval_setup, self.args, synced_gpus=synced)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from ...losses import aux_loss
+from ..heads import forward_takes_task_ids
 
 
 class AuxiliaryLoss:
     """Trainer mixin: ``compute_loss`` adds :func:`pyramid_peft.aux_loss`; ``log`` adds the mean of each term since
     the last training log line as ``aux_<term>``.
 
-    Reads ``self.keeps_task_ids`` (whether the model's forward takes ``task_ids``).
+    Stock PEFT models' forwards reject ``task_ids``: the batch keeps them only where the model takes them.
     """
 
     _aux_totals: dict[str, float]
@@ -22,7 +23,7 @@ class AuxiliaryLoss:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's loss plus the method's auxiliary loss (whose terms are kept for the next log line)."""
-        if not self.keeps_task_ids:
+        if not forward_takes_task_ids(self.model):
             inputs = {k: v for k, v in inputs.items() if k != "task_ids"}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         terms = aux_loss(self.accelerator.unwrap_model(model), breakdown=True)

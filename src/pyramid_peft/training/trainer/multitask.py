@@ -23,7 +23,6 @@ from __future__ import annotations
 from transformers import Seq2SeqTrainer
 
 from ..config import SamplingSection
-from ..heads import needs_task_ids
 from .data import TaskBatches
 from .evaluation import EvalSetup, PerTaskEvaluation
 from .loss import AuxiliaryLoss
@@ -52,6 +51,9 @@ class MultiTaskTrainer(
         head_learning_rate: learning rate of a heads model's heads (default: ``args.learning_rate``).
         extra_files: files (name -> text) written into every checkpoint and the final weights folder, such as the
             config those weights were trained with.
+        config_record: that config as a dict: resuming compares the checkpoint's record with it
+            (:func:`..checkpoints.check_resume_config`).
+        allow_config_change: resume a checkpoint trained under other settings anyway (a run extended on purpose).
         Other arguments are the stock Trainer's.
     """
 
@@ -62,6 +64,8 @@ class MultiTaskTrainer(
         sampling: SamplingSection,
         head_learning_rate: float | None = None,
         extra_files: dict[str, str] | None = None,
+        config_record: dict | None = None,
+        allow_config_change: bool = False,
         **kwargs,
     ):
         # The stock argument checks want an eval_dataset when evaluating during training; ours are per task.
@@ -71,7 +75,8 @@ class MultiTaskTrainer(
         self.sampling = sampling
         self.head_learning_rate = head_learning_rate
         self.extra_files = dict(extra_files or {})
-        self.keeps_task_ids = needs_task_ids(self.model)
+        self.config_record = config_record
+        self.allow_config_change = allow_config_change
         # The aux loss is a per-batch mean, so the task loss must be one too: the model must not normalise by the
         # token count of the whole accumulated batch, or the two terms would be scaled differently.
         self.model_accepts_loss_kwargs = False

@@ -7,16 +7,21 @@ import sys
 
 import torch
 
-from ..checkpoints import newest_sound_checkpoint, newest_valid_checkpoint, resolve_resume
+from ..checkpoints import check_resume_config, newest_sound_checkpoint, newest_valid_checkpoint, resolve_resume
 from ..guards import NonFiniteLossError, StopSignals, TrainingInterrupted
 
 
 class CleanStops:
-    """Trainer mixin: ``train`` resumes from the newest complete checkpoint (and says which), stops cleanly on
-    SIGTERM or Ctrl-C, and every process agrees on stopping at the same step.
+    """Trainer mixin: ``train`` resumes from the newest complete checkpoint (and says which) when it was trained
+    under the same settings, stops cleanly on SIGTERM or Ctrl-C, and every process agrees on stopping at the same
+    step.
 
-    Sets ``self._resume_checkpoint`` (the checkpoint resumed from, or None).
+    Reads ``self.config_record`` (the run's config as a dict, or None: nothing to compare) and
+    ``self.allow_config_change``; sets ``self._resume_checkpoint`` (the checkpoint resumed from, or None).
     """
+
+    config_record: dict | None = None
+    allow_config_change: bool = False
 
     def _setup_stops(self) -> None:
         self._resume_checkpoint: str | None = None
@@ -27,9 +32,12 @@ class CleanStops:
         """Stock training that resumes only from a complete checkpoint and stops cleanly on SIGTERM or Ctrl-C.
 
         Raises :class:`TrainingInterrupted` after such a stop (its checkpoint saved), :class:`NonFiniteLossError`
-        on a NaN or infinite loss, and :class:`CheckpointError` when there is no valid checkpoint to resume from.
+        on a NaN or infinite loss, :class:`CheckpointError` when there is no valid checkpoint to resume from, and
+        :class:`ConfigChangedError` when the checkpoint was trained under settings the run changes.
         """
         self._resume_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if self._resume_checkpoint is not None and self.config_record is not None:
+            check_resume_config(self._resume_checkpoint, self.config_record, self.allow_config_change)
         if self._resume_checkpoint is not None and self.is_world_process_zero():
             print(f"ept: resuming from {self._resume_checkpoint}", file=sys.stderr)
         self._agreed_signal = None

@@ -13,6 +13,7 @@ Anything else is passed to ``from_pretrained`` unchanged. The model *family* (``
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import os
@@ -32,6 +33,8 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+
+from .quantized import Quantization, as_quantization, prepare_for_training
 
 FAMILIES = ("seq2seq", "causal", "encoder")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -243,14 +246,35 @@ def load_tokenizer(resolved: ResolvedModel):
 
 
 def load_model(
-    resolved: ResolvedModel, dtype: str | torch.dtype = "float32", random_init: bool = False
+    resolved: ResolvedModel,
+    dtype: str | torch.dtype = "float32",
+    random_init: bool = False,
+    quantization: dict | Quantization | None = None,
 ) -> PreTrainedModel:
-    """Load the weights (or build a random-init model from the config when ``random_init`` or no path is given)."""
+    """Load the weights (or build a random-init model from the config when ``random_init`` or no path is given).
+
+    With ``quantization`` (the ``model.quantization`` section) the linear layers load in 4 or 8 bits through
+    bitsandbytes and the model is prepared for k-bit training (see :mod:`.quantized`). bitsandbytes quantizes while
+    loading weights, so a random-init model is first written to a temporary folder and loaded from there.
+    """
     auto = _AUTO_CLASSES[resolved.family]
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    if random_init or resolved.path is None:
+    quantization = as_quantization(quantization)
+    if (random_init or resolved.path is None) and quantization is None:
         model = auto.from_config(resolved.config, trust_remote_code=resolved.trust_remote_code)
         return model.to(torch_dtype) if isinstance(torch_dtype, torch.dtype) else model
-    return auto.from_pretrained(
-        resolved.path, config=resolved.config, dtype=torch_dtype, trust_remote_code=resolved.trust_remote_code
+    if random_init or resolved.path is None:
+        with tempfile.TemporaryDirectory(prefix="ept-random-init-") as folder:
+            load_model(resolved, dtype, random_init=True).save_pretrained(folder)
+            model = load_model(dataclasses.replace(resolved, path=folder), dtype, quantization=quantization)
+        # Named as the model built in memory would be (PEFT records it), not as the temporary folder, gone by now.
+        model.name_or_path = model.config.name_or_path = resolved.config.name_or_path
+        return model
+    model = auto.from_pretrained(
+        resolved.path,
+        config=resolved.config,
+        dtype=torch_dtype,
+        trust_remote_code=resolved.trust_remote_code,
+        **({"quantization_config": quantization.bnb_config(torch_dtype)} if quantization else {}),
     )
+    return prepare_for_training(model) if quantization else model
