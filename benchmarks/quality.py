@@ -4,12 +4,15 @@
     python benchmarks/quality.py commonsense4 [...]
     python benchmarks/quality.py glue8 --summarize-only      # rebuild the tables, plot and verdict from the files
     python benchmarks/quality.py glue8 --smoke               # 2 learning rates, a few steps, one task (CI)
+    python benchmarks/quality.py glue8-1200 --device cpu --no-new-runs-after 2026-12-07T04:55Z   # the rate probe
 
 A suite is one config in ``configs/benchmarks/``: the experiment every method shares (model, tasks, data, sampling,
 budget, schedule) and a ``benchmark`` section: ``seeds`` (the final runs; the first is also the sweep's),
 ``learning_rates`` (the default grid, log-spaced), ``max_extensions``, and ``variants``, each with its own
 ``method`` section (applied as a sweep variant, :mod:`pyramid_peft.analysis.sweeps`), optionally its own
-``learning_rates``, or ``train: false`` for the untuned model's zero-shot floor.
+``learning_rates``, or ``train: false`` for the untuned model's zero-shot floor. A suite with ``probe: true``
+(``glue8-1200``: a longer budget whose rates start from a shorter one's choices) gives each variant one
+``learning_rate`` instead of a grid and probes it (below).
 
 The protocol (``data.protocol: selection``, :mod:`pyramid_peft.data.splits`): every run trains on train minus a
 validation split carved from it (the same rows for every method and seed) and is evaluated on that validation split
@@ -17,6 +20,8 @@ and on the reported split (the whole dev set). For each method:
 
 1. **sweep**: one run (the first seed) per learning rate of its grid; the best validation average wins; when the best
    is at an edge of the grid, the grid grows by one step (its own ratio) on that side, up to ``max_extensions`` times;
+   in **probe** mode, the grid is the variant's ``learning_rate`` and one step (``probe_ratio``) below it, and it grows
+   only downwards: the first seed runs at both; when the lower wins, one more step below (``max_extensions``);
 2. **final runs**: every seed at the chosen learning rate (the sweep's run is the first seed's). A rate's score is
    the mean validation average over the seeds run at it, so when a final seed fails (predicts one class) and the
    mean drops below another rate's, that rate is chosen instead and gets its own final seeds.
@@ -42,7 +47,8 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,7 +64,12 @@ from pyramid_peft.atomic import atomic_write_text
 from pyramid_peft.metrics import average_scores, compute_metrics
 from pyramid_peft.registry import method_choices
 from pyramid_peft.training import ExperimentConfig, build_experiment, train
-from pyramid_peft.training.checkpoints import WEIGHTS_CONFIG_FILE, config_differences, resume_differences
+from pyramid_peft.training.checkpoints import (
+    LOCATIONS,
+    WEIGHTS_CONFIG_FILE,
+    config_differences,
+    resume_differences,
+)
 from pyramid_peft.training.config import read_yaml
 from pyramid_peft.training.evaluate import EvalSet, Predictor
 from pyramid_peft.training.experiment import eval_sets, evaluation_setup, load_splits
@@ -71,6 +82,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
     "glue8": ROOT / "configs" / "benchmarks" / "glue8-minilm.yaml",
     "commonsense4": ROOT / "configs" / "benchmarks" / "commonsense4-smollm2.yaml",
+    "glue8-1200": ROOT / "configs" / "benchmarks" / "glue8-minilm-1200.yaml",
 }
 RESULTS_DIR = ROOT / "benchmarks" / "results" / "lr-selected"
 RUNS_DIR = Path("runs/benchmarks")
@@ -86,7 +98,7 @@ SMOKE_SET = {
     "data.max_eval_examples": 8,
 }
 SMOKE_BENCHMARK = {"learning_rates": [1.0e-3, 1.0e-2], "max_extensions": 0, "seeds": [0, 1]}
-SMOKE_TASKS = {"glue8": ["rte"], "commonsense4": ["boolq"]}
+SMOKE_TASKS = {"glue8": ["rte"], "commonsense4": ["boolq"], "glue8-1200": ["rte"]}
 SMOKE_VARIANTS = ("zero-shot", "lora", "ept-kron2d")
 
 
@@ -113,6 +125,14 @@ class Suite:
     seeds: list[int]  # final seeds; seeds[0] runs the sweep
     grids: dict[str, list[float]]  # variant -> its initial learning-rate grid (empty: not trained)
     max_extensions: int
+    probe: bool = False  # the grid grows only downwards; its runs go from the highest rate down (see run order)
+    ratios: dict[str, float] = field(default_factory=dict)  # variant -> its grid step (default: the grid's ratio)
+    device: str | None = None  # cpu / cuda: where runs train and evaluate (None: the Trainer's default)
+    compare_with: str | None = None  # another suite whose answer the report states beside this one's
+
+    def ratio(self, variant: str) -> float:
+        """The step by which the variant's grid grows beyond an edge."""
+        return self.ratios.get(variant) or grid_ratio(self.grids[variant])
 
     def trained(self, variant: str) -> bool:
         return bool(self.grids[variant])
@@ -127,6 +147,8 @@ class Suite:
         training = {**config.training, "output_dir": str(runs_dir / self.key / key.name)}
         if key.learning_rate is not None:
             training["learning_rate"] = key.learning_rate
+        if self.device is not None:
+            training["use_cpu"] = self.device == "cpu"
         return replace(config, training=training)
 
 
@@ -136,16 +158,34 @@ def load_suite(key: str, shared: dict | None = None, benchmark: dict | None = No
     raw = read_yaml(SUITES[key].read_text())
     bench = {**raw.pop("benchmark"), **(benchmark or {})}
     variants = {name: dict(overrides or {}) for name, overrides in bench["variants"].items()}
-    grids = {}
+    probe = bool(bench.get("probe", False))
+    grids, ratios = {}, {}
     for name, overrides in variants.items():
+        where = f"{SUITES[key].name}: variant {name!r}"
+        if probe:
+            grids[name], ratios[name] = probe_grid(overrides.pop("learning_rate", None), bench, where)
+            continue
         own = overrides.pop("learning_rates", None)
         grid = bench["learning_rates"] if own is None or "learning_rates" in (benchmark or {}) else own
         grids[name] = [float(lr) for lr in grid] if overrides.pop("train", True) else []
-        check_grid(grids[name], f"{SUITES[key].name}: variant {name!r}")
+        check_grid(grids[name], where)
     table = TableLayout(title=bench.get("title", ""), tasks=list(bench["tasks"]))
     seeds = [int(s) for s in bench["seeds"]]
     sweep = Sweep(bench["name"], raw, dict(shared or {}), variants, seeds, table, cells={})
-    return Suite(key, sweep, seeds, grids, int(bench.get("max_extensions", 2)))
+    extensions = int(bench.get("max_extensions", 2))
+    return Suite(key, sweep, seeds, grids, extensions, probe, ratios, compare_with=bench.get("compare_with"))
+
+
+def probe_grid(rate, bench: dict, where: str) -> tuple[list[float], float]:
+    """A probe variant's grid, ``[rate / probe_ratio, rate]``, and its step ``probe_ratio``."""
+    ratio = float(bench.get("probe_ratio", 0) or 0)
+    if rate is None or float(rate) <= 0 or ratio <= 1:
+        raise ValueError(
+            f"{where}: a probe suite (benchmark.probe: true) needs a positive `learning_rate` per variant (its "
+            f"chosen rate at the shorter budget) and benchmark.probe_ratio > 1 (got {rate!r} and {ratio!r}); "
+            "e.g. learning_rate: 1.0e-3 and probe_ratio: 3.16."
+        )
+    return [_rounded(float(rate) / ratio), float(rate)], ratio
 
 
 def check_grid(grid: list[float], where: str) -> None:
@@ -165,17 +205,20 @@ def grid_ratio(grid: list[float]) -> float:
     return grid[1] / grid[0]
 
 
-def choose(scores: dict[float, float], ratio: float, extensions_left: int) -> tuple[float | None, float | None]:
+def choose(
+    scores: dict[float, float], ratio: float, extensions_left: int, upwards: bool = True
+) -> tuple[float | None, float | None]:
     """(chosen learning rate, None) or (None, the next learning rate to run), from validation scores per rate.
 
     The best score wins (NaN counts as the worst; ties go to the smaller rate). A best at the grid's edge extends
-    the grid by one ``ratio`` step beyond it while ``extensions_left``; otherwise the best is chosen.
+    the grid by one ``ratio`` step beyond it while ``extensions_left`` (the top edge only when ``upwards``);
+    otherwise the best is chosen.
     """
     rates = sorted(scores)
     best = max(rates, key=lambda lr: (-math.inf if math.isnan(scores[lr]) else scores[lr], -lr))
     if extensions_left > 0 and best == rates[0]:
         return None, _rounded(best / ratio)
-    if extensions_left > 0 and best == rates[-1]:
+    if extensions_left > 0 and upwards and best == rates[-1]:
         return None, _rounded(best * ratio)
     return best, None
 
@@ -197,7 +240,7 @@ def variant_plan(suite: Suite, variant: str, done: dict[RunKey, dict]) -> tuple[
             return missing, None
         scores = {lr: validation_score(suite, variant, lr, done) for lr in grid}
         extensions_left = suite.max_extensions - (len(grid) - len(suite.grids[variant]))
-        chosen, extra = choose(scores, grid_ratio(suite.grids[variant]), extensions_left)
+        chosen, extra = choose(scores, suite.ratio(variant), extensions_left, upwards=not suite.probe)
         if chosen is not None:
             return [k for k in (RunKey(variant, chosen, s) for s in suite.seeds) if k not in done], chosen
         grid = sorted([*grid, extra])
@@ -228,6 +271,10 @@ def result_path(results_dir: Path, suite: Suite, key: RunKey) -> Path:
     return results_dir / suite.key / f"{key.name}.json"
 
 
+# Where a run lives (its folder, data and device), not what it trained on.
+NOT_COMPARED = (*LOCATIONS, "training.use_cpu")
+
+
 def load_done(suite: Suite, results_dir: Path) -> dict[RunKey, dict]:
     """Every finished run of the suite, by key. A run made under another config than the suite's now (another
     budget, say) stops the suite: it would be skipped as done and reported as this config's."""
@@ -235,7 +282,8 @@ def load_done(suite: Suite, results_dir: Path) -> dict[RunKey, dict]:
     for path in sorted((results_dir / suite.key).glob("*.json")):
         record = json.loads(path.read_text())
         key = RunKey(record["variant"], record.get("learning_rate"), record["seed"])
-        refuse_another_config(path, config_differences(record.get("config", {}), suite.config(key, Path()).to_dict()))
+        current = suite.config(key, Path()).to_dict()
+        refuse_another_config(path, config_differences(record.get("config", {}), current, NOT_COMPARED))
         done[key] = record
     return done
 
@@ -289,17 +337,31 @@ def release(path: Path) -> None:
 
 # -- running --------------------------------------------------------------------------------------------------
 def pending_runs(suite: Suite, variants: list[str], done: dict[RunKey, dict], failed: set[RunKey]) -> list[RunKey]:
-    """What every variant needs next, sweep steps of all variants before any final seed; failed runs left out."""
+    """What every variant needs next, sweep steps of all variants before any final seed; failed runs left out.
+
+    A probe suite takes the variants' sweep runs in turns from the top of their grids: first every method at its
+    shorter budget's rate (the runs that answer most on their own), then every method one step below, and so on."""
     plans = [variant_plan(suite, v, done) for v in variants if suite.runnable(v)]
     sweeps = [k for keys, chosen in plans if chosen is None for k in keys]
+    if suite.probe:
+        sweeps.sort(key=lambda k: (_steps_from_the_top(suite, k, done), variants.index(k.variant)))
     finals = [k for keys, chosen in plans if chosen is not None for k in keys]
     return [k for k in sweeps + finals if k not in failed]
 
 
-def run_suite(suite: Suite, variants: list[str], results_dir: Path, runs_dir: Path) -> None:
+def _steps_from_the_top(suite: Suite, key: RunKey, done: dict[RunKey, dict]) -> int:
+    """How many rates of the variant's grid (with its extensions so far) lie above the run's."""
+    grid = {*suite.grids[key.variant], *sweep_grid(suite, key.variant, done)}
+    return sum(rate > key.learning_rate for rate in grid)
+
+
+def run_suite(
+    suite: Suite, variants: list[str], results_dir: Path, runs_dir: Path, start_by: datetime | None = None
+) -> None:
     """Run what the suite needs until nothing is left: a run whose file exists is skipped, one another process
     holds is waited for, one that fails is reported and left out (its variant stops there). A run stopped by
-    SIGTERM / Ctrl-C (after saving its checkpoint) stops the suite."""
+    SIGTERM / Ctrl-C (after saving its checkpoint) stops the suite. After ``start_by`` (an aware datetime) no run
+    starts: one that could not finish before the machine goes would be lost."""
     for variant in variants:
         if not suite.runnable(variant):
             print(
@@ -309,6 +371,9 @@ def run_suite(suite: Suite, variants: list[str], results_dir: Path, runs_dir: Pa
             )
     failed: set[RunKey] = set()
     while pending := pending_runs(suite, variants, load_done(suite, results_dir), failed):
+        if start_by is not None and datetime.now(timezone.utc) > start_by:
+            print(f"[quality] past {start_by.isoformat()}: no new run starts ({len(pending)} left)", flush=True)
+            return
         claimed = next((k for k in pending if claim(result_path(results_dir, suite, k))), None)
         if claimed is None:
             print(f"[quality] {len(pending)} runs held by other workers; waiting", flush=True)
@@ -353,6 +418,8 @@ def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
         experiment = load_run(config.training["output_dir"])
     else:
         train_results, experiment = None, build_experiment(config)
+    device = suite.device or ("cuda" if torch.cuda.is_available() and not config.training.get("use_cpu") else "cpu")
+    experiment.model.to(device)  # load_run builds on the CPU
     trained_at = time.perf_counter()
     evaluation = evaluate_run_splits(experiment, train_results)
     done_at = time.perf_counter()
@@ -371,7 +438,7 @@ def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
         "eval_seconds": round(done_at - trained_at, 1),
         "wall_seconds": round(done_at - start, 1),
         "resumed_from": checkpoint,
-        "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
+        "machine": {**machine, "device": device, "load_average_at_end": list(os.getloadavg())},
         "config": config.to_dict(),
     }
 
@@ -473,15 +540,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, help=f"per-run result files (default: {RESULTS_DIR})")
     parser.add_argument("--runs-dir", type=Path, help=f"run folders with checkpoints (default: {RUNS_DIR})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where runs train and evaluate (default: a GPU if there is one)"
+    )
+    parser.add_argument(
+        "--no-new-runs-after",
+        type=aware_time,
+        metavar="TIME",
+        help="start no run after this ISO time (UTC unless it names a zone), e.g. 2026-12-07T04:55Z",
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the suite (default 1)")
     parser.add_argument("--summarize-only", action="store_true", help="rebuild the report from the result files")
     parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers
     return parser.parse_args(argv)
 
 
+def aware_time(text: str) -> datetime:
+    """An ISO 8601 time; one without a zone is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time: give e.g. 2026-12-07T04:55Z") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def smoke_overrides(suite_key: str) -> tuple[dict, dict]:
+    """The smoke budget; a probe suite keeps its probe (two rates per variant) and may take its one step below."""
     tasks = SMOKE_TASKS[suite_key]
-    return {**SMOKE_SET, "tasks": tasks}, {**SMOKE_BENCHMARK, "tasks": tasks}
+    benchmark = {**SMOKE_BENCHMARK, "tasks": tasks}
+    if read_yaml(SUITES[suite_key].read_text())["benchmark"].get("probe"):
+        benchmark = {k: v for k, v in benchmark.items() if k not in ("learning_rates", "max_extensions")}
+    return {**SMOKE_SET, "tasks": tasks}, benchmark
 
 
 def spawn_workers(argv: list[str], count: int) -> None:
@@ -512,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shared, benchmark = smoke_overrides(args.suite) if args.smoke else ({}, {})
-    suite = load_suite(args.suite, shared, benchmark)
+    suite = replace(load_suite(args.suite, shared, benchmark), device=args.device)
     default_dir = Path(tempfile.mkdtemp(prefix="quality-smoke-")) / "lr-selected" if args.smoke else RESULTS_DIR
     results_dir = args.results_dir or default_dir
     variants = args.methods or [v for v in suite.sweep.variants if not args.smoke or v in SMOKE_VARIANTS]
@@ -523,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.summarize_only and args.workers > 1:
         spawn_workers([*argv, "--results-dir", str(results_dir), "--runs-dir", str(runs_dir)], args.workers)
     elif not args.summarize_only:
-        run_suite(suite, variants, results_dir, runs_dir)
+        run_suite(suite, variants, results_dir, runs_dir, args.no_new_runs_after)
     if not args.no_report:  # the report reads this module, so it runs as its own script (no import circle)
         report = [sys.executable, str(Path(__file__).with_name("quality_report.py")), *argv]
         if subprocess.run([*report, "--results-dir", str(results_dir)]).returncode:

@@ -10,6 +10,10 @@ Writes, beside the suite's run folder ``<results>/<suite>/``:
 * ``<suite>.json``: the same numbers;
 * ``<suite>-sweep.png``: validation average against learning rate, one line per method.
 
+A probe suite (``benchmark.probe``) also records each method's rate probe; a suite that names another in
+``benchmark.compare_with`` (a shorter budget) states the answer at each budget in one sentence: for each EPT form, the
+peers it ties, beats and loses to, with the paired intervals, and the methods with final runs.
+
 Run by ``benchmarks/quality.py`` after its runs, or alone with the same arguments
 (``python benchmarks/quality_report.py glue8 [--smoke] [--results-dir DIR]``).
 
@@ -48,10 +52,11 @@ COLLAPSE_MARK = "†"
 def write_report(suite: Suite, results_dir: Path) -> str:
     """Write the suite's Markdown, JSON and plot; print a warning per collapsed run; returns the Markdown."""
     done = load_done(suite, results_dir)
-    if not done:
+    if not done and not suite.compare_with:  # a compared suite's answer is worth stating before this one's runs
         raise SystemExit(f"no result files in {results_dir / suite.key}: run the suite first.")
     rows = {v: variant_row(suite, v, done) for v in suite.sweep.variants if any(k.variant == v for k in done)}
     verdicts = verdict_rows(rows)
+    answers = budget_answers(suite, results_dir, rows, verdicts) if suite.compare_with else {}
     for warning in [*collapse_warnings(done), *every_rate_warnings(rows)]:
         print(f"[quality] WARNING: {warning}", flush=True)
     plot = results_dir / f"{suite.key}-sweep.png"
@@ -61,6 +66,8 @@ def write_report(suite: Suite, results_dir: Path) -> str:
             [
                 f"<!-- written by benchmarks/quality.py {suite.key} -->",
                 budget_line(suite),
+                *([answers_section(answers)] if answers else []),
+                *([probe_table(suite, rows)] if suite.probe else []),
                 sweep_table(rows),
                 f"![validation average against learning rate]({plot.name})",
                 final_table(suite, rows),
@@ -78,6 +85,7 @@ def write_report(suite: Suite, results_dir: Path) -> str:
         "budget": budget(suite),
         "rows": {v: _json_row(r) for v, r in rows.items()},
         "verdicts": verdicts,
+        **({"answers": answers} if answers else {}),
     }
     atomic_write_text(results_dir / f"{suite.key}.json", json.dumps(summary, indent=2) + "\n")
     return markdown
@@ -110,9 +118,14 @@ def variant_row(suite: Suite, variant: str, done: dict[RunKey, dict]) -> dict:
             }
             for lr, r in sweep.items()
         },
-        "at_edge": bool(trained and chosen is not None and chosen in (min(rates), max(rates)) and len(rates) > 1),
+        "at_edge": bool(trained and chosen is not None and chosen in _edges(suite, rates) and len(rates) > 1),
         "finals": finals,
     }
+
+
+def _edges(suite: Suite, rates: list[float]) -> tuple[float, ...]:
+    """The grid's edges that could still move: a probe never steps above the shorter budget's rate."""
+    return (min(rates),) if suite.probe else (min(rates), max(rates))
 
 
 def collapsed_tasks(record: dict) -> list[str]:
@@ -167,6 +180,11 @@ def _tasks(rows: dict) -> list[str]:
         if any(r["finals"] for r in rows.values())
         else []
     )
+
+
+def _table_tasks(suite: Suite, rows: dict) -> list[str]:
+    """The tasks of the final runs in the table's column order."""
+    return [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
 
 
 # -- tables ---------------------------------------------------------------------------------------------------
@@ -233,9 +251,12 @@ def _sweep_cell(entry: dict | None, chosen: bool) -> str:
 
 
 def final_table(suite: Suite, rows: dict) -> str:
-    tasks = [t for t in suite.sweep.table.tasks if t in _tasks(rows)] or _tasks(rows)
+    tasks = _table_tasks(suite, rows)
+    title = f"### {suite.sweep.table.title} (reported split, final runs)"
+    if not tasks:
+        return f"{title}\n\nNo method has a final run yet."
     header = ["lr", "seeds", *PARAM_COLUMNS.values(), *(task_title(t) for t in tasks), "AVG", "95% CI"]
-    lines = _table_head(f"### {suite.sweep.table.title} (reported split, final runs)", header)
+    lines = _table_head(title, header)
     for variant, row in rows.items():
         if not row["finals"]:
             continue
@@ -367,6 +388,88 @@ def verdict_table(verdicts: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- the rate probe and the answer at each budget -------------------------------------------------------------
+def probe_table(suite: Suite, rows: dict) -> str:
+    """Per method: the shorter budget's rate, the probe's runs from it down (validation average of the first seed)
+    and the rule each step applied, and the rate chosen."""
+    title = "### Rate probe (the first seed, validation average: the shorter budget's rate, then one step below)"
+    if not any(row["trained"] for row in rows.values()):
+        return f"{title}\n\nNo probe run has finished yet."
+    lines = _table_head(title, ["from the shorter budget", "probe", "chosen"])
+    for variant, row in rows.items():
+        if not row["trained"]:
+            continue
+        start = suite.grids[variant][-1]
+        rates = sorted((lr for lr in row["sweep"] if lr <= start * 1.01), reverse=True)
+        score = {lr: row["sweep"][lr]["validation"] for lr in rates}
+        steps = [f"{rates[0]:.3g}: {score[rates[0]]:.1f}"] if rates else []
+        for higher, lower in zip(rates, rates[1:]):
+            steps.append(f"{lower:.3g}: {score[lower]:.1f} ({'wins' if score[lower] >= score[higher] else 'loses'})")
+        chosen = "probe running" if row["chosen"] is None else f"{row['chosen']:.3g}"
+        lines.append(f"| {variant} | {start:.3g} | {'; '.join(steps)} | {chosen} |")
+    lines += [
+        "",
+        "The rate chosen at the shorter budget and one step below it (a factor "
+        f"{next(iter(suite.ratios.values()), 0):.3g}) run first; when the lower wins (is at least as good), one more "
+        f"step below (at most {suite.max_extensions}); the best gets the other seeds (wins / loses: against the rate "
+        "above it).",
+    ]
+    return "\n".join(lines)
+
+
+def budget_answers(suite: Suite, results_dir: Path, rows: dict, verdicts: list[dict]) -> dict[str, str]:
+    """``{suite: sentence}`` for the compared suite (its own results beside this one's) and this one."""
+    other = load_suite(suite.compare_with, suite.sweep.shared, {"tasks": suite.sweep.table.tasks})  # same overrides
+    done = load_done(other, results_dir)
+    other_rows = {v: variant_row(other, v, done) for v in other.sweep.variants if any(k.variant == v for k in done)}
+    answers = {}
+    for each, each_rows, each_verdicts in ((other, other_rows, verdict_rows(other_rows)), (suite, rows, verdicts)):
+        answers[each.key] = answer_sentence(each, each_rows, each_verdicts)
+    return answers
+
+
+VERBS = {"no significant difference": "ties", "better": "beats", "worse": "loses to"}
+
+
+def answer_sentence(suite: Suite, rows: dict, verdicts: list[dict]) -> str:
+    """One sentence: per EPT form its average [95% CI] and the peers it ties, beats and loses to, each with the
+    paired difference [95% CI]; the methods covered (final seeds done / planned); provisional until all are done."""
+    steps = f"{budget(suite)['max_steps']:,} steps ({suite.key}.md"
+    covered = ", ".join(f"{v} {len(r['finals'])}/{r['planned_seeds']}" for v, r in rows.items() if r["finals"])
+    if not verdicts:
+        covered = covered or "none"
+        return f"At {steps}): no verdict yet; no EPT form and peer both have final runs (final seeds: {covered})."
+    tasks = _table_tasks(suite, rows)  # the final table's order: the same bootstrap draws, the same interval
+    clauses = []
+    for ept in dict.fromkeys(v["ept"] for v in verdicts):
+        interval = bootstrap_score(task_runs(rows[ept]["finals"], tasks))
+        average = statistics.fmean(r["average"]["paper_average"] for r in rows[ept]["finals"])
+        parts = []
+        for word, verb in VERBS.items():
+            peers = [
+                f"{v['peer']} ({v['difference']:+.2f} [{v['low']:+.2f}, {v['high']:+.2f}])"
+                for v in verdicts
+                if v["ept"] == ept and v["word"] == word
+            ]
+            if peers:
+                parts.append(f"{verb} {_join(peers)}")
+        clauses.append(f"{ept} ({average:.1f} [{interval.low:.1f}, {interval.high:.1f}]) {_join(parts)}")
+    provisional = "" if all(v["final"] for v in verdicts) else "provisionally (not every seed has run), "
+    return (
+        f"At {steps}; final seeds done/planned: {covered}), {provisional}"
+        + "; ".join(clauses)
+        + " (EPT - peer on the average over tasks, 95% paired-bootstrap intervals)."
+    )
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def answers_section(answers: dict[str, str]) -> str:
+    return "\n".join(["### The answer at each budget", "", *(f"- {answer}" for answer in answers.values())])
+
+
 # -- plot, budget, what is left -------------------------------------------------------------------------------
 def plot_sweep(rows: dict, path: Path) -> None:
     """Validation average against learning rate (log scale), one line per trained method, the chosen rate ringed."""
@@ -435,6 +538,8 @@ def compute_line(done: dict[RunKey, dict]) -> str:
     """The machine time the finished runs took: process-hours (each run is one single-thread process; workers side
     by side overlap in wall-clock time), and the median run. A run resumed over sittings counts its last one."""
     seconds = sorted(r["wall_seconds"] for r in done.values())
+    if not seconds:
+        return "Machine time: no run has finished yet."
     resumed = sum(1 for r in done.values() if r.get("resumed_from"))
     return (
         f"Machine time: {len(seconds)} runs, {sum(seconds) / 3600:.2f} process-hours in all (training and "

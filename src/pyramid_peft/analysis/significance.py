@@ -102,11 +102,18 @@ def _mcc_rows(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _pearson_rows(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    x = predictions - predictions.mean(-1, keepdims=True)
-    y = labels - labels.mean(-1, keepdims=True)
+    x, y = _centred_unit(predictions), _centred_unit(labels)
     scale = np.sqrt((x**2).sum(-1) * (y**2).sum(-1))
     defined = (np.ptp(predictions, -1) > 0) & (np.ptp(labels, -1) > 0)
     return np.where(defined, (x * y).sum(-1) / np.where(defined, scale, 1.0), 0.0)
+
+
+def _centred_unit(values: np.ndarray) -> np.ndarray:
+    """Each row minus its mean, divided by its largest magnitude: the correlation is unchanged, and the sums of
+    squares cannot underflow to 0 for tiny but distinct values (1e-303 squared is 0 in float64)."""
+    centred = values - values.mean(-1, keepdims=True)
+    largest = np.abs(centred).max(-1, keepdims=True)
+    return centred / np.where(largest > 0, largest, 1.0)
 
 
 # -- the bootstrap -------------------------------------------------------------------------------------------

@@ -114,7 +114,9 @@ class DataSection:
         max_eval_examples: cap on evaluation examples per task (empty: all).
         answer_scoring: how text-to-text and causal models answer in evaluation: ``generate`` (greedy, parsed, as
             the EPT code does) or ``likelihood`` (the label word the model finds most likely after the prompt, as
-            zero-shot multiple-choice evaluation does; STS-B is still generated).
+            zero-shot multiple-choice evaluation does; STS-B is still generated) or ``answer_text`` (the option
+            whose own text is most likely after the question, per character: lm-evaluation-harness's ``acc_norm``,
+            see ``pyramid_peft.training.answer_text``).
     """
 
     data_dir: str | None = None

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..metrics import average_scores, compute_metrics
 from ..tasks import TaskSpec
+from .answer_text import answer_text_predictions
 from .heads import MultiTaskClassifier, forward_takes_task_ids
 
 # What each kind's floor is: the score of a model that learned nothing usable for the task.
@@ -65,8 +66,8 @@ class Predictor:
         batch_size: examples per forward / generate call.
         num_beams: beams for generation (1 = greedy, the EPT setting).
         synced_gpus: keep ranks in step inside ``generate`` (DeepSpeed ZeRO-3, FSDP).
-        answer_scoring: ``generate`` or ``likelihood`` (classification tasks of generative models; see
-            :meth:`_most_likely_labels`).
+        answer_scoring: ``generate``, ``likelihood`` or ``answer_text`` (classification tasks of generative
+            models; see :meth:`_most_likely_labels` and :mod:`pyramid_peft.training.answer_text`).
         by_length: batch examples of similar length together (sorted by the length of their input text), so
             that little of each batch is padding; predictions come back in the examples' order. Each example's
             prediction is the same either way, up to float rounding in the padded positions' masked sums.
@@ -117,13 +118,16 @@ class Predictor:
         task = eval_set.task
         generative = self.family != "encoder"
         by_label = not (task.is_regression or task.is_generation)
-        by_likelihood = generative and self.answer_scoring == "likelihood" and by_label
+        by_likelihood = generative and self.answer_scoring != "generate" and by_label
         generating = generative and not by_likelihood
         budget = answer_token_budget(task, self.tokenizer, self.family) if generating else 0
         beams = task.num_beams or self.num_beams
         for start in range(0, len(examples), self.batch_size):
             chunk = examples[start : start + self.batch_size]
             features = [{"task_id": eval_set.task_id, "task": eval_set.task.name, "example": ex} for ex in chunk]
+            if by_likelihood and self.answer_scoring == "answer_text":
+                predictions += self._most_likely_texts(chunk, eval_set)
+                continue
             if by_likelihood:
                 predictions += self._most_likely_labels(features, eval_set.task)
                 continue
@@ -170,6 +174,14 @@ class Predictor:
             scores = answer_log_likelihood(self._aligned_logits(batch), targets).view(len(features), num_labels)
         offered = torch.arange(num_labels, device=scores.device) < torch.tensor(options, device=scores.device)[:, None]
         return scores.masked_fill(~offered, float("-inf")).argmax(-1).tolist()
+
+    def _most_likely_texts(self, examples: list[dict], eval_set: EvalSet) -> list[int]:
+        """Per example, the option whose text is most likely per character (``answer_scoring: answer_text``)."""
+        task_ids = torch.full((len(examples),), eval_set.task_id) if forward_takes_task_ids(self.model) else None
+        max_length = getattr(self.collator, "max_length", None) or getattr(self.collator, "max_source_length", None)
+        return answer_text_predictions(
+            self.model, self.tokenizer, self.family, eval_set.task, task_ids, examples, max_length
+        )
 
     def _aligned_logits(self, batch: dict) -> torch.Tensor:
         """Logits whose position t scores target t of :func:`answer_targets` (float32)."""

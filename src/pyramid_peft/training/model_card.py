@@ -113,7 +113,8 @@ def _usage(experiment, task: str, mode: str, out: Path) -> str:
     words = ", ".join(f"`{w}`" for w in spec.label_words) or "the score as text"
     return (
         f"## How answers are read\n\nA generative model: it answers the task's prompt with a label word ({words}), "
-        "generated greedily (or, with `data.answer_scoring: likelihood`, the most likely label word)."
+        "generated greedily (or, with `data.answer_scoring: likelihood`, the most likely label word; with "
+        "`answer_text`, the option whose own text is most likely per character)."
     )
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # annotations only: config.py imports this module to check wh
     from .config import ExperimentConfig
 
 DTYPES = ("float32", "float64", "float16", "bfloat16", "auto")
-ANSWER_SCORING = ("generate", "likelihood")
+ANSWER_SCORING = ("generate", "likelihood", "answer_text")
 # Training fields that must be positive when set, and those that must not be negative.
 _POSITIVE_TRAINING = (
     "learning_rate",
