@@ -137,8 +137,8 @@ def test_factors_are_built_once_per_call_and_rebuilt_when_a_weight_changes(monke
     ids = torch.tensor([0, 2, 1, 2])
     layers = [layer for _, layer in model.base_model.routed_layers()]
     builds = []
-    original = type(layers[0])._group_factors
-    monkeypatch.setattr(type(layers[0]), "_group_factors", lambda *a, **k: builds.append(1) or original(*a, **k))
+    original = type(layers[0])._group_kernels
+    monkeypatch.setattr(type(layers[0]), "_group_kernels", lambda *a, **k: builds.append(1) or original(*a, **k))
     route = model.base_model.route
     with torch.no_grad(), route.generation(), route.call(ids, batch["attention_mask"]):  # as inside generate
         first = model.get_base_model()(**batch).logits
@@ -159,8 +159,8 @@ def test_generate_builds_the_factors_once_for_all_its_steps(monkeypatch):
     model = ept_model("llama").eval()
     layer_cls = type(next(layer for _, layer in model.base_model.routed_layers()))
     builds = []
-    count = layer_cls._group_factors
-    monkeypatch.setattr(layer_cls, "_group_factors", lambda *a, **k: builds.append(1) or count(*a, **k))
+    count = layer_cls._group_kernels
+    monkeypatch.setattr(layer_cls, "_group_kernels", lambda *a, **k: builds.append(1) or count(*a, **k))
     batch = tiny_batch("llama")
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, pad_token_id=0)
     model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1, task_ids=torch.tensor([0, 2, 1, 2]))

@@ -1,5 +1,6 @@
 """EPT layer: float64 parity with an independent dense reference, init, gradients, routing, golden tensors."""
 
+import contextlib
 import math
 
 import pytest
@@ -281,3 +282,48 @@ def test_token_routing_without_the_contrastive_loss_has_no_task_embedding_table(
     x = torch.randn(2, 5, 24, dtype=torch.float64)
     layer(x).sum().backward()  # routes without ids or a table
     assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+
+
+def planned(layer):
+    """``layer`` with the tuner's route-entry plan (which groups each task uses, rows per task) for one layer."""
+
+    def plan(call):
+        layer.accept_plan(call, layer.plan_request(call).tolist())
+
+    layer.route.planner = plan
+    return layer
+
+
+@pytest.mark.parametrize(
+    "d_in,d_out,overrides",
+    [(24, 32, {}), (27, 34, {"gate_form": "code"}), (26, 35, {"expert_form": "code1d"}), (26, 30, {"alp": False})],
+)
+def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overrides, monkeypatch):
+    """Mixed-task rows through each task's own factors (enough tokens per task) and, inside generate, through the
+    Kronecker structure per row (few tokens) both equal W0 x + ΔW_task(row) x per row (float64, 1e-10); ΔW from
+    the independent reference, or without ALP (separate seed blocks, which it does not model) from the experts
+    built literally with transposed convolutions."""
+    layer = planned(make_layer(d_in, d_out, **overrides))
+    with torch.no_grad():
+        deltas = [
+            layer.delta_weight("default", t)
+            if overrides.get("alp") is False
+            else reference_delta(layer, t, d_out, d_in)
+            for t in range(3)
+        ]
+    ids = torch.tensor([2, 0, 1, 0, 2, 1])
+    taken = []
+    for name in ("_rows_by_task_output", "_route_factors"):
+        original = getattr(type(layer), name)
+        monkeypatch.setattr(type(layer), name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
+    for tokens, generating in [(48, False), (1, True), (3, True)]:  # 48 x 6 rows >= TOKENS_PER_TASK x 3 tasks
+        x = torch.randn(6, tokens, d_in)
+        expected = torch.stack([layer.base_layer(x[i]) + x[i] @ deltas[t].T for i, t in enumerate(ids.tolist())])
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if generating:
+                stack.enter_context(layer.route.generation())
+            stack.enter_context(layer.route.call(ids))
+            taken.clear()
+            torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+            torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)  # from the call's cached factors
+        assert taken == (["_route_factors"] if generating else ["_rows_by_task_output"] * 2)

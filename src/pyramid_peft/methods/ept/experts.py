@@ -67,23 +67,17 @@ def row_kernels(hidden: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return mixed.view(hidden.shape)
 
 
-def block_row_kernels(kernels: list[torch.Tensor], r: int) -> torch.Tensor:
-    """One (R, R) block-diagonal matrix per row holding every group's ``I_r ⊗ K`` (R = r times the sum of the
-    kernel sizes), from kernels (rows, 1, ..., 1, k, k) per group: :func:`row_kernels` for all groups at once."""
-    rows = kernels[0].shape[0]
-    blocks = []
-    for K in kernels:
-        k = K.shape[-1]
-        eye = torch.eye(r, dtype=K.dtype, device=K.device)
-        blocks.append((eye[None, :, None, :, None] * K.reshape(rows, 1, k, 1, k)).reshape(rows, r * k, r * k))
-    size = sum(block.shape[-1] for block in blocks)
-    out = blocks[0].new_zeros(rows, size, size)
-    start = 0
-    for block in blocks:
-        end = start + block.shape[-1]
-        out[:, start:end, start:end] = block
-        start = end
-    return out
+def kron2d_rows(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:
+    """``(B ⊗ K_row)(A ⊗ I_k) x`` from the Kronecker structure, one kernel per row: reading x as X (n x k), it is
+    ``B (A X) K_rowᵀ`` read row by row, so only A (r x n), B (m x r) and the kernels are read, never a factor of
+    rank r*k (what decoding steps, which read every weight for a few tokens, pay for). ``x`` is (rows, ..., d_in)
+    and ``K`` (rows, k, k); returns (rows, ..., d_out)."""
+    n, k = A.shape[1], K.shape[-1]
+    x = F.pad(x, (0, n * k - x.shape[-1])) if x.shape[-1] != n * k else x
+    hidden = F.linear(x.unflatten(-1, (n, k)).transpose(-1, -2), A)  # (rows, ..., k, r): (A X)ᵀ per token
+    kernels = K.view(K.shape[0], *([1] * (hidden.dim() - 3)), k, k)
+    out = F.linear(torch.matmul(kernels, hidden), B)  # (rows, ..., k, m): (B (A X) Kᵀ)ᵀ
+    return out.transpose(-1, -2).flatten(-2)[..., :d_out]
 
 
 def code1d_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:

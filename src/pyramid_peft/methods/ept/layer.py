@@ -8,7 +8,11 @@ Experts are grouped by kernel size: same-size experts share their seed slice, so
 the gate-weighted sum of its kernels. The groups a call uses run as one LoRA-shaped pair of matrix products whose
 rank is r times the sum of their kernel sizes (``experts.py``): for one route (every row of one task) the kernels
 are folded into the up factor; for mixed rows the up factor is ``B ⊗ I`` and each row's kernels act on the r x k
-hidden states in between. The d_out x d_in matrix is never built.
+hidden states in between. Two cheaper forms of mixed rows, both exact: where each task of the call has enough
+tokens, rows are sorted by task and each task's block runs through its own folded factors (only its top-k groups);
+in the decoding steps of ``generate`` (a few tokens, every weight read per step) each group runs from the
+Kronecker structure, ``B (A X) Kᵀ``, reading the seed instead of factors of rank r*k. The d_out x d_in matrix is
+never built.
 
 Which groups a call's tasks use is asked of the device once per call, at route entry, for every layer together
 (:meth:`EptLayer.plan_request`); a layer's forward never synchronises the host. Constants (ALP's scales, the
@@ -33,6 +37,11 @@ from ..task_contrastive import TaskContrastiveLayer
 from . import experts
 from .config import EptConfig
 from .pyramid import KernelGroup, alp_scales, plan_groups
+
+# Rows grouped by task pay from this many tokens per task of the call (below it, e.g. in decoding steps, the
+# fewer products of the shared path win; measured by benchmarks/serving.py).
+TOKENS_PER_TASK = 32
+_TASK_COUNTS = "ept-task-counts"  # key in a call's cache: its rows per task (host ints), fetched with the plan
 
 
 class EptLayer(TaskContrastiveLayer):
@@ -253,14 +262,61 @@ class EptLayer(TaskContrastiveLayer):
         dropped = self.ept_dropout[adapter_name](x)
         if config.materialize:
             return self._materialized_output(adapter_name, dropped, self._route(adapter_name, x))
-        key = self._factor_cache_key(adapter_name, x)
+        by_task = self._tasks_by_rows(adapter_name, x)
+        key = self._factor_cache_key(adapter_name, x, by_task is not None)
         cache = self.route.current().cache if key is not None else None
         factors = None if cache is None else cache.get(key)
         if factors is None:
-            factors = self._route_factors(adapter_name, self._route(adapter_name, x), reused=cache is not None)
+            if by_task is not None:
+                factors = self._task_factors(adapter_name, by_task)
+            else:
+                factors = self._route_factors(adapter_name, self._route(adapter_name, x), reused=cache is not None)
             if cache is not None:
                 cache[key] = factors
+        if by_task is not None:
+            return self.scaling(adapter_name) * self._rows_by_task_output(dropped, by_task, factors)
         return self.scaling(adapter_name) * self._pyramid_output(adapter_name, dropped, factors)
+
+    # -- rows grouped by task ------------------------------------------------------------------------------------
+    def _tasks_by_rows(self, adapter_name: str, x: torch.Tensor) -> dict[int, tuple[int, ...]] | None:
+        """The call's tasks and the groups each uses, where every task's rows run through that task's own factors
+        (kernels folded in, only its top-k groups: rank r times their kernel sizes, instead of r times those of
+        every group the call uses, plus a mixing product per row). That pays where a task has enough tokens for
+        the products, not their number, to set the cost; else (decoding steps, one task, an observer listening,
+        routing unknown at entry) None."""
+        call = self.route.current()
+        by_task = call.cache.get((self, adapter_name, "task_groups"))
+        if by_task is None or len(by_task) < 2 or x.dim() < 2 or self.route.observer is not None:
+            return None
+        return by_task if x.numel() // x.shape[-1] >= TOKENS_PER_TASK * len(by_task) else None
+
+    def _task_factors(self, adapter_name: str, by_task: dict[int, tuple[int, ...]]) -> list[tuple]:
+        """(down, up) of each task in ``by_task``: its groups' factors with its combined kernels folded into up."""
+        groups = self._plans[adapter_name][0]
+        seed = self._scaled_seed(adapter_name)
+        table = self.task_weights(adapter_name)
+        if adapter_name in self.ept_expert_order:
+            table = table.index_select(-1, self.ept_expert_order[adapter_name])
+        factors = []
+        for task, chosen in by_task.items():
+            used = [groups[i] for i in chosen]
+            kernels = self._group_kernels(adapter_name, table[task], used)
+            pairs = [self._group_factors(adapter_name, seed, group, kernel) for group, kernel in zip(used, kernels)]
+            down = [d for _, d in pairs] or [seed[0].new_zeros(0, self.in_features)]
+            up = [u for u, _ in pairs] or [seed[0].new_zeros(self.out_features, 0)]
+            factors.append((torch.cat(down, dim=0), torch.cat(up, dim=1)))
+        return factors
+
+    def _rows_by_task_output(self, x: torch.Tensor, by_task: dict[int, tuple[int, ...]], factors) -> torch.Tensor:
+        """Rows sorted by task, each task's block through its factors, and put back in the input's order."""
+        call = self.route.current()
+        ids = self.task_ids_for(x)
+        repeats = ids.shape[0] // call.ids.shape[0]  # rows per example (beams) inside generate
+        counts = [call.cache[_TASK_COUNTS][task] * repeats for task in by_task]
+        order = torch.argsort(ids, stable=True)
+        blocks = x.index_select(0, order).split(counts)
+        out = torch.cat([F.linear(F.linear(block, down), up) for block, (down, up) in zip(blocks, factors)])
+        return out.index_select(0, torch.argsort(order))
 
     def _pyramid_output(self, adapter_name: str, x: torch.Tensor, factors) -> torch.Tensor:
         """The used groups' experts on ``x`` with their (shared, per-row or per-token) combined kernels."""
@@ -274,11 +330,9 @@ class EptLayer(TaskContrastiveLayer):
                 for group, kernel in zip(self._call_groups(adapter_name), mix)
             ]
             return torch.stack(parts).sum(dim=0)
-        hidden = F.linear(x, down)
-        if isinstance(mix, torch.Tensor):  # every group's row kernels in one block-diagonal matrix per row
-            mixed = torch.bmm(hidden.reshape(mix.shape[0], -1, mix.shape[-1]), mix.transpose(1, 2))
-            return F.linear(mixed.view(hidden.shape), up)
-        return F.linear(self._mix_hidden(adapter_name, hidden, mix), up)
+        if down is None:  # kron2d, one route per row, reused by decoding steps: from the Kronecker structure
+            return torch.stack([experts.kron2d_rows(x, *group, self.out_features) for group in mix]).sum(dim=0)
+        return F.linear(self._mix_hidden(adapter_name, F.linear(x, down), mix), up)
 
     def _mix_hidden(self, adapter_name: str, hidden: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
         """``(I_r ⊗ K) h`` for each group's slice of the hidden states, with its rows' kernels."""
@@ -293,8 +347,9 @@ class EptLayer(TaskContrastiveLayer):
     def _route_factors(self, adapter_name: str, weights: torch.Tensor, reused: bool = False):
         """(down, up, mix) of the call's used groups for these combine weights: ``mix`` is ``None`` where one
         route serves every row (kernels folded into ``up``), else each group's kernels per row or token, or for
-        factors ``reused`` by many decoding steps (kron2d, one route per row) one block-diagonal matrix per row
-        holding every group's ``I_r ⊗ K``: one product per step instead of one per group.
+        factors ``reused`` by many decoding steps (kron2d, one route per row) ``down`` and ``up`` are None and
+        ``mix`` holds each group's seed slices and row kernels for :func:`experts.kron2d_rows`: a decoding step
+        then reads r x (n + m) seed values per group instead of factors of rank r times the kernel sizes.
         """
         groups = self._call_groups(adapter_name)
         seed = self._scaled_seed(adapter_name)
@@ -306,6 +361,13 @@ class EptLayer(TaskContrastiveLayer):
             kernels = [kernel.reshape(kernel.shape[-2:]) for kernel in kernels]
         if not shared and self.ept_config[adapter_name].expert_form == "code1d":
             factors = (None, None, kernels)
+        elif not shared and reused and all(k.shape[:-2].numel() == weights.shape[0] for k in kernels):
+            slices = [self._slice_seed(seed, group) for group in groups]
+            rows = [
+                (A.contiguous(), B.contiguous(), K.reshape(-1, *K.shape[-2:]).contiguous())
+                for (A, B), K in zip(slices, kernels)
+            ]
+            factors = (None, None, rows)
         else:
             pairs = [
                 self._group_factors(
@@ -317,8 +379,6 @@ class EptLayer(TaskContrastiveLayer):
                 for group, kernel in zip(groups, kernels)
             ]
             mix = None if shared else kernels
-            if mix is not None and reused and all(k.shape[:-2].numel() == weights.shape[0] for k in kernels):
-                mix = experts.block_row_kernels(kernels, self.ept_config[adapter_name].r)
             factors = (torch.cat([down for _, down in pairs], dim=0), torch.cat([up for up, _ in pairs], dim=1), mix)
         return factors
 
@@ -339,27 +399,48 @@ class EptLayer(TaskContrastiveLayer):
         return groups if used is None else [groups[i] for i in used]
 
     def plan_request(self, call) -> torch.Tensor | None:
-        """Which experts the call's tasks use, per task-routed adapter: (E,) booleans each."""
+        """Which experts each task uses, per task-routed adapter ((num_tasks * E,) booleans each); the first
+        layer asked also fetches the call's rows per task, which every layer reads."""
+        adapters = self._planned_adapters()
         asked = [
-            (self.task_weights(a)[call.ids] != 0).any(dim=0)
-            for a in self._planned_adapters()
+            (self.task_weights(a) != 0).reshape(-1)
+            for a in adapters
             if not isinstance(self.ept_task_embedding[a], DTensor)  # sharded (FSDP): every group runs
         ]
-        return torch.cat(asked) if asked and len(asked) == len(self._planned_adapters()) else None
+        if not asked or len(asked) != len(adapters):
+            return None
+        if _TASK_COUNTS not in call.cache:
+            call.cache[_TASK_COUNTS] = self  # filled in by this layer's accept_plan, the first one called
+            asked.insert(0, torch.bincount(call.ids, minlength=self.route.num_tasks))
+        return torch.cat(asked)
 
     def accept_plan(self, call, values: list) -> None:
+        if call.cache[_TASK_COUNTS] is self:
+            call.cache[_TASK_COUNTS], values = values[: self.route.num_tasks], values[self.route.num_tasks :]
+        tasks = [task for task, count in enumerate(call.cache[_TASK_COUNTS]) if count]
         start = 0
         for adapter_name in self._planned_adapters():
-            used = values[start : start + len(self.ept_config[adapter_name].kernel_sizes)]
-            start += len(used)
+            experts_per_task = len(self.ept_config[adapter_name].kernel_sizes)
+            table = values[start : start + self.ept_config[adapter_name].num_tasks * experts_per_task]
+            start += len(table)
             groups = self._plans[adapter_name][0]
-            chosen = tuple(i for i, group in enumerate(groups) if any(used[e] for e in group.experts))
-            call.cache[(self, adapter_name, "groups")] = chosen
+            by_task = {
+                task: tuple(
+                    i
+                    for i, group in enumerate(groups)
+                    if any(table[task * experts_per_task + e] for e in group.experts)
+                )
+                for task in tasks
+            }
+            call.cache[(self, adapter_name, "task_groups")] = by_task
+            call.cache[(self, adapter_name, "groups")] = tuple(
+                sorted({i for chosen in by_task.values() for i in chosen})
+            )
 
     def _planned_adapters(self) -> list[str]:
         return [a for a in self._active_for_forward() if self.ept_config[a].router_input == "task"]
 
-    def _factor_cache_key(self, adapter_name: str, x: torch.Tensor):
+    def _factor_cache_key(self, adapter_name: str, x: torch.Tensor, by_task: bool = False):
         """Where the factors are reused (the decoding steps of a ``generate`` call, without autograd), their key in
         the call's cache: the rows of ``x`` and the version of every tensor they derive from, so that a changed
         weight is seen at the next step. None where they are built per forward."""
@@ -370,7 +451,7 @@ class EptLayer(TaskContrastiveLayer):
             return None
         versions = tuple(t._version for t in self._route_inputs(adapter_name))
         rows = x.shape[0] if x.dim() > 1 else 1
-        return (self, adapter_name, rows, tuple(self._call_groups(adapter_name)), versions)
+        return (self, adapter_name, rows, by_task, tuple(self._call_groups(adapter_name)), versions)
 
     def _route_inputs(self, adapter_name: str) -> list[torch.Tensor]:
         gate = self.ept_gate[adapter_name]
