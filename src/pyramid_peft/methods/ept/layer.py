@@ -274,8 +274,8 @@ class EptLayer(TaskContrastiveLayer):
             if cache is not None:
                 cache[key] = factors
         if by_task is not None:
-            return self.scaling(adapter_name) * self._rows_by_task_output(dropped, by_task, factors)
-        return self.scaling(adapter_name) * self._pyramid_output(adapter_name, dropped, factors)
+            return self._rows_by_task_output(dropped, by_task, factors)
+        return self._pyramid_output(adapter_name, dropped, factors)
 
     # -- rows grouped by task ------------------------------------------------------------------------------------
     def _tasks_by_rows(self, adapter_name: str, x: torch.Tensor) -> dict[int, tuple[int, ...]] | None:
@@ -291,10 +291,11 @@ class EptLayer(TaskContrastiveLayer):
         return by_task if x.numel() // x.shape[-1] >= TOKENS_PER_TASK * len(by_task) else None
 
     def _task_factors(self, adapter_name: str, by_task: dict[int, tuple[int, ...]]) -> list[tuple]:
-        """(down, up) of each task in ``by_task``: its groups' factors with its combined kernels folded into up."""
+        """(down, up) of each task in ``by_task``: its groups' factors with its combined kernels (scale included)
+        folded into up."""
         groups = self._plans[adapter_name][0]
         seed = self._scaled_seed(adapter_name)
-        table = self.task_weights(adapter_name)
+        table = self.scaling(adapter_name) * self.task_weights(adapter_name)  # the scale rides on the kernels
         if adapter_name in self.ept_expert_order:
             table = table.index_select(-1, self.ept_expert_order[adapter_name])
         factors = []
@@ -345,14 +346,16 @@ class EptLayer(TaskContrastiveLayer):
         return torch.cat(parts, dim=-1)
 
     def _route_factors(self, adapter_name: str, weights: torch.Tensor, reused: bool = False):
-        """(down, up, mix) of the call's used groups for these combine weights: ``mix`` is ``None`` where one
-        route serves every row (kernels folded into ``up``), else each group's kernels per row or token, or for
-        factors ``reused`` by many decoding steps (kron2d, one route per row) ``down`` and ``up`` are None and
-        ``mix`` holds each group's seed slices and row kernels for :func:`experts.kron2d_rows`: a decoding step
-        then reads r x (n + m) seed values per group instead of factors of rank r times the kernel sizes.
+        """(down, up, mix) of the call's used groups for these combine weights, scale (alpha / r) included in the
+        kernels: ``mix`` is ``None`` where one route serves every row (kernels folded into ``up``), else each
+        group's kernels per row or token, or for factors ``reused`` by many decoding steps (kron2d, one route per
+        row) ``down`` and ``up`` are None and ``mix`` holds each group's seed slices and row kernels for
+        :func:`experts.kron2d_rows`: a decoding step then reads r x (n + m) seed values per group instead of
+        factors of rank r times the kernel sizes.
         """
         groups = self._call_groups(adapter_name)
         seed = self._scaled_seed(adapter_name)
+        weights = self.scaling(adapter_name) * weights  # alpha / r on the (small) kernels, not on every output
         if adapter_name in self.ept_expert_order:
             weights = weights.index_select(-1, self.ept_expert_order[adapter_name])
         kernels = self._group_kernels(adapter_name, weights, groups)
