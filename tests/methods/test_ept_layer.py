@@ -311,12 +311,17 @@ def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overri
             else reference_delta(layer, t, d_out, d_in)
             for t in range(3)
         ]
-    ids = torch.tensor([2, 0, 1, 0, 2, 1])
+    mixed, in_task_order = torch.tensor([2, 0, 1, 0, 2, 1]), torch.tensor([0, 0, 1, 1, 2, 2])
     taken = []
     for name in ("_rows_by_task_output", "_route_factors"):
         original = getattr(type(layer), name)
         monkeypatch.setattr(type(layer), name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
-    for tokens, generating in [(48, False), (1, True), (3, True)]:  # 48 x 6 rows >= TOKENS_PER_TASK x 3 tasks
+    for ids, tokens, generating in [  # 48 x 6 rows >= TOKENS_PER_TASK x 3 tasks
+        (mixed, 48, False),
+        (in_task_order, 48, False),
+        (mixed, 1, True),
+        (mixed, 3, True),
+    ]:
         x = torch.randn(6, tokens, d_in)
         expected = torch.stack([layer.base_layer(x[i]) + x[i] @ deltas[t].T for i, t in enumerate(ids.tolist())])
         with torch.no_grad(), contextlib.ExitStack() as stack:

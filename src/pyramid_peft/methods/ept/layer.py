@@ -41,7 +41,8 @@ from .pyramid import KernelGroup, alp_scales, plan_groups
 # Rows grouped by task pay from this many tokens per task of the call (below it, e.g. in decoding steps, the
 # fewer products of the shared path win; measured by benchmarks/serving.py).
 TOKENS_PER_TASK = 32
-_TASK_COUNTS = "ept-task-counts"  # key in a call's cache: its rows per task (host ints), fetched with the plan
+_TASK_COUNTS = "ept-task-counts"  # keys in a call's cache, fetched with the plan: its rows per task (host ints)
+_IN_TASK_ORDER = "ept-in-task-order"  # and whether its ids are in ascending task order
 
 
 class EptLayer(TaskContrastiveLayer):
@@ -309,15 +310,16 @@ class EptLayer(TaskContrastiveLayer):
         return factors
 
     def _rows_by_task_output(self, x: torch.Tensor, by_task: dict[int, tuple[int, ...]], factors) -> torch.Tensor:
-        """Rows sorted by task, each task's block through its factors, and put back in the input's order."""
+        """Rows sorted by task (unless they come so), each task's block through its factors, and put back in the
+        input's order."""
         call = self.route.current()
         ids = self.task_ids_for(x)
         repeats = ids.shape[0] // call.ids.shape[0]  # rows per example (beams) inside generate
         counts = [call.cache[_TASK_COUNTS][task] * repeats for task in by_task]
-        order = torch.argsort(ids, stable=True)
-        blocks = x.index_select(0, order).split(counts)
+        order = None if call.cache[_IN_TASK_ORDER] else torch.argsort(ids, stable=True)  # None: already in order
+        blocks = (x if order is None else x.index_select(0, order)).split(counts)
         out = torch.cat([F.linear(F.linear(block, down), up) for block, (down, up) in zip(blocks, factors)])
-        return out.index_select(0, torch.argsort(order))
+        return out if order is None else out.index_select(0, torch.argsort(order))
 
     def _pyramid_output(self, adapter_name: str, x: torch.Tensor, factors) -> torch.Tensor:
         """The used groups' experts on ``x`` with their (shared, per-row or per-token) combined kernels."""
@@ -414,12 +416,15 @@ class EptLayer(TaskContrastiveLayer):
             return None
         if _TASK_COUNTS not in call.cache:
             call.cache[_TASK_COUNTS] = self  # filled in by this layer's accept_plan, the first one called
-            asked.insert(0, torch.bincount(call.ids, minlength=self.route.num_tasks))
+            in_task_order = (call.ids[1:] >= call.ids[:-1]).all().reshape(1)  # then rows need no reordering
+            asked[:0] = [torch.bincount(call.ids, minlength=self.route.num_tasks), in_task_order]
         return torch.cat(asked)
 
     def accept_plan(self, call, values: list) -> None:
         if call.cache[_TASK_COUNTS] is self:
-            call.cache[_TASK_COUNTS], values = values[: self.route.num_tasks], values[self.route.num_tasks :]
+            tasks = self.route.num_tasks
+            call.cache[_TASK_COUNTS], call.cache[_IN_TASK_ORDER] = values[:tasks], bool(values[tasks])
+            values = values[tasks + 1 :]
         tasks = [task for task, count in enumerate(call.cache[_TASK_COUNTS]) if count]
         start = 0
         for adapter_name in self._planned_adapters():
