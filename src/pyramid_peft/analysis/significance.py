@@ -102,18 +102,21 @@ def _mcc_rows(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _pearson_rows(predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    x, y = _centred_unit(predictions), _centred_unit(labels)
-    scale = np.sqrt((x**2).sum(-1) * (y**2).sum(-1))
+    x = predictions - predictions.mean(-1, keepdims=True)
+    y = labels - labels.mean(-1, keepdims=True)
     defined = (np.ptp(predictions, -1) > 0) & (np.ptp(labels, -1) > 0)
-    return np.where(defined, (x * y).sum(-1) / np.where(defined, scale, 1.0), 0.0)
+    squares = (x**2).sum(-1) * (y**2).sum(-1)
+    if (defined & (squares < np.finfo(np.float64).tiny)).any():
+        # Tiny distinct values (1e-303) square to 0 or to subnormals: scale each row to unit magnitude first, which
+        # leaves the correlation as it is. Only then, so that results computed without it stay bit for bit.
+        x, y = _unit_rows(x), _unit_rows(y)
+        squares = (x**2).sum(-1) * (y**2).sum(-1)
+    return np.where(defined, (x * y).sum(-1) / np.where(defined, np.sqrt(squares), 1.0), 0.0)
 
 
-def _centred_unit(values: np.ndarray) -> np.ndarray:
-    """Each row minus its mean, divided by its largest magnitude: the correlation is unchanged, and the sums of
-    squares cannot underflow to 0 for tiny but distinct values (1e-303 squared is 0 in float64)."""
-    centred = values - values.mean(-1, keepdims=True)
-    largest = np.abs(centred).max(-1, keepdims=True)
-    return centred / np.where(largest > 0, largest, 1.0)
+def _unit_rows(values: np.ndarray) -> np.ndarray:
+    largest = np.abs(values).max(-1, keepdims=True)
+    return values / np.where(largest > 0, largest, 1.0)
 
 
 # -- the bootstrap -------------------------------------------------------------------------------------------
