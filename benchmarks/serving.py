@@ -6,7 +6,9 @@ Three measurements, each side by side in one run (interleaved round-robin after 
 
 1. Mixed-task batch, forward only: SmolLM2-135M, 32 rows x 64 tokens from 8 tasks (4 rows each). EPT routes the
    8 tasks in one adapter; PEFT LoRA serves 8 adapters through ``adapter_names`` (its mixed-batch path); one LoRA
-   for every row is the floor. Target: EPT / multi-LoRA <= 1.0 (median of 5 rounds).
+   for every row is the floor. Target: EPT / multi-LoRA <= 1.0 (median of 5 rounds). Beside it, multi-LoRA at
+   EPT's per-task rank (r times the kernel sizes of a task's experts, the products EPT's rows-by-task path
+   runs) shows how much of the gap is that rank rather than the routing.
 2. Routed generation: 4 prompts of 16 tokens, 32 new tokens each, greedy; EPT with one task per prompt against
    PEFT LoRA unmerged (tokens/s). Target: EPT / LoRA >= 0.85 (median of 3 rounds).
 3. Training step on MiniLM-L6 (batch 32 x 64, the 36 encoder linears; ``speed.py``'s step): EPT / LoRA, the
@@ -84,9 +86,9 @@ def ept_model(base: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def lora_model(base: torch.nn.Module, adapters: int) -> torch.nn.Module:
-    """PEFT LoRA r=8 with ``adapters`` adapters named task0, task1, ... (randomised)."""
-    config = LoraConfig(target_modules=SMOLLM2_TARGETS, r=RANK, lora_alpha=16, lora_dropout=0.0)
+def lora_model(base: torch.nn.Module, adapters: int, rank: int = RANK) -> torch.nn.Module:
+    """PEFT LoRA (r=8 unless given) with ``adapters`` adapters named task0, task1, ... (randomised)."""
+    config = LoraConfig(target_modules=SMOLLM2_TARGETS, r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
     model = get_peft_model(shared_copy(base), config, adapter_name="task0")
     for task in range(1, adapters):
         model.add_adapter(f"task{task}", config)
@@ -94,14 +96,18 @@ def lora_model(base: torch.nn.Module, adapters: int) -> torch.nn.Module:
     return model.eval()
 
 
-def group_usage(model: torch.nn.Module) -> float:
-    """Mean number of EPT kernel sizes that some task uses per layer (how much of the pyramid is live)."""
-    counts = []
+def pyramid_usage(model: torch.nn.Module) -> tuple[float, float]:
+    """Means over EPT's layers of the kernel sizes some task uses (how much of the pyramid is live) and, over
+    layers and tasks, of a task's rank as one LoRA: r times the kernel sizes of its top-k experts' groups."""
+    sizes, ranks = [], []
     with torch.no_grad():
         for layer in (m for m in model.modules() if hasattr(m, "ept_config")):
+            config = layer.ept_config["default"]
+            for task_used in (layer.task_weights("default") != 0).tolist():
+                ranks.append(config.r * sum({k for k, u in zip(config.kernel_sizes, task_used) if u}))
             used = (layer.task_weights("default") != 0).any(dim=0).tolist()
-            counts.append(len({k for k, u in zip(layer.ept_config["default"].kernel_sizes, used) if u}))
-    return sum(counts) / len(counts)
+            sizes.append(len({k for k, u in zip(config.kernel_sizes, used) if u}))
+    return sum(sizes) / len(sizes), sum(ranks) / len(ranks)
 
 
 # -- 1. mixed-task batch -------------------------------------------------------------------------------------------
@@ -112,6 +118,8 @@ def bench_mixed_batch(base: torch.nn.Module, plan: Plan) -> dict:
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     tasks = torch.arange(TASKS).repeat_interleave(per_task)
     ept, multi, single = ept_model(base), lora_model(base, TASKS), lora_model(base, 1)
+    groups_used, task_rank = pyramid_usage(ept)
+    matched = lora_model(base, TASKS, rank=round(task_rank))
     names = [f"task{t}" for t in tasks.tolist()]
 
     def forward(model, **kwargs):
@@ -125,6 +133,7 @@ def bench_mixed_batch(base: torch.nn.Module, plan: Plan) -> dict:
         "ept_routed": forward(ept, task_ids=tasks),
         "lora_multi_adapter_names": forward(multi, adapter_names=names),
         "lora_single": forward(single),
+        "lora_multi_adapter_names_rank_matched": forward(matched, adapter_names=names),
     }
     times = interleaved(steps, {name: plan.batch_rounds for name in steps}, plan.warmup)
     rows = {name: summarize(times[name], unit="s") for name in steps}
@@ -132,9 +141,13 @@ def bench_mixed_batch(base: torch.nn.Module, plan: Plan) -> dict:
         "rows": plan.batch_rows,
         "tokens": plan.batch_tokens,
         "tasks": TASKS,
-        "ept_groups_used_per_layer": group_usage(ept),
+        "ept_groups_used_per_layer": groups_used,
+        "ept_task_rank": task_rank,
+        "rank_matched_lora_r": round(task_rank),
         "variants": rows,
         "ept_vs_multi_lora": rows["ept_routed"]["median"] / rows["lora_multi_adapter_names"]["median"],
+        "ept_vs_rank_matched_multi_lora": rows["ept_routed"]["median"]
+        / rows["lora_multi_adapter_names_rank_matched"]["median"],
     }
 
 
@@ -238,9 +251,13 @@ def render(results: dict) -> str:
     lines += [
         "",
         f"## Mixed-task batch: {batch['rows']} x {batch['tokens']} tokens from {batch['tasks']} tasks, forward only",
-        f"(EPT kernel-size groups in use per layer: {batch['ept_groups_used_per_layer']:.2f})",
+        f"(EPT kernel-size groups in use per layer: {batch['ept_groups_used_per_layer']:.2f}; a task's rank as one "
+        f"LoRA, r times its experts' kernel sizes: {batch['ept_task_rank']:.1f} on average)",
         "",
         timing_table(batch["variants"]),
+        "",
+        f"EPT / PEFT multi-LoRA at EPT's per-task rank (r={batch['rank_matched_lora_r']}: products of the sizes "
+        f"EPT's rows-by-task path runs): {batch['ept_vs_rank_matched_multi_lora']:.3f}.",
         "",
         f"## Generation: {gen['prompts']} prompts x {gen['new_tokens']} new tokens, greedy",
         "",

@@ -30,9 +30,16 @@ def test_serving_smoke(tmp_path):
     assert result["mode"] == "smoke" and result["machine"]["torch_threads"] == 1
 
     batch = result["mixed_batch"]
-    assert set(batch["variants"]) == {"ept_routed", "lora_multi_adapter_names", "lora_single"}
+    assert set(batch["variants"]) == {
+        "ept_routed",
+        "lora_multi_adapter_names",
+        "lora_single",
+        "lora_multi_adapter_names_rank_matched",
+    }
     assert all(positive(row["median"]) for row in batch["variants"].values())
     assert batch["ept_groups_used_per_layer"] >= 1
+    # a task's rank as one LoRA: r = 8 times one or two of the kernel sizes 2..8 of its top-2 experts
+    assert 16 <= batch["ept_task_rank"] <= 8 * (6 + 8) and positive(batch["ept_vs_rank_matched_multi_lora"])
 
     generation = result["generation"]["variants"]
     assert set(generation) == {"ept_routed", "lora_unmerged", "base"}

@@ -313,7 +313,7 @@ def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overri
         ]
     mixed, in_task_order = torch.tensor([2, 0, 1, 0, 2, 1]), torch.tensor([0, 0, 1, 1, 2, 2])
     taken = []
-    for name in ("_rows_by_task_output", "_route_factors"):
+    for name in ("_add_rows_by_task", "_route_factors"):
         original = getattr(type(layer), name)
         monkeypatch.setattr(type(layer), name, lambda *a, _f=original, _n=name, **k: taken.append(_n) or _f(*a, **k))
     for ids, tokens, generating in [  # 48 x 6 rows >= TOKENS_PER_TASK x 3 tasks
@@ -331,4 +331,4 @@ def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overri
             taken.clear()
             torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
             torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)  # from the call's cached factors
-        assert taken == (["_route_factors"] if generating else ["_rows_by_task_output"] * 2)
+        assert taken == (["_route_factors"] if generating else ["_add_rows_by_task"] * 2)

@@ -6,9 +6,8 @@ import torch
 
 from pyramid_peft.tasks import get_task
 from pyramid_peft.training.answer_text import answer_text_scores, cloze_prompt
-from pyramid_peft.training.config import from_dict
-from pyramid_peft.training.evaluate import EvalSet, Predictor
-from pyramid_peft.training.experiment import build_experiment, collators, load_splits
+from pyramid_peft.training.evaluate import EvalSet
+from pyramid_peft.training.experiment import load_splits
 
 
 def test_the_cloze_prompt_leaves_the_options_out():
@@ -43,18 +42,9 @@ def reference_scores(model, tokenizer, family, prompt, options, task_id):
 
 
 @pytest.mark.parametrize(("family", "tasks"), [("causal", ("arc_easy", "boolq")), ("seq2seq", ("rte", "openbookqa"))])
-def test_answer_text_scores_match_the_reference_and_pick_its_argmax(tiny_experiment, family, tasks):
-    raw = tiny_experiment(family, tasks=tasks)
-    raw["data"].update(answer_scoring="answer_text", max_source_length=1024)  # no truncation: whole prompts
-    experiment = build_experiment(from_dict(raw))
-    model, tokenizer = experiment.model.eval(), experiment.tokenizer
-    torch.manual_seed(0)
-    with torch.no_grad():  # a random adapter, so routing by task changes the answer
-        for param in model.parameters():
-            if param.requires_grad:
-                param.normal_(0, 0.5)
-    _, collator = collators(experiment)
-    predictor = Predictor(model, family, collator, tokenizer, batch_size=4, answer_scoring="answer_text")
+def test_answer_text_scores_match_the_reference_and_pick_its_argmax(scoring_experiment, family, tasks):
+    experiment, predictor = scoring_experiment(family, tasks, "answer_text")
+    model, tokenizer = experiment.model, experiment.tokenizer
     for task_id, (task, split) in enumerate(zip(experiment.tasks, load_splits(experiment))):
         examples = split.eval[:6]
         with torch.no_grad():

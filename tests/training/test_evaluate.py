@@ -56,19 +56,9 @@ def reference_scores(model, tokenizer, family, task, example, task_id, route):
 
 
 @pytest.mark.parametrize(("family", "tasks"), [("causal", ("arc_easy", "boolq")), ("seq2seq", ("rte", "sst2"))])
-def test_likelihood_scoring_picks_the_reference_argmax(tiny_experiment, family, tasks):
-    raw = tiny_experiment(family, tasks=tasks)
-    raw["data"].update(answer_scoring="likelihood", max_source_length=1024)  # no truncation: compare whole prompts
-    experiment = build_experiment(from_dict(raw))
-    model = experiment.model.eval()
-    torch.manual_seed(0)
-    with torch.no_grad():  # a random adapter, so routing by task changes the answer
-        for param in model.parameters():
-            if param.requires_grad:
-                param.normal_(0, 0.5)
-    _, collator = collators(experiment)
-    predictor = Predictor(model, family, collator, experiment.tokenizer, batch_size=4, answer_scoring="likelihood")
-    tokenizer = experiment.tokenizer
+def test_likelihood_scoring_picks_the_reference_argmax(scoring_experiment, family, tasks):
+    experiment, predictor = scoring_experiment(family, tasks, "likelihood")
+    model, tokenizer = experiment.model, experiment.tokenizer
     for task_id, (task, split) in enumerate(zip(experiment.tasks, load_splits(experiment))):
         examples = split.eval[:6]
         if task.multiple_choice:  # options the label words cover but this example lacks are never chosen

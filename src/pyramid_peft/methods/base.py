@@ -122,6 +122,11 @@ class RoutedLayer(BaseTunerLayer):
             if adapter_name in container:
                 del container[adapter_name]
 
+    def _add_adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the change ``adapter_name`` makes to ``x`` (a method that can add into ``result`` in
+        place overrides this)."""
+        return result + self._adapter_output(adapter_name, x).to(result.dtype)
+
     # -- routing helpers ---------------------------------------------------------------------------------------
     def task_ids_for(self, x: torch.Tensor, required: bool = True) -> torch.Tensor | None:
         """Task id of every row of ``x`` (``x`` is (batch, ..., d_in)); expanded for beam search."""
@@ -235,8 +240,10 @@ class AdaptedLinear(nn.Module):
     """First base of each method's concrete ``Linear``: ``class Linear(AdaptedLinear, XLayer)``.
 
     It builds the layer mixin around ``base_layer``, adds the first adapter, and computes
-    y = base(x) + sum over active adapters of ``_adapter_output(adapter_name, x)``. Listed first, its ``forward``
-    (not ``nn.Module``'s placeholder) is the one called; methods that adapt differently override ``forward``.
+    y = base(x) + sum over active adapters of ``_adapter_output(adapter_name, x)`` (through
+    ``_add_adapter_output``, which a method overrides where it can add into ``y`` in place). Listed first, its
+    ``forward`` (not ``nn.Module``'s placeholder) is the one called; methods that adapt differently override
+    ``forward``.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, route: TaskRoute | None = None):
@@ -248,7 +255,7 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for adapter_name in self._active_for_forward():
-            result = result + self._adapter_output(adapter_name, x).to(result.dtype)
+            result = self._add_adapter_output(adapter_name, x, result)
         return result
 
 

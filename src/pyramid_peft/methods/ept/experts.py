@@ -67,17 +67,60 @@ def row_kernels(hidden: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return mixed.view(hidden.shape)
 
 
-def kron2d_rows(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:
-    """``(B ⊗ K_row)(A ⊗ I_k) x`` from the Kronecker structure, one kernel per row: reading x as X (n x k), it is
-    ``B (A X) K_rowᵀ`` read row by row, so only A (r x n), B (m x r) and the kernels are read, never a factor of
-    rank r*k (what decoding steps, which read every weight for a few tokens, pay for). ``x`` is (rows, ..., d_in)
-    and ``K`` (rows, k, k); returns (rows, ..., d_out)."""
-    n, k = A.shape[1], K.shape[-1]
-    x = F.pad(x, (0, n * k - x.shape[-1])) if x.shape[-1] != n * k else x
-    hidden = F.linear(x.unflatten(-1, (n, k)).transpose(-1, -2), A)  # (rows, ..., k, r): (A X)ᵀ per token
-    kernels = K.view(K.shape[0], *([1] * (hidden.dim() - 3)), k, k)
-    out = F.linear(torch.matmul(kernels, hidden), B)  # (rows, ..., k, m): (B (A X) Kᵀ)ᵀ
-    return out.transpose(-1, -2).flatten(-2)[..., :d_out]
+def block_diagonal(kernels: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row block-diagonal matrices (rows, S, S) from each group's row kernels (rows, k_g, k_g)."""
+    size = sum(K.shape[-1] for K in kernels)
+    out = kernels[0].new_zeros(kernels[0].shape[0], size, size)
+    start = 0
+    for K in kernels:
+        k = K.shape[-1]
+        out[:, start : start + k, start : start + k] = K
+        start += k
+    return out
+
+
+class GatheredPyramid:
+    """Several kron2d groups run in one pass from the Kronecker structure, one kernel per row.
+
+    With x read per group as X_g (n_g x k_g), group g is ``B_g (A_g X_g) K_g,rowᵀ``. Each forward copies every
+    group's X_gᵀ side by side into one zero-padded buffer (S x n_total, S = sum of k_g; a group's rows stay zero
+    outside its seed columns), so one product with the whole seed A gives every group's hidden states (S x r),
+    one per-row block-diagonal matrix (rows, S, S) applies the kernels, one product with B gives every group's
+    output (S x m_total), and each group's block is added back transposed. Only the seed and the kernels are
+    read, never a factor of rank r times the kernel sizes, in 2G + 4 operations: what decoding steps (a few
+    tokens, every weight read per step) pay for. Built once per ``generate`` call (the buffers are reused by
+    every step) and used without autograd.
+
+    ``layout`` holds (k, a_offset, n, b_offset, m) per group, ``mix`` the (rows, S, S) kernels.
+    """
+
+    def __init__(self, A, B, mix, layout, d_in: int, d_out: int):
+        self.A, self.B, self.mix, self.layout, self.d_in, self.d_out = A, B, mix, layout, d_in, d_out
+        self.padded_in = max(k * n for k, _, n, _, _ in layout)
+        self.padded_out = max(k * m for k, _, _, _, m in layout)
+        self._buffers: dict[torch.Size, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (rows, ..., d_in) to (rows, ..., d_out)."""
+        lead = x.shape[:-1]
+        gathered = self._buffers.get(lead)
+        if gathered is None:  # zeros outside each group's block, which the copies below never touch
+            gathered = self._buffers[lead] = x.new_zeros(*lead, self.mix.shape[-1], self.A.shape[1])
+        if self.padded_in != self.d_in:
+            x = F.pad(x, (0, self.padded_in - self.d_in))
+        slot = 0
+        for k, a_offset, n, _, _ in self.layout:
+            block = x[..., : n * k].unflatten(-1, (n, k)).transpose(-1, -2)
+            gathered[..., slot : slot + k, a_offset : a_offset + n].copy_(block)
+            slot += k
+        mix = self.mix.view(self.mix.shape[0], *([1] * (len(lead) - 1)), *self.mix.shape[-2:])
+        outputs = F.linear(torch.matmul(mix, F.linear(gathered, self.A)), self.B)  # (rows, ..., S, m_total)
+        out = x.new_zeros(*lead, self.padded_out)
+        slot = 0
+        for k, _, _, b_offset, m in self.layout:
+            out[..., : m * k].unflatten(-1, (m, k)).add_(outputs[..., slot : slot + k, b_offset : b_offset + m].mT)
+            slot += k
+        return out[..., : self.d_out]
 
 
 def code1d_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:

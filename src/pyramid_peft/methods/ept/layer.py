@@ -257,26 +257,50 @@ class EptLayer(TaskContrastiveLayer):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        config = self.ept_config[adapter_name]
+        x, dropped = self._prepared_input(adapter_name, x)
+        if self.ept_config[adapter_name].materialize:
+            return self._materialized_output(adapter_name, dropped, self._route(adapter_name, x))
+        factors = self._call_factors(
+            adapter_name,
+            x,
+            False,
+            lambda reused: self._route_factors(adapter_name, self._route(adapter_name, x), reused),
+        )
+        return self._pyramid_output(adapter_name, dropped, factors)
+
+    def _add_adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        by_task = None if self.ept_config[adapter_name].materialize else self._tasks_by_rows(adapter_name, x)
+        if by_task is None:
+            return super()._add_adapter_output(adapter_name, x, result)
+        x, dropped = self._prepared_input(adapter_name, x)
+        factors = self._call_factors(adapter_name, x, True, lambda _: self._task_factors(adapter_name, by_task))
+        return self._add_rows_by_task(dropped, by_task, factors, result)
+
+    def _prepared_input(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in the adapter's dtype (recorded for the contrastive loss), and after dropout."""
         x = self._cast_input_dtype(x, self.ept_A[adapter_name].dtype)
         self.record_contrastive(adapter_name, x)
-        dropped = self.ept_dropout[adapter_name](x)
-        if config.materialize:
-            return self._materialized_output(adapter_name, dropped, self._route(adapter_name, x))
-        by_task = self._tasks_by_rows(adapter_name, x)
-        key = self._factor_cache_key(adapter_name, x, by_task is not None)
-        cache = self.route.current().cache if key is not None else None
-        factors = None if cache is None else cache.get(key)
-        if factors is None:
-            if by_task is not None:
-                factors = self._task_factors(adapter_name, by_task)
-            else:
-                factors = self._route_factors(adapter_name, self._route(adapter_name, x), reused=cache is not None)
-            if cache is not None:
-                cache[key] = factors
-        if by_task is not None:
-            return self._rows_by_task_output(dropped, by_task, factors)
-        return self._pyramid_output(adapter_name, dropped, factors)
+        return x, self.ept_dropout[adapter_name](x)
+
+    def _call_factors(self, adapter_name: str, x: torch.Tensor, by_task: bool, build):
+        """``build(reused)``'s factors. Where a call reuses them (the decoding steps of a ``generate`` call, without
+        autograd) they are kept in the call's cache with the version of every tensor they derive from, and rebuilt
+        when one has changed in place (an optimizer step, ``load_state_dict``), so a changed weight is seen at the
+        next step."""
+        call = self.route.current()
+        if not call.generating or self.ept_config[adapter_name].router_input != "task" or torch.is_grad_enabled():
+            return build(False)
+        if torch.compiler.is_compiling() or self.route.observer is not None:  # an observer sees every forward
+            return build(False)
+        key = (self, adapter_name, x.shape[0] if x.dim() > 1 else 1, by_task)
+        entry = call.cache.get(key)
+        if entry is not None and all(t._version == version for t, version in zip(entry[0], entry[1])):
+            return entry[2]
+        tensors = self._route_inputs(adapter_name)
+        versions = [t._version for t in tensors]  # before building: what the factors were built from
+        factors = build(True)
+        call.cache[key] = (tensors, versions, factors)
+        return factors
 
     # -- rows grouped by task ------------------------------------------------------------------------------------
     def _tasks_by_rows(self, adapter_name: str, x: torch.Tensor) -> dict[int, tuple[int, ...]] | None:
@@ -291,35 +315,60 @@ class EptLayer(TaskContrastiveLayer):
             return None
         return by_task if x.numel() // x.shape[-1] >= TOKENS_PER_TASK * len(by_task) else None
 
-    def _task_factors(self, adapter_name: str, by_task: dict[int, tuple[int, ...]]) -> list[tuple]:
-        """(down, up) of each task in ``by_task``: its groups' factors with its combined kernels (scale included)
-        folded into up."""
+    def _task_factors(self, adapter_name: str, by_task: dict[int, tuple[int, ...]]) -> list[list[tuple]]:
+        """Per task in ``by_task``, its groups' (down, up, kernel): kron2d groups share ``down = A_g ⊗ I_k`` and
+        ``up = B_g ⊗ I_k`` among the tasks and apply the task's combined kernel (scale included) to the hidden
+        states in between (``(I_r ⊗ K) h``, r k² per token), so no factor is built per task; code1d folds the
+        task's kernel into its rank-r ``up``."""
         groups = self._plans[adapter_name][0]
         seed = self._scaled_seed(adapter_name)
         table = self.scaling(adapter_name) * self.task_weights(adapter_name)  # the scale rides on the kernels
         if adapter_name in self.ept_expert_order:
             table = table.index_select(-1, self.ept_expert_order[adapter_name])
+        kron2d = self.ept_config[adapter_name].expert_form == "kron2d"
+        shared = {}
+        if kron2d:
+            for i in {i for chosen in by_task.values() for i in chosen}:
+                eye = experts.identity(groups[i].k, seed[0].dtype, seed[0].device)
+                up, down = self._group_factors(adapter_name, seed, groups[i], eye)
+                shared[i] = (down, up)
         factors = []
         for task, chosen in by_task.items():
             used = [groups[i] for i in chosen]
             kernels = self._group_kernels(adapter_name, table[task], used)
-            pairs = [self._group_factors(adapter_name, seed, group, kernel) for group, kernel in zip(used, kernels)]
-            down = [d for _, d in pairs] or [seed[0].new_zeros(0, self.in_features)]
-            up = [u for u, _ in pairs] or [seed[0].new_zeros(self.out_features, 0)]
-            factors.append((torch.cat(down, dim=0), torch.cat(up, dim=1)))
+            if kron2d:
+                factors.append([(*shared[i], kernel) for i, kernel in zip(chosen, kernels)])
+            else:
+                pairs = [self._group_factors(adapter_name, seed, g, kernel) for g, kernel in zip(used, kernels)]
+                factors.append([(down, up, None) for up, down in pairs])
         return factors
 
-    def _rows_by_task_output(self, x: torch.Tensor, by_task: dict[int, tuple[int, ...]], factors) -> torch.Tensor:
-        """Rows sorted by task (unless they come so), each task's block through its factors, and put back in the
-        input's order."""
+    def _add_rows_by_task(self, x: torch.Tensor, by_task: dict[int, tuple[int, ...]], factors, result):
+        """``result`` plus each task's rows through its factors. Rows are sorted by task unless they come so; the
+        products add into ``result`` itself where nothing needs it unchanged (no autograd, one dtype, task order),
+        else into a buffer added once."""
         call = self.route.current()
         ids = self.task_ids_for(x)
         repeats = ids.shape[0] // call.ids.shape[0]  # rows per example (beams) inside generate
-        counts = [call.cache[_TASK_COUNTS][task] * repeats for task in by_task]
+        tokens = x[0].numel() // x.shape[-1]
+        counts = [call.cache[_TASK_COUNTS][task] * repeats * tokens for task in by_task]
         order = None if call.cache[_IN_TASK_ORDER] else torch.argsort(ids, stable=True)  # None: already in order
-        blocks = (x if order is None else x.index_select(0, order)).split(counts)
-        out = torch.cat([F.linear(F.linear(block, down), up) for block, (down, up) in zip(blocks, factors)])
-        return out if order is None else out.index_select(0, torch.argsort(order))
+        in_place = order is None and result.dtype == x.dtype and not torch.is_grad_enabled()
+        target = result if in_place else x.new_zeros(result.shape)
+        rows = (x if order is None else x.index_select(0, order)).reshape(-1, x.shape[-1])
+        out = target.view(-1, target.shape[-1])
+        start = 0
+        for count, task_factors in zip(counts, factors):
+            block, out_block = rows[start : start + count], out[start : start + count]
+            for down, up, kernel in task_factors:
+                hidden = F.linear(block, down)
+                if kernel is not None:  # (I_r ⊗ K) h: each rank component's k values through the kernel
+                    hidden = torch.matmul(hidden.view(count, -1, kernel.shape[-1]), kernel.mT).view(count, -1)
+                out_block.addmm_(hidden, up.mT)
+            start += count
+        if in_place:
+            return result
+        return result + (target if order is None else target.index_select(0, torch.argsort(order))).to(result.dtype)
 
     def _pyramid_output(self, adapter_name: str, x: torch.Tensor, factors) -> torch.Tensor:
         """The used groups' experts on ``x`` with their (shared, per-row or per-token) combined kernels."""
@@ -334,7 +383,7 @@ class EptLayer(TaskContrastiveLayer):
             ]
             return torch.stack(parts).sum(dim=0)
         if down is None:  # kron2d, one route per row, reused by decoding steps: from the Kronecker structure
-            return torch.stack([experts.kron2d_rows(x, *group, self.out_features) for group in mix]).sum(dim=0)
+            return mix(x)
         return F.linear(self._mix_hidden(adapter_name, F.linear(x, down), mix), up)
 
     def _mix_hidden(self, adapter_name: str, hidden: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
@@ -351,9 +400,9 @@ class EptLayer(TaskContrastiveLayer):
         """(down, up, mix) of the call's used groups for these combine weights, scale (alpha / r) included in the
         kernels: ``mix`` is ``None`` where one route serves every row (kernels folded into ``up``), else each
         group's kernels per row or token, or for factors ``reused`` by many decoding steps (kron2d, one route per
-        row) ``down`` and ``up`` are None and ``mix`` holds each group's seed slices and row kernels for
-        :func:`experts.kron2d_rows`: a decoding step then reads r x (n + m) seed values per group instead of
-        factors of rank r times the kernel sizes.
+        row) ``down`` and ``up`` are None and ``mix`` is an :class:`experts.GatheredPyramid`, which runs every
+        group from the whole seed and per-row block-diagonal kernels: a decoding step then reads the seed instead of
+        factors of rank r times the kernel sizes, in a few operations.
         """
         groups = self._call_groups(adapter_name)
         seed = self._scaled_seed(adapter_name)
@@ -367,12 +416,9 @@ class EptLayer(TaskContrastiveLayer):
         if not shared and self.ept_config[adapter_name].expert_form == "code1d":
             factors = (None, None, kernels)
         elif not shared and reused and all(k.shape[:-2].numel() == weights.shape[0] for k in kernels):
-            slices = [self._slice_seed(seed, group) for group in groups]
-            rows = [
-                (A.contiguous(), B.contiguous(), K.reshape(-1, *K.shape[-2:]).contiguous())
-                for (A, B), K in zip(slices, kernels)
-            ]
-            factors = (None, None, rows)
+            layout = tuple((g.k, g.a_offset, g.n, g.b_offset, g.m) for g in groups)
+            mix = experts.block_diagonal([K.reshape(-1, *K.shape[-2:]) for K in kernels])
+            factors = (None, None, experts.GatheredPyramid(*seed, mix, layout, self.in_features, self.out_features))
         else:
             pairs = [
                 self._group_factors(
@@ -447,19 +493,6 @@ class EptLayer(TaskContrastiveLayer):
 
     def _planned_adapters(self) -> list[str]:
         return [a for a in self._active_for_forward() if self.ept_config[a].router_input == "task"]
-
-    def _factor_cache_key(self, adapter_name: str, x: torch.Tensor, by_task: bool = False):
-        """Where the factors are reused (the decoding steps of a ``generate`` call, without autograd), their key in
-        the call's cache: the rows of ``x`` and the version of every tensor they derive from, so that a changed
-        weight is seen at the next step. None where they are built per forward."""
-        call = self.route.current()
-        if not call.generating or self.ept_config[adapter_name].router_input != "task" or torch.is_grad_enabled():
-            return None
-        if torch.compiler.is_compiling() or self.route.observer is not None:  # an observer sees every forward
-            return None
-        versions = tuple(t._version for t in self._route_inputs(adapter_name))
-        rows = x.shape[0] if x.dim() > 1 else 1
-        return (self, adapter_name, rows, by_task, tuple(self._call_groups(adapter_name)), versions)
 
     def _route_inputs(self, adapter_name: str) -> list[torch.Tensor]:
         gate = self.ept_gate[adapter_name]
