@@ -229,11 +229,8 @@ class RoutedLayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return []
-        return [a for a in self.active_adapters if a in self._adapter_names() and a not in self.merged_adapters]
-
-    def _adapter_names(self) -> set[str]:
-        container = getattr(self, self.adapter_layer_names[0])
-        return set(container.keys())
+        present = getattr(self, self.adapter_layer_names[0])
+        return [a for a in self.active_adapters if a in present and a not in self.merged_adapters]
 
 
 class AdaptedLinear(nn.Module):

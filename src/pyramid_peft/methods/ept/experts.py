@@ -87,40 +87,60 @@ class GatheredPyramid:
     outside its seed columns), so one product with the whole seed A gives every group's hidden states (S x r),
     one per-row block-diagonal matrix (rows, S, S) applies the kernels, one product with B gives every group's
     output (S x m_total), and each group's block is added back transposed. Only the seed and the kernels are
-    read, never a factor of rank r times the kernel sizes, in 2G + 4 operations: what decoding steps (a few
-    tokens, every weight read per step) pay for. Built once per ``generate`` call (the buffers are reused by
-    every step) and used without autograd.
+    read, never a factor of rank r times the kernel sizes, in 2G + 5 operations: what decoding steps (a few
+    tokens, every weight read per step) pay for. Built once per ``generate`` call and used without autograd; the
+    buffers of single-token steps and their views are made once and reused by every step.
 
     ``layout`` holds (k, a_offset, n, b_offset, m) per group, ``mix`` the (rows, S, S) kernels.
     """
 
     def __init__(self, A, B, mix, layout, d_in: int, d_out: int):
-        self.A, self.B, self.mix, self.layout, self.d_in, self.d_out = A, B, mix, layout, d_in, d_out
+        self.A, self.B_t, self.mix, self.layout, self.d_in, self.d_out = A, B.mT, mix, layout, d_in, d_out
         self.padded_in = max(k * n for k, _, n, _, _ in layout)
         self.padded_out = max(k * m for k, _, _, _, m in layout)
-        self._buffers: dict[torch.Size, torch.Tensor] = {}
+        self._steps: dict[torch.Size, _GatheredStep] = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (rows, ..., d_in) to (rows, ..., d_out)."""
+    def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the groups' change of ``x`` (rows, ..., d_in), in place where ``result`` has x's dtype."""
         lead = x.shape[:-1]
-        gathered = self._buffers.get(lead)
-        if gathered is None:  # zeros outside each group's block, which the copies below never touch
-            gathered = self._buffers[lead] = x.new_zeros(*lead, self.mix.shape[-1], self.A.shape[1])
-        if self.padded_in != self.d_in:
-            x = F.pad(x, (0, self.padded_in - self.d_in))
-        slot = 0
-        for k, a_offset, n, _, _ in self.layout:
-            block = x[..., : n * k].unflatten(-1, (n, k)).transpose(-1, -2)
-            gathered[..., slot : slot + k, a_offset : a_offset + n].copy_(block)
+        step = self._steps.get(lead)
+        if step is None:
+            step = _GatheredStep(self, x)
+            if lead[1:].numel() == 1:  # decoding steps: keep; a prompt's buffers (many tokens) go with the forward
+                self._steps[lead] = step
+        step.input.copy_(x)
+        for gathered, block in step.copies:
+            gathered.copy_(block)
+        hidden = F.linear(step.gathered, self.A)  # (rows, ..., S, r)
+        torch.matmul(torch.matmul(step.mix, hidden), self.B_t, out=step.outputs)  # (rows, ..., S, m_total)
+        (first, first_block), *rest = step.adds
+        first.copy_(first_block)  # covers the d_out outputs read below
+        for out, block in rest:
+            out.add_(block)
+        if result.dtype == x.dtype:
+            return result.add_(step.out)
+        return result + step.out.to(result.dtype)
+
+
+class _GatheredStep:
+    """The buffers of :class:`GatheredPyramid` for one input shape, and the views its copies and adds go through."""
+
+    def __init__(self, pyramid: GatheredPyramid, x: torch.Tensor):
+        lead, size = x.shape[:-1], pyramid.mix.shape[-1]
+        padded = x.new_zeros(*lead, pyramid.padded_in)  # zeros past d_in (ceil) stay
+        self.input = padded[..., : pyramid.d_in]
+        self.gathered = x.new_zeros(*lead, size, pyramid.A.shape[1])  # zeros outside each group's block stay
+        self.outputs = x.new_empty(*lead, size, pyramid.B_t.shape[1])
+        out = x.new_empty(*lead, pyramid.padded_out)
+        self.out = out[..., : pyramid.d_out]
+        self.mix = pyramid.mix.view(pyramid.mix.shape[0], *([1] * (len(lead) - 1)), size, size)
+        self.copies, self.adds, slot = [], [], 0
+        for k, a_offset, n, b_offset, m in pyramid.layout:
+            block = padded[..., : n * k].unflatten(-1, (n, k)).mT
+            self.copies.append((self.gathered[..., slot : slot + k, a_offset : a_offset + n], block))
+            outputs = self.outputs[..., slot : slot + k, b_offset : b_offset + m].mT
+            self.adds.append((out[..., : m * k].unflatten(-1, (m, k)), outputs))
             slot += k
-        mix = self.mix.view(self.mix.shape[0], *([1] * (len(lead) - 1)), *self.mix.shape[-2:])
-        outputs = F.linear(torch.matmul(mix, F.linear(gathered, self.A)), self.B)  # (rows, ..., S, m_total)
-        out = x.new_zeros(*lead, self.padded_out)
-        slot = 0
-        for k, _, _, b_offset, m in self.layout:
-            out[..., : m * k].unflatten(-1, (m, k)).add_(outputs[..., slot : slot + k, b_offset : b_offset + m].mT)
-            slot += k
-        return out[..., : self.d_out]
 
 
 def code1d_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:

@@ -256,31 +256,32 @@ class EptLayer(TaskContrastiveLayer):
         return delta
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def _add_adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        config = self.ept_config[adapter_name]
+        by_task = None if config.materialize else self._tasks_by_rows(adapter_name, x)
         x, dropped = self._prepared_input(adapter_name, x)
-        if self.ept_config[adapter_name].materialize:
-            return self._materialized_output(adapter_name, dropped, self._route(adapter_name, x))
+        if config.materialize:
+            change = self._materialized_output(adapter_name, dropped, self._route(adapter_name, x))
+            return result + change.to(result.dtype)
+        if by_task is not None:
+            factors = self._call_factors(adapter_name, x, True, lambda _: self._task_factors(adapter_name, by_task))
+            return self._add_rows_by_task(dropped, by_task, factors, result)
         factors = self._call_factors(
             adapter_name,
             x,
             False,
             lambda reused: self._route_factors(adapter_name, self._route(adapter_name, x), reused),
         )
-        return self._pyramid_output(adapter_name, dropped, factors)
-
-    def _add_adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        by_task = None if self.ept_config[adapter_name].materialize else self._tasks_by_rows(adapter_name, x)
-        if by_task is None:
-            return super()._add_adapter_output(adapter_name, x, result)
-        x, dropped = self._prepared_input(adapter_name, x)
-        factors = self._call_factors(adapter_name, x, True, lambda _: self._task_factors(adapter_name, by_task))
-        return self._add_rows_by_task(dropped, by_task, factors, result)
+        if isinstance(factors, experts.GatheredPyramid):
+            return factors.add_to(dropped, result)
+        return result + self._pyramid_output(adapter_name, dropped, factors).to(result.dtype)
 
     def _prepared_input(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x in the adapter's dtype (recorded for the contrastive loss), and after dropout."""
         x = self._cast_input_dtype(x, self.ept_A[adapter_name].dtype)
         self.record_contrastive(adapter_name, x)
-        return x, self.ept_dropout[adapter_name](x)
+        dropout = self.ept_dropout[adapter_name]
+        return x, (dropout(x) if dropout.training else x)  # in eval mode dropout is the identity
 
     def _call_factors(self, adapter_name: str, x: torch.Tensor, by_task: bool, build):
         """``build(reused)``'s factors. Where a call reuses them (the decoding steps of a ``generate`` call, without
@@ -382,8 +383,6 @@ class EptLayer(TaskContrastiveLayer):
                 for group, kernel in zip(self._call_groups(adapter_name), mix)
             ]
             return torch.stack(parts).sum(dim=0)
-        if down is None:  # kron2d, one route per row, reused by decoding steps: from the Kronecker structure
-            return mix(x)
         return F.linear(self._mix_hidden(adapter_name, F.linear(x, down), mix), up)
 
     def _mix_hidden(self, adapter_name: str, hidden: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
@@ -399,10 +398,10 @@ class EptLayer(TaskContrastiveLayer):
     def _route_factors(self, adapter_name: str, weights: torch.Tensor, reused: bool = False):
         """(down, up, mix) of the call's used groups for these combine weights, scale (alpha / r) included in the
         kernels: ``mix`` is ``None`` where one route serves every row (kernels folded into ``up``), else each
-        group's kernels per row or token, or for factors ``reused`` by many decoding steps (kron2d, one route per
-        row) ``down`` and ``up`` are None and ``mix`` is an :class:`experts.GatheredPyramid`, which runs every
-        group from the whole seed and per-row block-diagonal kernels: a decoding step then reads the seed instead of
-        factors of rank r times the kernel sizes, in a few operations.
+        group's kernels per row or token. For factors ``reused`` by many decoding steps (kron2d, one route per
+        row), an :class:`experts.GatheredPyramid` instead, which runs every group from the whole seed and per-row
+        block-diagonal kernels: a decoding step then reads the seed, not factors of rank r times the kernel sizes,
+        in a few operations.
         """
         groups = self._call_groups(adapter_name)
         seed = self._scaled_seed(adapter_name)
@@ -418,7 +417,7 @@ class EptLayer(TaskContrastiveLayer):
         elif not shared and reused and all(k.shape[:-2].numel() == weights.shape[0] for k in kernels):
             layout = tuple((g.k, g.a_offset, g.n, g.b_offset, g.m) for g in groups)
             mix = experts.block_diagonal([K.reshape(-1, *K.shape[-2:]) for K in kernels])
-            factors = (None, None, experts.GatheredPyramid(*seed, mix, layout, self.in_features, self.out_features))
+            factors = experts.GatheredPyramid(*seed, mix, layout, self.in_features, self.out_features)
         else:
             pairs = [
                 self._group_factors(
