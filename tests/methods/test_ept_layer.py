@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import shared_dir
 from pyramid_peft import EptConfig, TaskRoutingError
+from pyramid_peft.methods.ept import layer as ept_layer
 from pyramid_peft.methods.ept.layer import Linear
 from pyramid_peft.routing import TaskRoute
 
@@ -332,3 +333,51 @@ def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overri
                 expected = [layer.base_layer(x[i]) + x[i] @ deltas[t].T for i, t in enumerate(ids.tolist())]
                 torch.testing.assert_close(layer(x), torch.stack(expected), rtol=0, atol=1e-10)
         assert taken == (["_route_factors"] if generating else ["_add_rows_by_task"] * 2)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float64, torch.bfloat16])
+def test_decoding_steps_see_changed_weights_and_a_lower_precision_base(base_dtype, monkeypatch):
+    """Decoding steps of a mixed-task ``generate`` call (a prompt, then one token per row) reuse the call's gathered
+    pass (built twice: at the prompt and after the change); an in-place weight change between steps is seen at the
+    next step, and a base in another dtype than the adapter gets the change rounded to its dtype once, as on every
+    other path."""
+    layer = planned(make_layer(26, 30))  # ceil + crop: 26 and 30 are not multiples of every kernel size
+    built = []
+    original = type(layer)._route_factors
+    monkeypatch.setattr(type(layer), "_route_factors", lambda *a, **k: built.append(1) or original(*a, **k))
+    layer.base_layer.to(base_dtype)
+    ids = torch.tensor([2, 0, 1, 0])
+
+    def expected(x):
+        deltas = [reference_delta(layer, t, 30, 26) for t in ids.tolist()]
+        change = torch.stack([x[i].double() @ deltas[i].T for i in range(len(ids))])
+        return layer.base_layer(x) + change.to(base_dtype)
+
+    tolerance = {"rtol": 0, "atol": 1e-10} if base_dtype == torch.float64 else {"rtol": 1.6e-2, "atol": 1e-2}
+    with torch.no_grad(), layer.route.generation(), layer.route.call(ids):
+        for step, tokens in enumerate([3, 1, 1, 1]):
+            if step == 2:
+                layer.ept_kernels["default"].mul_(-0.5)  # as an optimizer step between two decoding steps
+            x = torch.randn(4, tokens, 26, dtype=torch.float64).to(base_dtype)
+            torch.testing.assert_close(layer(x), expected(x), **tolerance)
+    assert len(built) == 2
+
+
+@pytest.mark.parametrize("form", ["kron2d", "code1d"])
+def test_rows_by_task_train_like_the_shared_path(form, monkeypatch):
+    """With autograd, rows grouped by task (enough tokens per task) give the same loss and gradients as the shared
+    path that mixes kernels per row (float64, 1e-10)."""
+    x, ids = torch.randn(6, 48, 24, dtype=torch.float64), torch.tensor([2, 0, 1, 0, 2, 1])
+    results = []
+    for threshold in (ept_layer.TOKENS_PER_TASK, 10**9):  # the second never groups rows by task
+        monkeypatch.setattr(ept_layer, "TOKENS_PER_TASK", threshold)
+        layer = planned(make_layer(expert_form=form))
+        with layer.route.call(ids):
+            loss = layer(x).square().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+    (grouped, grouped_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(grouped, shared, rtol=0, atol=1e-10)
+    assert grouped_grads.keys() == shared_grads.keys()
+    for name in grouped_grads:
+        torch.testing.assert_close(grouped_grads[name], shared_grads[name], rtol=1e-9, atol=1e-10, msg=name)

@@ -101,7 +101,8 @@ class GatheredPyramid:
         self._steps: dict[torch.Size, _GatheredStep] = {}
 
     def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` plus the groups' change of ``x`` (rows, ..., d_in), in place where ``result`` has x's dtype."""
+        """``result`` plus the groups' change of ``x`` (rows, ..., d_in; read in the seed's dtype), in place where
+        ``result`` has the seed's dtype."""
         lead = x.shape[:-1]
         step = self._steps.get(lead)
         if step is None:
@@ -117,7 +118,7 @@ class GatheredPyramid:
         first.copy_(first_block)  # covers the d_out outputs read below
         for out, block in rest:
             out.add_(block)
-        if result.dtype == x.dtype:
+        if result.dtype == self.A.dtype:
             return result.add_(step.out)
         return result + step.out.to(result.dtype)
 
@@ -126,12 +127,12 @@ class _GatheredStep:
     """The buffers of :class:`GatheredPyramid` for one input shape, and the views its copies and adds go through."""
 
     def __init__(self, pyramid: GatheredPyramid, x: torch.Tensor):
-        lead, size = x.shape[:-1], pyramid.mix.shape[-1]
-        padded = x.new_zeros(*lead, pyramid.padded_in)  # zeros past d_in (ceil) stay
+        lead, size, seed = x.shape[:-1], pyramid.mix.shape[-1], pyramid.A  # buffers in the seed's dtype
+        padded = seed.new_zeros(*lead, pyramid.padded_in)  # zeros past d_in (ceil) stay
         self.input = padded[..., : pyramid.d_in]
-        self.gathered = x.new_zeros(*lead, size, pyramid.A.shape[1])  # zeros outside each group's block stay
-        self.outputs = x.new_empty(*lead, size, pyramid.B_t.shape[1])
-        out = x.new_empty(*lead, pyramid.padded_out)
+        self.gathered = seed.new_zeros(*lead, size, seed.shape[1])  # zeros outside each group's block stay
+        self.outputs = seed.new_empty(*lead, size, pyramid.B_t.shape[1])
+        out = seed.new_empty(*lead, pyramid.padded_out)
         self.out = out[..., : pyramid.d_out]
         self.mix = pyramid.mix.view(pyramid.mix.shape[0], *([1] * (len(lead) - 1)), size, size)
         self.copies, self.adds, slot = [], [], 0

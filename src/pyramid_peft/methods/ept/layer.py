@@ -257,6 +257,9 @@ class EptLayer(TaskContrastiveLayer):
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _add_adapter_output(self, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        pyramid = self._decoding_pyramid(adapter_name, x)
+        if pyramid is not None:  # a decoding step: the gathered pass this call built, its weights unchanged
+            return pyramid.add_to(x, result)
         config = self.ept_config[adapter_name]
         by_task = None if config.materialize else self._tasks_by_rows(adapter_name, x)
         x, dropped = self._prepared_input(adapter_name, x)
@@ -283,6 +286,25 @@ class EptLayer(TaskContrastiveLayer):
         dropout = self.ept_dropout[adapter_name]
         return x, (dropout(x) if dropout.training else x)  # in eval mode dropout is the identity
 
+    def _decoding_pyramid(self, adapter_name: str, x: torch.Tensor) -> experts.GatheredPyramid | None:
+        """For one token per row in eval mode without autograd (a decoding step), the gathered pass an earlier
+        forward of this ``generate`` call built for these rows, while every tensor it derives from is unchanged:
+        the step then skips the routing, the contrastive record (none without autograd) and dropout (the identity
+        in eval mode)."""
+        if self.training or torch.is_grad_enabled() or x.dim() < 2 or x.numel() != x.shape[0] * x.shape[-1]:
+            return None
+        entry = self.route.current().cache.get(self._factors_key(adapter_name, x, False))
+        if entry is None or not isinstance(entry[2], experts.GatheredPyramid) or self.route.observer is not None:
+            return None
+        return entry[2] if self._unchanged(entry) and not torch.compiler.is_compiling() else None
+
+    def _factors_key(self, adapter_name: str, x: torch.Tensor, by_task: bool) -> tuple:
+        return (self, adapter_name, x.shape[0] if x.dim() > 1 else 1, by_task)
+
+    @staticmethod
+    def _unchanged(entry) -> bool:
+        return all(t._version == version for t, version in zip(entry[0], entry[1]))
+
     def _call_factors(self, adapter_name: str, x: torch.Tensor, by_task: bool, build):
         """``build(reused)``'s factors. Where a call reuses them (the decoding steps of a ``generate`` call, without
         autograd) they are kept in the call's cache with the version of every tensor they derive from, and rebuilt
@@ -293,9 +315,9 @@ class EptLayer(TaskContrastiveLayer):
             return build(False)
         if torch.compiler.is_compiling() or self.route.observer is not None:  # an observer sees every forward
             return build(False)
-        key = (self, adapter_name, x.shape[0] if x.dim() > 1 else 1, by_task)
+        key = self._factors_key(adapter_name, x, by_task)
         entry = call.cache.get(key)
-        if entry is not None and all(t._version == version for t, version in zip(entry[0], entry[1])):
+        if entry is not None and self._unchanged(entry):
             return entry[2]
         tensors = self._route_inputs(adapter_name)
         versions = [t._version for t in tensors]  # before building: what the factors were built from
@@ -345,31 +367,32 @@ class EptLayer(TaskContrastiveLayer):
         return factors
 
     def _add_rows_by_task(self, x: torch.Tensor, by_task: dict[int, tuple[int, ...]], factors, result):
-        """``result`` plus each task's rows through its factors. Rows are sorted by task unless they come so; the
-        products add into ``result`` itself where nothing needs it unchanged (no autograd, one dtype, task order),
-        else into a buffer added once."""
+        """``result`` plus each task's rows through its factors. Rows are sorted by task unless they come so. Without
+        autograd, in one dtype and in task order, the products add into ``result`` itself; else each task's change
+        is built apart and the whole added once (in-place adds into views would cost autograd a copy of the whole
+        output each)."""
         call = self.route.current()
         ids = self.task_ids_for(x)
         repeats = ids.shape[0] // call.ids.shape[0]  # rows per example (beams) inside generate
         tokens = x[0].numel() // x.shape[-1]
         counts = [call.cache[_TASK_COUNTS][task] * repeats * tokens for task in by_task]
         order = None if call.cache[_IN_TASK_ORDER] else torch.argsort(ids, stable=True)  # None: already in order
-        in_place = order is None and result.dtype == x.dtype and not torch.is_grad_enabled()
-        target = result if in_place else x.new_zeros(result.shape)
-        rows = (x if order is None else x.index_select(0, order)).reshape(-1, x.shape[-1])
-        out = target.view(-1, target.shape[-1])
-        start = 0
-        for count, task_factors in zip(counts, factors):
-            block, out_block = rows[start : start + count], out[start : start + count]
-            for down, up, kernel in task_factors:
-                hidden = F.linear(block, down)
-                if kernel is not None:  # (I_r ⊗ K) h: each rank component's k values through the kernel
-                    hidden = torch.matmul(hidden.view(count, -1, kernel.shape[-1]), kernel.mT).view(count, -1)
-                out_block.addmm_(hidden, up.mT)
-            start += count
-        if in_place:
+        blocks = (x if order is None else x.index_select(0, order)).reshape(-1, x.shape[-1]).split(counts)
+        if order is None and result.dtype == x.dtype and not torch.is_grad_enabled():
+            for out, block, task_factors in zip(result.view(-1, result.shape[-1]).split(counts), blocks, factors):
+                for down, up, kernel in task_factors:
+                    out.addmm_(_task_hidden(block, down, kernel), up.mT)
             return result
-        return result + (target if order is None else target.index_select(0, torch.argsort(order))).to(result.dtype)
+        changes = []
+        for block, task_factors in zip(blocks, factors):
+            change = block.new_zeros(block.shape[0], self.out_features)
+            for down, up, kernel in task_factors:
+                change = torch.addmm(change, _task_hidden(block, down, kernel), up.mT)
+            changes.append(change)
+        change = torch.cat(changes).view(*x.shape[:-1], -1)
+        if order is not None:
+            change = change.index_select(0, torch.argsort(order))
+        return result + change.to(result.dtype)
 
     def _pyramid_output(self, adapter_name: str, x: torch.Tensor, factors) -> torch.Tensor:
         """The used groups' experts on ``x`` with their (shared, per-row or per-token) combined kernels."""
@@ -513,3 +536,12 @@ class EptLayer(TaskContrastiveLayer):
 
 class Linear(AdaptedLinear, EptLayer):
     """An ``nn.Linear`` adapted with EPT."""
+
+
+def _task_hidden(block: torch.Tensor, down: torch.Tensor, kernel: torch.Tensor | None) -> torch.Tensor:
+    """A task's hidden states ``down x`` for its rows (tokens, r * k), through ``(I_r ⊗ K)``: each rank component's k
+    values mixed by the task's kernel (kron2d; code1d has its kernel in ``up``)."""
+    hidden = F.linear(block, down)
+    if kernel is None:
+        return hidden
+    return torch.matmul(hidden.view(block.shape[0], -1, kernel.shape[-1]), kernel.mT).view(block.shape[0], -1)
