@@ -12,6 +12,9 @@ from hypothesis import HealthCheck, settings
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 import pyramid_peft  # noqa: F401  (registers the methods with PEFT)
+from pyramid_peft.training.config import from_dict
+from pyramid_peft.training.evaluate import Predictor
+from pyramid_peft.training.experiment import build_experiment, collators
 
 # One intra-op thread per test process: the tiny tensors here stall when threads wait on a busy second core, and
 # the suite runs two workers on two cores.
@@ -225,6 +228,31 @@ def tiny_experiment(tmp_path, ept_data_dir):
                 **training,
             },
         }
+
+    return make
+
+
+@pytest.fixture
+def scoring_experiment(tiny_experiment):
+    """``make(family, tasks, answer_scoring)`` -> (experiment, predictor): a tiny model whose adapter is random (so
+    routing by task changes the answer), in eval mode, with whole prompts (no truncation) and a Predictor that
+    scores answers that way."""
+
+    def make(family, tasks, answer_scoring):
+        raw = tiny_experiment(family, tasks=tasks)
+        raw["data"].update(answer_scoring=answer_scoring, max_source_length=1024)
+        experiment = build_experiment(from_dict(raw))
+        model = experiment.model.eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.normal_(0, 0.5)
+        _, collator = collators(experiment)
+        predictor = Predictor(
+            model, family, collator, experiment.tokenizer, batch_size=4, answer_scoring=answer_scoring
+        )
+        return experiment, predictor
 
     return make
 
