@@ -85,3 +85,39 @@ def test_kernel_parameter_counts():
     assert experts.kernel_numel(768, 6, "kron2d") == 36
     assert experts.kernel_numel(768, 6, "code1d") == 768
     assert experts.kernel_numel(4096, 6, "code1d") == 4092
+
+
+@pytest.mark.parametrize("d_out,d_in", [(24, 24), (26, 15), (11, 30)])
+def test_gathered_pyramid_prompt_and_decoding_steps_equal_the_kronecker_experts(d_out, d_in):
+    """Groups of kernel sizes 2, 3 and 4 with one kernel per row: a prompt (group by group) and single-token steps
+    (the gathered pass, its buffers shared with a second pyramid of the same layout) both add, per row,
+    sum_g kron(B_g A_g, K_g,row) x, cropped (entry-by-entry reference, 1e-12)."""
+    torch.manual_seed(0)
+    r, rows, sizes = 2, 3, (2, 3, 4)
+    layout, a_offset, b_offset = [], 0, 0
+    for k in sizes:
+        m, n = experts.seed_shape(d_out, d_in, k, "kron2d")
+        layout.append((k, a_offset, n, b_offset, m))
+        a_offset, b_offset = a_offset + n, b_offset + m
+    steps = {}  # one call's buffers
+    pyramids, deltas = [], []
+    for _ in range(2):
+        A, B = torch.randn(r, a_offset), torch.randn(b_offset, r)
+        kernels = [torch.randn(rows, k, k) for k in sizes]
+        mix = experts.block_diagonal(kernels)
+        pyramids.append(experts.GatheredPyramid(A, B, mix, tuple(layout), d_in, d_out, steps))
+        deltas.append(
+            [
+                sum(
+                    reference_kron(B[b : b + m] @ A[:, a : a + n], K[row])[:d_out, :d_in]
+                    for (k, a, n, b, m), K in zip(layout, kernels)
+                )
+                for row in range(rows)
+            ]
+        )
+    for tokens in (5, 1, 1):
+        for pyramid, delta in zip(pyramids, deltas):
+            x, result = torch.randn(rows, tokens, d_in), torch.randn(rows, tokens, d_out)
+            expected = result + torch.stack([x[row] @ delta[row].T for row in range(rows)])
+            torch.testing.assert_close(pyramid.add_to(x, result.clone()), expected, rtol=0, atol=1e-12)
+    assert len(steps) == 1  # the single-token steps of both pyramids used one set of buffers

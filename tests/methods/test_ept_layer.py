@@ -338,9 +338,9 @@ def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overri
 @pytest.mark.parametrize("base_dtype", [torch.float64, torch.bfloat16])
 def test_decoding_steps_see_changed_weights_and_a_lower_precision_base(base_dtype, monkeypatch):
     """Decoding steps of a mixed-task ``generate`` call (a prompt, then one token per row) reuse the call's gathered
-    pass (built twice: at the prompt and after the change); an in-place weight change between steps is seen at the
-    next step, and a base in another dtype than the adapter gets the change rounded to its dtype once, as on every
-    other path."""
+    pass (built three times: at the prompt and after each change); an in-place change of the kernels or of the
+    router (halved logits: the same top-k, other weights) between steps is seen at the next step, and a base in
+    another dtype than the adapter gets the change rounded to its dtype once, as on every other path."""
     layer = planned(make_layer(26, 30))  # ceil + crop: 26 and 30 are not multiples of every kernel size
     built = []
     original = type(layer)._route_factors
@@ -355,12 +355,15 @@ def test_decoding_steps_see_changed_weights_and_a_lower_precision_base(base_dtyp
 
     tolerance = {"rtol": 0, "atol": 1e-10} if base_dtype == torch.float64 else {"rtol": 1.6e-2, "atol": 1e-2}
     with torch.no_grad(), layer.route.generation(), layer.route.call(ids):
-        for step, tokens in enumerate([3, 1, 1, 1]):
+        for step, tokens in enumerate([3, 1, 1, 1, 1]):
             if step == 2:
                 layer.ept_kernels["default"].mul_(-0.5)  # as an optimizer step between two decoding steps
+            if step == 3:
+                layer.ept_gate["default"].weight.mul_(0.5)
+                layer.ept_gate["default"].bias.mul_(0.5)
             x = torch.randn(4, tokens, 26, dtype=torch.float64).to(base_dtype)
             torch.testing.assert_close(layer(x), expected(x), **tolerance)
-    assert len(built) == 2
+    assert len(built) == 3
 
 
 @pytest.mark.parametrize("form", ["kron2d", "code1d"])

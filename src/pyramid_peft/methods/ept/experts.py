@@ -89,38 +89,97 @@ class GatheredPyramid:
     output (S x m_total), and each group's block is added back transposed. Only the seed and the kernels are
     read, never a factor of rank r times the kernel sizes, in 2G + 5 operations: what decoding steps (a few
     tokens, every weight read per step) pay for. Built once per ``generate`` call and used without autograd; the
-    buffers of single-token steps and their views are made once and reused by every step.
+    buffers of single-token steps and their views are made once per call and layout and shared by every step and
+    every layer of that layout. A prompt (many tokens per row) runs group by group instead, from views of x,
+    without buffers that grow with the tokens.
 
     ``layout`` holds (k, a_offset, n, b_offset, m) per group, ``mix`` the (rows, S, S) kernels.
     """
 
-    def __init__(self, A, B, mix, layout, d_in: int, d_out: int):
+    def __init__(self, A, B, mix, layout, d_in: int, d_out: int, steps: dict | None = None):
         self.A, self.B_t, self.mix, self.layout, self.d_in, self.d_out = A, B.mT, mix, layout, d_in, d_out
         self.padded_in = max(k * n for k, _, n, _, _ in layout)
         self.padded_out = max(k * m for k, _, _, _, m in layout)
-        self._steps: dict[torch.Size, _GatheredStep] = {}
+        # Step buffers, shared through ``steps`` (one call's) by every pyramid of one layout: they stay in the
+        # processor's cache from layer to layer instead of each layer touching its own.
+        self._steps = {} if steps is None else steps
+        self._by_shape: dict[torch.Size, tuple[_GatheredStep, torch.Tensor]] = {}
+        self._group_views: list[tuple] | None = None
 
     def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` plus the groups' change of ``x`` (rows, ..., d_in; read in the seed's dtype), in place where
         ``result`` has the seed's dtype."""
         lead = x.shape[:-1]
-        step = self._steps.get(lead)
-        if step is None:
-            step = _GatheredStep(self, x)
-            if lead[1:].numel() == 1:  # decoding steps: keep; a prompt's buffers (many tokens) go with the forward
-                self._steps[lead] = step
+        if lead[1:].numel() > 1:  # a prompt: its gathered buffers would be many tokens times the seed's width
+            return self._add_group_by_group(x, result)
+        found = self._by_shape.get(lead)
+        if found is None:
+            found = self._by_shape[lead] = self._step_and_mix(x)
+        step, mix = found
         step.input.copy_(x)
         for gathered, block in step.copies:
             gathered.copy_(block)
         hidden = F.linear(step.gathered, self.A)  # (rows, ..., S, r)
-        torch.matmul(torch.matmul(step.mix, hidden), self.B_t, out=step.outputs)  # (rows, ..., S, m_total)
+        torch.matmul(torch.matmul(mix, hidden), self.B_t, out=step.outputs)  # (rows, ..., S, m_total)
         (first, first_block), *rest = step.adds
         first.copy_(first_block)  # covers the d_out outputs read below
         for out, block in rest:
             out.add_(block)
-        if result.dtype == self.A.dtype:
-            return result.add_(step.out)
-        return result + step.out.to(result.dtype)
+        return self._add_change(result, step.out)
+
+    def _step_and_mix(self, x: torch.Tensor) -> tuple[_GatheredStep, torch.Tensor]:
+        """The shared buffers for x's shape (made by the first pyramid of this layout to need them) and the row
+        kernels viewed to broadcast over x's tokens."""
+        lead = x.shape[:-1]
+        key = (self.layout, self.d_in, self.d_out, lead, self.A.dtype, self.A.device)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = _GatheredStep(self, x)
+        spread = [1] * (len(lead) - 1)  # over the tokens of a row
+        return step, self.mix.view(self.mix.shape[0], *spread, *self.mix.shape[1:])
+
+    def _add_group_by_group(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The same change group by group from views of ``x`` (rows, tokens, d_in), each product over all of a
+        row's tokens: hidden states laid out (rows, k, tokens, r), so one batched product per row applies its
+        kernel and one matrix product gives the outputs, added back transposed."""
+        rows = x.shape[0]
+        inputs = x.to(self.A.dtype).reshape(rows, -1, self.d_in)
+        tokens = inputs.shape[1]
+        out = inputs.new_empty(rows, tokens, self.padded_out)
+        for index, (k, n, m, A_t, B_t, kernels) in enumerate(self._groups()):
+            padded = F.pad(inputs, (0, n * k - self.d_in)) if n * k > self.d_in else inputs
+            hidden = torch.matmul(padded.view(rows, tokens, n, k).permute(0, 3, 1, 2), A_t)
+            mixed = torch.bmm(kernels, hidden.view(rows, k, -1)).view(rows, k, tokens, -1)
+            outputs = torch.matmul(mixed, B_t).permute(0, 2, 3, 1)  # (rows, tokens, m, k)
+            target = out[..., : m * k].view(rows, tokens, m, k)
+            if index == 0:  # every group's m * k covers d_out: the first group writes what is read below
+                target.copy_(outputs)
+            else:
+                target.add_(outputs)
+        return self._add_change(result, out[..., : self.d_out].view(*x.shape[:-1], self.d_out))
+
+    def _groups(self) -> list[tuple]:
+        """Per group: k, n, m, its slices of the seed (A_gᵀ, B_gᵀ) and its row kernels (views, made once)."""
+        if self._group_views is None:
+            self._group_views, slot = [], 0
+            for k, a_offset, n, b_offset, m in self.layout:
+                self._group_views.append(
+                    (
+                        k,
+                        n,
+                        m,
+                        self.A[:, a_offset : a_offset + n].mT,
+                        self.B_t[:, b_offset : b_offset + m],
+                        self.mix[:, slot : slot + k, slot : slot + k],
+                    )
+                )
+                slot += k
+        return self._group_views
+
+    def _add_change(self, result: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        if result.dtype == change.dtype:
+            return result.add_(change)
+        return result + change.to(result.dtype)
 
 
 class _GatheredStep:
@@ -134,7 +193,6 @@ class _GatheredStep:
         self.outputs = seed.new_empty(*lead, size, pyramid.B_t.shape[1])
         out = seed.new_empty(*lead, pyramid.padded_out)
         self.out = out[..., : pyramid.d_out]
-        self.mix = pyramid.mix.view(pyramid.mix.shape[0], *([1] * (len(lead) - 1)), size, size)
         self.copies, self.adds, slot = [], [], 0
         for k, a_offset, n, b_offset, m in pyramid.layout:
             block = padded[..., : n * k].unflatten(-1, (n, k)).mT

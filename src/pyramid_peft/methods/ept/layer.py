@@ -43,6 +43,7 @@ from .pyramid import KernelGroup, alp_scales, plan_groups
 TOKENS_PER_TASK = 32
 _TASK_COUNTS = "ept-task-counts"  # keys in a call's cache, fetched with the plan: its rows per task (host ints)
 _IN_TASK_ORDER = "ept-in-task-order"  # and whether its ids are in ascending task order
+_GATHERED_STEPS = "ept-gathered-steps"  # the buffers of the call's decoding steps, per layout and shape
 
 
 class EptLayer(TaskContrastiveLayer):
@@ -178,6 +179,15 @@ class EptLayer(TaskContrastiveLayer):
         """(num_tasks, E) combine weights of every task (task routing)."""
         return self.gate(adapter_name, self.ept_task_embedding[adapter_name])
 
+    def _call_task_weights(self, adapter_name: str) -> torch.Tensor:
+        """:meth:`task_weights`, taken from the call's plan (computed at route entry without autograd) where this
+        forward needs no gradient either and the router is unchanged since."""
+        if not torch.is_grad_enabled():
+            entry = self.route.current().cache.get((self, adapter_name, "task_weights"))
+            if entry is not None and self._unchanged(entry):
+                return entry[2]
+        return self.task_weights(adapter_name)
+
     def _route(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """Combine weights broadcastable to x's rows: (B, 1, .., 1, E) for task routing (one row for all when the
         call has one task), (..., E) per token."""
@@ -188,7 +198,7 @@ class EptLayer(TaskContrastiveLayer):
             return weights
         ids = self.task_ids_for(x)
         if config.router_input == "task":
-            table = self.task_weights(adapter_name)
+            table = self._call_task_weights(adapter_name)
             if self.route.observer is not None:
                 self.observe_routing(table[ids], ids)
             rows = ids[:1] if self.route.current().uniform else ids
@@ -199,10 +209,15 @@ class EptLayer(TaskContrastiveLayer):
         return weights
 
     # -- factors ------------------------------------------------------------------------------------------------
-    def _group_kernel(self, adapter_name: str, group: KernelGroup, weights: torch.Tensor) -> torch.Tensor:
-        """Gate-weighted sum of the group's kernels; the group's weights (..., G) give kernels (..., rows, k)."""
-        stacked = torch.stack([self._kernel(adapter_name, e) for e in group.experts])  # (G, rows, k)
-        return torch.einsum("...g,gij->...ij", weights, stacked.to(weights))
+    def _stacked_kernels(self, adapter_name: str, group: KernelGroup) -> torch.Tensor:
+        """The group's kernels flattened, one row per expert (G, rows * k): a view where its experts are
+        consecutive (the flat parameter holds kernels in expert order)."""
+        first, count = group.experts[0], len(group.experts)
+        if group.experts != tuple(range(first, first + count)):
+            return torch.stack([self._kernel(adapter_name, e).reshape(-1) for e in group.experts])
+        numel = experts.kernel_numel(self.out_features, group.k, self.ept_config[adapter_name].expert_form)
+        start = self._plans[adapter_name][1][first]
+        return self.ept_kernels[adapter_name][start : start + count * numel].view(count, numel)
 
     def _group_factors(self, adapter_name: str, seed, group: KernelGroup, kernel: torch.Tensor):
         """(up, down) LoRA factors of one group with a (possibly batched) kernel."""
@@ -229,12 +244,11 @@ class EptLayer(TaskContrastiveLayer):
         """One LoRA pair for one weight vector (E,): the used groups' factors concatenated along the rank (for
         merging and export; one host sync to find the used groups)."""
         seed = self._scaled_seed(adapter_name)
-        pairs = [
-            self._group_factors(
-                adapter_name, seed, group, self._group_kernel(adapter_name, group, weights[list(group.experts)])
-            )
-            for group in self._active_groups(adapter_name, weights)
-        ]
+        groups = self._active_groups(adapter_name, weights)
+        if adapter_name in self.ept_expert_order:
+            weights = weights.index_select(-1, self.ept_expert_order[adapter_name])
+        kernels = self._group_kernels(adapter_name, weights, groups)
+        pairs = [self._group_factors(adapter_name, seed, group, kernel) for group, kernel in zip(groups, kernels)]
         return torch.cat([up for up, _ in pairs], dim=1), torch.cat([down for _, down in pairs], dim=0)
 
     def delta_weight(self, adapter_name: str, task_id: int) -> torch.Tensor:
@@ -345,25 +359,22 @@ class EptLayer(TaskContrastiveLayer):
         task's kernel into its rank-r ``up``."""
         groups = self._plans[adapter_name][0]
         seed = self._scaled_seed(adapter_name)
-        table = self.scaling(adapter_name) * self.task_weights(adapter_name)  # the scale rides on the kernels
+        table = self.scaling(adapter_name) * self._call_task_weights(adapter_name)  # the scale rides on the kernels
         if adapter_name in self.ept_expert_order:
             table = table.index_select(-1, self.ept_expert_order[adapter_name])
-        kron2d = self.ept_config[adapter_name].expert_form == "kron2d"
-        shared = {}
-        if kron2d:
-            for i in {i for chosen in by_task.values() for i in chosen}:
+        used = sorted({i for chosen in by_task.values() for i in chosen})
+        kernels = dict(zip(used, self._group_kernels(adapter_name, table, [groups[i] for i in used])))  # every task
+        if self.ept_config[adapter_name].expert_form == "kron2d":
+            shared = {}
+            for i in used:
                 eye = experts.identity(groups[i].k, seed[0].dtype, seed[0].device)
                 up, down = self._group_factors(adapter_name, seed, groups[i], eye)
                 shared[i] = (down, up)
+            return [[(*shared[i], kernels[i][task]) for i in chosen] for task, chosen in by_task.items()]
         factors = []
         for task, chosen in by_task.items():
-            used = [groups[i] for i in chosen]
-            kernels = self._group_kernels(adapter_name, table[task], used)
-            if kron2d:
-                factors.append([(*shared[i], kernel) for i, kernel in zip(chosen, kernels)])
-            else:
-                pairs = [self._group_factors(adapter_name, seed, g, kernel) for g, kernel in zip(used, kernels)]
-                factors.append([(down, up, None) for up, down in pairs])
+            pairs = [self._group_factors(adapter_name, seed, groups[i], kernels[i][task]) for i in chosen]
+            factors.append([(down, up, None) for up, down in pairs])
         return factors
 
     def _add_rows_by_task(self, x: torch.Tensor, by_task: dict[int, tuple[int, ...]], factors, result):
@@ -440,7 +451,8 @@ class EptLayer(TaskContrastiveLayer):
         elif not shared and reused and all(k.shape[:-2].numel() == weights.shape[0] for k in kernels):
             layout = tuple((g.k, g.a_offset, g.n, g.b_offset, g.m) for g in groups)
             mix = experts.block_diagonal([K.reshape(-1, *K.shape[-2:]) for K in kernels])
-            factors = experts.GatheredPyramid(*seed, mix, layout, self.in_features, self.out_features)
+            steps = self.route.current().cache.setdefault(_GATHERED_STEPS, {})  # shared by the call's layers
+            factors = experts.GatheredPyramid(*seed, mix, layout, self.in_features, self.out_features, steps)
         else:
             pairs = [
                 self._group_factors(
@@ -456,14 +468,17 @@ class EptLayer(TaskContrastiveLayer):
         return factors
 
     def _group_kernels(self, adapter_name: str, weights: torch.Tensor, groups: list[KernelGroup]):
-        """Each of ``groups``' combined kernels for weights (..., E) whose experts are in group order."""
-        kernels, start = {}, 0
-        for group in self._plans[adapter_name][0]:
-            size = len(group.experts)
-            if group in groups:
-                kernels[group] = self._group_kernel(adapter_name, group, weights[..., start : start + size])
-            start += size
-        return [kernels[group] for group in groups]
+        """Each of ``groups``' combined kernels (..., rows, k) for weights (..., E) whose experts are in group order:
+        one product of the weights with the block-diagonal matrix of every group's stacked kernels."""
+        every_group = self._plans[adapter_name][0]
+        stacked = [self._stacked_kernels(adapter_name, group) for group in every_group]
+        combined = weights @ torch.block_diag(*stacked).to(weights)  # (..., sum of the groups' kernel sizes)
+        kernels, start, wanted = {}, 0, {id(group) for group in groups}
+        for group, block in zip(every_group, stacked):
+            if id(group) in wanted:
+                kernels[id(group)] = combined[..., start : start + block.shape[1]].unflatten(-1, (-1, group.k))
+            start += block.shape[1]
+        return [kernels[id(group)] for group in groups]
 
     def _call_groups(self, adapter_name: str) -> list[KernelGroup]:
         """The groups this call's tasks use (found at route entry), or every group where that is unknown."""
@@ -475,11 +490,14 @@ class EptLayer(TaskContrastiveLayer):
         """Which experts each task uses, per task-routed adapter ((num_tasks * E,) booleans each); the first
         layer asked also fetches the call's rows per task, which every layer reads."""
         adapters = self._planned_adapters()
-        asked = [
-            (self.task_weights(a) != 0).reshape(-1)
-            for a in adapters
-            if not isinstance(self.ept_task_embedding[a], DTensor)  # sharded (FSDP): every group runs
-        ]
+        asked = []
+        for a in adapters:
+            if isinstance(self.ept_task_embedding[a], DTensor):  # sharded (FSDP): every group runs
+                continue
+            router = self._router_inputs(a)
+            table = self.task_weights(a)
+            call.cache[(self, a, "task_weights")] = (router, [t._version for t in router], table)
+            asked.append((table != 0).reshape(-1))
         if not asked or len(asked) != len(adapters):
             return None
         if _TASK_COUNTS not in call.cache:
@@ -517,15 +535,12 @@ class EptLayer(TaskContrastiveLayer):
         return [a for a in self._active_for_forward() if self.ept_config[a].router_input == "task"]
 
     def _route_inputs(self, adapter_name: str) -> list[torch.Tensor]:
+        seed_and_kernels = [self.ept_A[adapter_name], self.ept_B[adapter_name], self.ept_kernels[adapter_name]]
+        return seed_and_kernels + self._router_inputs(adapter_name)
+
+    def _router_inputs(self, adapter_name: str) -> list[torch.Tensor]:
         gate = self.ept_gate[adapter_name]
-        return [
-            self.ept_A[adapter_name],
-            self.ept_B[adapter_name],
-            self.ept_kernels[adapter_name],
-            self.ept_task_embedding[adapter_name],
-            gate.weight,
-            gate.bias,
-        ]
+        return [self.ept_task_embedding[adapter_name], gate.weight, gate.bias]
 
     def _materialized_output(self, adapter_name: str, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rows = weights.reshape(-1, weights.shape[-1])
