@@ -90,8 +90,9 @@ def test_kernel_parameter_counts():
 @pytest.mark.parametrize("d_out,d_in", [(24, 24), (26, 15), (11, 30)])
 def test_gathered_pyramid_prompt_and_decoding_steps_equal_the_kronecker_experts(d_out, d_in):
     """Groups of kernel sizes 2, 3 and 4 with one kernel per row: a prompt (group by group) and single-token steps
-    (the gathered pass, its buffers shared with a second pyramid of the same layout) both add, per row,
-    sum_g kron(B_g A_g, K_g,row) x, cropped (entry-by-entry reference, 1e-12)."""
+    (the gathered pass, its buffers shared with a second pyramid of the same layout, an input read by both gathered
+    once until it changes in place) all add, per row, sum_g kron(B_g A_g, K_g,row) x, cropped (entry-by-entry
+    reference, 1e-12)."""
     torch.manual_seed(0)
     r, rows, sizes = 2, 3, (2, 3, 4)
     layout, a_offset, b_offset = [], 0, 0
@@ -115,9 +116,19 @@ def test_gathered_pyramid_prompt_and_decoding_steps_equal_the_kronecker_experts(
                 for row in range(rows)
             ]
         )
+
+    def check(pyramid, delta, x):
+        result = torch.randn(rows, x.shape[1], d_out)
+        expected = result + torch.stack([x[row] @ delta[row].T for row in range(rows)])
+        torch.testing.assert_close(pyramid.add_to(x, result.clone()), expected, rtol=0, atol=1e-12)
+
     for tokens in (5, 1, 1):
         for pyramid, delta in zip(pyramids, deltas):
-            x, result = torch.randn(rows, tokens, d_in), torch.randn(rows, tokens, d_out)
-            expected = result + torch.stack([x[row] @ delta[row].T for row in range(rows)])
-            torch.testing.assert_close(pyramid.add_to(x, result.clone()), expected, rtol=0, atol=1e-12)
-    assert len(steps) == 1  # the single-token steps of both pyramids used one set of buffers
+            check(pyramid, delta, torch.randn(rows, tokens, d_in))
+    x = torch.randn(rows, 1, d_in)  # one input read by both (as q and k read theirs): gathered once
+    for pyramid, delta in zip(pyramids, deltas):
+        check(pyramid, delta, x)
+    x.mul_(-2.0)  # changed in place: gathered again
+    for pyramid, delta in zip(pyramids, deltas):
+        check(pyramid, delta, x)
+    assert len(steps) == 2  # the single-token steps of both pyramids used one input and one output buffer set

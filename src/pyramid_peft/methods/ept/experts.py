@@ -100,10 +100,11 @@ class GatheredPyramid:
         self.A, self.B_t, self.mix, self.layout, self.d_in, self.d_out = A, B.mT, mix, layout, d_in, d_out
         self.padded_in = max(k * n for k, _, n, _, _ in layout)
         self.padded_out = max(k * m for k, _, _, _, m in layout)
-        # Step buffers, shared through ``steps`` (one call's) by every pyramid of one layout: they stay in the
-        # processor's cache from layer to layer instead of each layer touching its own.
+        # Step buffers, shared through ``steps`` (one call's): the gathered input by the pyramids of one input
+        # layout, the outputs by those of one output layout. They stay in the processor's cache from layer to
+        # layer instead of each layer touching its own.
         self._steps = {} if steps is None else steps
-        self._by_shape: dict[torch.Size, tuple[_GatheredStep, torch.Tensor]] = {}
+        self._by_shape: dict[torch.Size, tuple[_GatheredInput, _GatheredOutput, torch.Tensor]] = {}
         self._group_views: list[tuple] | None = None
 
     def add_to(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -114,29 +115,30 @@ class GatheredPyramid:
             return self._add_group_by_group(x, result)
         found = self._by_shape.get(lead)
         if found is None:
-            found = self._by_shape[lead] = self._step_and_mix(x)
-        step, mix = found
-        step.input.copy_(x)
-        for gathered, block in step.copies:
-            gathered.copy_(block)
-        hidden = F.linear(step.gathered, self.A)  # (rows, ..., S, r)
-        torch.matmul(torch.matmul(mix, hidden), self.B_t, out=step.outputs)  # (rows, ..., S, m_total)
-        (first, first_block), *rest = step.adds
+            found = self._by_shape[lead] = self._step_buffers(x)
+        inputs, outputs, mix = found
+        hidden = F.linear(inputs.gather(x), self.A)  # (rows, ..., S, r)
+        torch.matmul(torch.matmul(mix, hidden), self.B_t, out=outputs.outputs)  # (rows, ..., S, m_total)
+        (first, first_block), *rest = outputs.adds
         first.copy_(first_block)  # covers the d_out outputs read below
         for out, block in rest:
             out.add_(block)
-        return self._add_change(result, step.out)
+        return self._add_change(result, outputs.out)
 
-    def _step_and_mix(self, x: torch.Tensor) -> tuple[_GatheredStep, torch.Tensor]:
-        """The shared buffers for x's shape (made by the first pyramid of this layout to need them) and the row
+    def _step_buffers(self, x: torch.Tensor) -> tuple[_GatheredInput, _GatheredOutput, torch.Tensor]:
+        """The shared buffers for x's shape (made by the first pyramid of their layout to need them) and the row
         kernels viewed to broadcast over x's tokens."""
-        lead = x.shape[:-1]
-        key = (self.layout, self.d_in, self.d_out, lead, self.A.dtype, self.A.device)
-        step = self._steps.get(key)
-        if step is None:
-            step = self._steps[key] = _GatheredStep(self, x)
+        lead, seed = x.shape[:-1], (tuple(self.A.shape), self.A.dtype, self.A.device)
+        key = ("in", tuple((k, a, n) for k, a, n, _, _ in self.layout), self.d_in, lead, seed)
+        inputs = self._steps.get(key)
+        if inputs is None:
+            inputs = self._steps[key] = _GatheredInput(self, lead)
+        key = ("out", tuple((k, b, m) for k, _, _, b, m in self.layout), self.d_out, lead, seed, self.B_t.shape)
+        outputs = self._steps.get(key)
+        if outputs is None:
+            outputs = self._steps[key] = _GatheredOutput(self, lead)
         spread = [1] * (len(lead) - 1)  # over the tokens of a row
-        return step, self.mix.view(self.mix.shape[0], *spread, *self.mix.shape[1:])
+        return inputs, outputs, self.mix.view(self.mix.shape[0], *spread, *self.mix.shape[1:])
 
     def _add_group_by_group(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """The same change group by group from views of ``x`` (rows, tokens, d_in), each product over all of a
@@ -182,21 +184,46 @@ class GatheredPyramid:
         return result + change.to(result.dtype)
 
 
-class _GatheredStep:
-    """The buffers of :class:`GatheredPyramid` for one input shape, and the views its copies and adds go through."""
+class _GatheredInput:
+    """A step's input gathered for the groups of one input layout (S x n_total per token), and the views its
+    copies go through. It remembers the input it last gathered: layers that read the same input in a row (a
+    block's q, k and v projections) gather it once while it is unchanged."""
 
-    def __init__(self, pyramid: GatheredPyramid, x: torch.Tensor):
-        lead, size, seed = x.shape[:-1], pyramid.mix.shape[-1], pyramid.A  # buffers in the seed's dtype
+    def __init__(self, pyramid: GatheredPyramid, lead: torch.Size):
+        seed = pyramid.A  # buffers in the seed's dtype
         padded = seed.new_zeros(*lead, pyramid.padded_in)  # zeros past d_in (ceil) stay
         self.input = padded[..., : pyramid.d_in]
+        size = sum(k for k, *_ in pyramid.layout)
         self.gathered = seed.new_zeros(*lead, size, seed.shape[1])  # zeros outside each group's block stay
+        self.copies, slot = [], 0
+        for k, a_offset, n, _, _ in pyramid.layout:
+            block = padded[..., : n * k].unflatten(-1, (n, k)).mT
+            self.copies.append((self.gathered[..., slot : slot + k, a_offset : a_offset + n], block))
+            slot += k
+        self.source: tuple[torch.Tensor, int] | None = None
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source is not None and self.source[0] is x and self.source[1] == x._version:
+            return self.gathered
+        self.input.copy_(x)
+        for gathered, block in self.copies:
+            gathered.copy_(block)
+        self.source = (x, x._version)  # held, so its identity cannot pass to another tensor
+        return self.gathered
+
+
+class _GatheredOutput:
+    """A step's per-group outputs (S x m_total per token) for one output layout, the views that add each group's
+    block back transposed, and the summed change (d_out)."""
+
+    def __init__(self, pyramid: GatheredPyramid, lead: torch.Size):
+        seed = pyramid.A
+        size = sum(k for k, *_ in pyramid.layout)
         self.outputs = seed.new_empty(*lead, size, pyramid.B_t.shape[1])
         out = seed.new_empty(*lead, pyramid.padded_out)
         self.out = out[..., : pyramid.d_out]
-        self.copies, self.adds, slot = [], [], 0
-        for k, a_offset, n, b_offset, m in pyramid.layout:
-            block = padded[..., : n * k].unflatten(-1, (n, k)).mT
-            self.copies.append((self.gathered[..., slot : slot + k, a_offset : a_offset + n], block))
+        self.adds, slot = [], 0
+        for k, _, _, b_offset, m in pyramid.layout:
             outputs = self.outputs[..., slot : slot + k, b_offset : b_offset + m].mT
             self.adds.append((out[..., : m * k].unflatten(-1, (m, k)), outputs))
             slot += k
