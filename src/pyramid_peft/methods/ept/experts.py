@@ -87,11 +87,12 @@ class GatheredPyramid:
     outside its seed columns), so one product with the whole seed A gives every group's hidden states (S x r),
     one per-row block-diagonal matrix (rows, S, S) applies the kernels, one product with B gives every group's
     output (S x m_total), and each group's block is added back transposed. Only the seed and the kernels are
-    read, never a factor of rank r times the kernel sizes, in 2G + 5 operations: what decoding steps (a few
-    tokens, every weight read per step) pay for. Built once per ``generate`` call and used without autograd; the
-    buffers of single-token steps and their views are made once per call and layout and shared by every step and
-    every layer of that layout. A prompt (many tokens per row) runs group by group instead, from views of x,
-    without buffers that grow with the tokens.
+    read, never a factor of rank r times the kernel sizes, in 2G + 5 operations (G + 4 where the layer before
+    gathered the same input, as k and v after q): what decoding steps (a few tokens, every weight read per step)
+    pay for. Built once per ``generate`` call and used without autograd; the buffers of single-token steps and
+    their views are made once per call and layout and shared by every step and every layer of that layout. A
+    prompt (many tokens per row) runs group by group instead, from views of x, without buffers that grow with
+    the tokens.
 
     ``layout`` holds (k, a_offset, n, b_offset, m) per group, ``mix`` the (rows, S, S) kernels.
     """
