@@ -47,6 +47,35 @@ def test_kron2d_factors_equal_cropped_kronecker(d_out, d_in, k):
     torch.testing.assert_close(x @ down.T @ up.T, x @ expected.T, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("d_in,k", [(16, 2), (16, 4), (15, 4), (17, 6), (30, 8), (5, 8)])
+def test_dilated_down_applies_the_cropped_down_factor(d_in, k):
+    """The dilated convolution gives x (A ⊗ I_k)ᵀ with the factor cropped to d_in columns (float64, 1e-12), for
+    inputs of any leading shape."""
+    torch.manual_seed(0)
+    A = torch.randn(3, experts.seed_shape(4, d_in, k, "kron2d")[1], dtype=torch.float64)
+    x = torch.randn(2, 7, d_in, dtype=torch.float64)
+    expected = x.reshape(-1, d_in) @ experts.kron2d_down(A, k, d_in).T
+    torch.testing.assert_close(experts.dilated_down(x, A, k, d_in), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_kron_down_takes_the_convolution_only_without_autograd_on_the_cpu(grad, monkeypatch):
+    """KronDown applies the cropped factor either way (float64, 1e-12); the convolution where it saves enough
+    multiply-adds and no gradient is needed, the product with the factor otherwise (its backward is faster)."""
+    torch.manual_seed(0)
+    A = torch.randn(3, 4, dtype=torch.float64, requires_grad=grad)
+    x = torch.randn(5, 15, dtype=torch.float64)
+    expected = x @ experts.kron2d_down(A, 4, 15).T
+    calls = []
+    monkeypatch.setattr(experts, "dilated_down", lambda *a, _f=experts.dilated_down: calls.append(1) or _f(*a))
+    for min_saving, conv_expected in [(0, not grad), (10**12, False)]:
+        monkeypatch.setattr(experts, "DILATED_MIN_SAVING", min_saving)
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(experts.KronDown(A, 4, 15)(x), expected, rtol=0, atol=1e-12)
+        assert bool(calls) == conv_expected
+
+
 def test_batched_kernels_give_batched_factors():
     torch.manual_seed(0)
     A, B, K = torch.randn(2, 4), torch.randn(3, 2), torch.randn(5, 2, 2)

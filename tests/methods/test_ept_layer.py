@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import shared_dir
 from pyramid_peft import EptConfig, TaskRoutingError
+from pyramid_peft.methods.ept import experts
 from pyramid_peft.methods.ept import layer as ept_layer
 from pyramid_peft.methods.ept.layer import Linear
 from pyramid_peft.routing import TaskRoute
@@ -299,11 +300,14 @@ def planned(layer):
     "d_in,d_out,overrides",
     [(24, 32, {}), (27, 34, {"gate_form": "code"}), (26, 35, {"expert_form": "code1d"}), (26, 30, {"alp": False})],
 )
-def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overrides, monkeypatch):
-    """Mixed-task rows through each task's own factors (enough tokens per task) and, inside generate, through the
-    Kronecker structure per row (few tokens) both equal W0 x + ΔW_task(row) x per row (float64, 1e-10); ΔW from
-    the independent reference, or without ALP (separate seed blocks, which it does not model) from the experts
-    built literally with transposed convolutions."""
+@pytest.mark.parametrize("min_saving", [experts.DILATED_MIN_SAVING, 0])  # 0: kron2d's down by convolution
+def test_mixed_batch_paths_equal_the_per_row_dense_reference(d_in, d_out, overrides, min_saving, monkeypatch):
+    """Mixed-task rows through each task's own factors (enough tokens per task; the shared down factors applied
+    as products, or as dilated convolutions) and, inside generate, through the Kronecker structure per row (few
+    tokens) all equal W0 x + ΔW_task(row) x per row (float64, 1e-10); ΔW from the independent reference, or
+    without ALP (separate seed blocks, which it does not model) from the experts built literally with transposed
+    convolutions."""
+    monkeypatch.setattr(experts, "DILATED_MIN_SAVING", min_saving)
     layer = planned(make_layer(d_in, d_out, **overrides))
     with torch.no_grad():
         deltas = [
@@ -364,6 +368,30 @@ def test_decoding_steps_see_changed_weights_and_a_lower_precision_base(base_dtyp
             x = torch.randn(4, tokens, 26, dtype=torch.float64).to(base_dtype)
             torch.testing.assert_close(layer(x), expected(x), **tolerance)
     assert len(built) == 3
+
+
+@pytest.mark.parametrize("tokens", [48, 1])  # rows grouped by task; decoding steps of a generate call
+def test_a_router_change_within_a_call_that_flips_the_top_k_is_seen(tokens):
+    """The groups a call runs are planned at route entry; a router changed in place during the call so that some
+    task picks other experts (negated logits: the bottom two of four distinct ones) makes the layer plan again,
+    and its outputs equal the reference with the new weights (float64, 1e-10)."""
+    layer = planned(make_layer(24, 32, kernel_sizes=[2, 4, 6, 8]))
+    ids = torch.tensor([2, 0, 1, 0, 2, 1])
+
+    def chosen():
+        return [set(w.nonzero().flatten().tolist()) for w in layer.task_weights("default")]
+
+    with torch.no_grad(), layer.route.generation(), layer.route.call(ids):
+        before = chosen()
+        for step in range(3):
+            if step == 1:
+                layer.ept_gate["default"].weight.neg_()
+                layer.ept_gate["default"].bias.neg_()
+                assert all(now.isdisjoint(old) for now, old in zip(chosen(), before))
+            x = torch.randn(6, tokens, 24, dtype=torch.float64)
+            deltas = [reference_delta(layer, t, 32, 24) for t in ids.tolist()]
+            expected = torch.stack([layer.base_layer(x[i]) + x[i] @ deltas[i].T for i in range(len(ids))])
+            torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("form", ["kron2d", "code1d"])

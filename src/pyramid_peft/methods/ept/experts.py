@@ -52,9 +52,53 @@ def kron2d_factors(A: torch.Tensor, B: torch.Tensor, K: torch.Tensor, d_out: int
 
     With batched ``K`` (..., k, k) the up factor is batched too: (..., d_out, rk).
     """
-    down = torch.kron(A, identity(K.shape[-1], A.dtype, A.device))[:, :d_in]
-    up = batched_kron(B, K)[..., :d_out, :]
-    return up, down
+    return kron2d_up(B, K, d_out), kron2d_down(A, K.shape[-1], d_in)
+
+
+def kron2d_up(B: torch.Tensor, K: torch.Tensor, d_out: int) -> torch.Tensor:
+    """The up factor ``B ⊗ K`` cropped to d_out rows: (..., d_out, rk) for kernels (..., k, k)."""
+    return batched_kron(B, K)[..., :d_out, :]
+
+
+def kron2d_down(A: torch.Tensor, k: int, d_in: int) -> torch.Tensor:
+    """The down factor ``A ⊗ I_k`` cropped to d_in columns: (rk, d_in)."""
+    return torch.kron(A, identity(k, A.dtype, A.device))[:, :d_in]
+
+
+def dilated_down(x: torch.Tensor, A: torch.Tensor, k: int, d_in: int) -> torch.Tensor:
+    """``(A ⊗ I_k) x`` for rows x (tokens, d_in) without building the factor: a 1-D convolution of each row with
+    A's rows dilated by k, ``h[t, ρk + q] = Σ_j A[ρ, j] x[t, jk + q]``, r·d_in multiply-adds per token instead of
+    the factor's r·k·d_in. Rows are zero-padded to n·k where ceil + crop cut the factor's columns at d_in."""
+    n = A.shape[1]
+    if n * k > d_in:
+        x = F.pad(x, (0, n * k - d_in))
+    return F.conv1d(x.reshape(-1, 1, n * k), A[:, None, :], dilation=k).flatten(1)
+
+
+# A CPU convolution call has a fixed cost of about 60 µs, some 3M multiply-adds of a matrix product, and runs its
+# multiply-adds at about half the speed of one (one core; benchmarks/serving.py measures both ways): the dilated
+# form pays where it saves at least this many of the factor's multiply-adds.
+DILATED_MIN_SAVING = 4_000_000
+
+
+class KronDown:
+    """A kron2d group's down factor ``A ⊗ I_k`` (cropped to d_in columns) applied to blocks of rows: as the
+    dilated convolution (:func:`dilated_down`) on the CPU without autograd where that saves at least
+    ``DILATED_MIN_SAVING`` multiply-adds (the convolution's backward is slower than the product's), else as one
+    product with the factor, built on first use."""
+
+    def __init__(self, A: torch.Tensor, k: int, d_in: int):
+        self.A, self.k, self.d_in = A, k, d_in
+        self._factor: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, rank = x.numel() // x.shape[-1], self.A.shape[0]
+        saving = tokens * self.d_in * rank * (self.k - 2)  # at half speed, the r·d_in it does count twice
+        if saving >= DILATED_MIN_SAVING and x.device.type == "cpu" and not torch.is_grad_enabled():
+            return dilated_down(x, self.A, self.k, self.d_in)
+        if self._factor is None:
+            self._factor = kron2d_down(self.A, self.k, self.d_in)
+        return F.linear(x, self._factor)
 
 
 def row_kernels(hidden: torch.Tensor, K: torch.Tensor) -> torch.Tensor:

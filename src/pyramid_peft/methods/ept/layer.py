@@ -9,13 +9,15 @@ the gate-weighted sum of its kernels. The groups a call uses run as one LoRA-sha
 rank is r times the sum of their kernel sizes (``experts.py``): for one route (every row of one task) the kernels
 are folded into the up factor; for mixed rows the up factor is ``B ⊗ I`` and each row's kernels act on the r x k
 hidden states in between. Two cheaper forms of mixed rows, both exact: where each task of the call has enough
-tokens, rows are sorted by task and each task's block runs through its own folded factors (only its top-k groups);
+tokens, rows are sorted by task and each task's block runs through its own top-k groups (their down factors,
+``A ⊗ I``, applied as dilated convolutions on the CPU where that saves enough arithmetic, ``experts.KronDown``);
 in the decoding steps of ``generate`` (a few tokens, every weight read per step) each group runs from the
 Kronecker structure, ``B (A X) Kᵀ``, reading the seed instead of factors of rank r*k. The d_out x d_in matrix is
 never built.
 
 Which groups a call's tasks use is asked of the device once per call, at route entry, for every layer together
-(:meth:`EptLayer.plan_request`); a layer's forward never synchronises the host. Constants (ALP's scales, the
+(:meth:`EptLayer.plan_request`); a layer's forward never synchronises the host, unless the router changed in place
+during the call (then the layer plans again). Constants (ALP's scales, the
 expert order) are non-persistent buffers that move with the model. Within one call without autograd (a
 ``generate`` call, a serving forward) the factors are built once and reused by every decoding step; they are
 rebuilt when a weight changes.
@@ -346,17 +348,16 @@ class EptLayer(TaskContrastiveLayer):
         every group the call uses, plus a mixing product per row). That pays where a task has enough tokens for
         the products, not their number, to set the cost; else (decoding steps, one task, an observer listening,
         routing unknown at entry) None."""
-        call = self.route.current()
-        by_task = call.cache.get((self, adapter_name, "task_groups"))
+        by_task = self._planned(adapter_name, "task_groups")
         if by_task is None or len(by_task) < 2 or x.dim() < 2 or self.route.observer is not None:
             return None
         return by_task if x.numel() // x.shape[-1] >= TOKENS_PER_TASK * len(by_task) else None
 
     def _task_factors(self, adapter_name: str, by_task: dict[int, tuple[int, ...]]) -> list[list[tuple]]:
-        """Per task in ``by_task``, its groups' (down, up, kernel): kron2d groups share ``down = A_g ⊗ I_k`` and
-        ``up = B_g ⊗ I_k`` among the tasks and apply the task's combined kernel (scale included) to the hidden
-        states in between (``(I_r ⊗ K) h``, r k² per token), so no factor is built per task; code1d folds the
-        task's kernel into its rank-r ``up``."""
+        """Per task in ``by_task``, its groups' (down, up, kernel): kron2d groups share ``down = A_g ⊗ I_k`` (an
+        :class:`experts.KronDown`) and ``up = B_g ⊗ I_k`` among the tasks and apply the task's combined kernel
+        (scale included) to the hidden states in between (``(I_r ⊗ K) h``, r k² per token), so no factor is built
+        per task; code1d folds the task's kernel into its rank-r ``up``."""
         groups = self._plans[adapter_name][0]
         seed = self._scaled_seed(adapter_name)
         table = self.scaling(adapter_name) * self._call_task_weights(adapter_name)  # the scale rides on the kernels
@@ -367,9 +368,10 @@ class EptLayer(TaskContrastiveLayer):
         if self.ept_config[adapter_name].expert_form == "kron2d":
             shared = {}
             for i in used:
-                eye = experts.identity(groups[i].k, seed[0].dtype, seed[0].device)
-                up, down = self._group_factors(adapter_name, seed, groups[i], eye)
-                shared[i] = (down, up)
+                A, B = self._slice_seed(seed, groups[i])
+                eye = experts.identity(groups[i].k, B.dtype, B.device)
+                down = experts.KronDown(A, groups[i].k, self.in_features)
+                shared[i] = (down, experts.kron2d_up(B, eye, self.out_features))
             return [[(*shared[i], kernels[i][task]) for i in chosen] for task, chosen in by_task.items()]
         factors = []
         for task, chosen in by_task.items():
@@ -483,8 +485,20 @@ class EptLayer(TaskContrastiveLayer):
     def _call_groups(self, adapter_name: str) -> list[KernelGroup]:
         """The groups this call's tasks use (found at route entry), or every group where that is unknown."""
         groups = self._plans[adapter_name][0]
-        used = self.route.current().cache.get((self, adapter_name, "groups")) if self.route is not None else None
+        used = self._planned(adapter_name, "groups") if self.route is not None else None
         return groups if used is None else [groups[i] for i in used]
+
+    def _planned(self, adapter_name: str, what: str):
+        """The call's plan ``what`` ("groups", "task_groups") for this adapter, or None where there is none. Where
+        the router has changed in place since route entry (an optimizer step during a ``generate`` call), the top-k
+        it picks may have too: the layer plans again, its one host synchronisation after such a change."""
+        call = self.route.current()
+        entry = call.cache.get((self, adapter_name, "task_weights"))
+        if entry is not None and not torch.compiler.is_compiling() and not self._unchanged(entry):
+            with torch.no_grad():
+                table = self._plan_task_weights(call, adapter_name)
+            self._accept_groups(call, adapter_name, (table != 0).reshape(-1).tolist())
+        return call.cache.get((self, adapter_name, what))
 
     def plan_request(self, call) -> torch.Tensor | None:
         """Which experts each task uses, per task-routed adapter ((num_tasks * E,) booleans each); the first
@@ -494,10 +508,7 @@ class EptLayer(TaskContrastiveLayer):
         for a in adapters:
             if isinstance(self.ept_task_embedding[a], DTensor):  # sharded (FSDP): every group runs
                 continue
-            router = self._router_inputs(a)
-            table = self.task_weights(a)
-            call.cache[(self, a, "task_weights")] = (router, [t._version for t in router], table)
-            asked.append((table != 0).reshape(-1))
+            asked.append((self._plan_task_weights(call, a) != 0).reshape(-1))
         if not asked or len(asked) != len(adapters):
             return None
         if _TASK_COUNTS not in call.cache:
@@ -506,30 +517,39 @@ class EptLayer(TaskContrastiveLayer):
             asked[:0] = [torch.bincount(call.ids, minlength=self.route.num_tasks), in_task_order]
         return torch.cat(asked)
 
+    def _plan_task_weights(self, call, adapter_name: str) -> torch.Tensor:
+        """Every task's combine weights, kept in the call's cache with the router's versions they were made from."""
+        router = self._router_inputs(adapter_name)
+        table = self.task_weights(adapter_name)
+        call.cache[(self, adapter_name, "task_weights")] = (router, [t._version for t in router], table)
+        return table
+
     def accept_plan(self, call, values: list) -> None:
         if call.cache[_TASK_COUNTS] is self:
             tasks = self.route.num_tasks
             call.cache[_TASK_COUNTS], call.cache[_IN_TASK_ORDER] = values[:tasks], bool(values[tasks])
             values = values[tasks + 1 :]
-        tasks = [task for task, count in enumerate(call.cache[_TASK_COUNTS]) if count]
         start = 0
         for adapter_name in self._planned_adapters():
-            experts_per_task = len(self.ept_config[adapter_name].kernel_sizes)
-            table = values[start : start + self.ept_config[adapter_name].num_tasks * experts_per_task]
-            start += len(table)
-            groups = self._plans[adapter_name][0]
-            by_task = {
-                task: tuple(
-                    i
-                    for i, group in enumerate(groups)
-                    if any(table[task * experts_per_task + e] for e in group.experts)
-                )
-                for task in tasks
-            }
-            call.cache[(self, adapter_name, "task_groups")] = by_task
-            call.cache[(self, adapter_name, "groups")] = tuple(
-                sorted({i for chosen in by_task.values() for i in chosen})
+            config = self.ept_config[adapter_name]
+            size = config.num_tasks * len(config.kernel_sizes)
+            self._accept_groups(call, adapter_name, values[start : start + size])
+            start += size
+
+    def _accept_groups(self, call, adapter_name: str, used: list) -> None:
+        """The groups each of the call's tasks uses and their union, from which experts each task uses (host
+        values, task-major)."""
+        experts_per_task = len(self.ept_config[adapter_name].kernel_sizes)
+        groups = self._plans[adapter_name][0]
+        tasks = [task for task, count in enumerate(call.cache[_TASK_COUNTS]) if count]
+        by_task = {
+            task: tuple(
+                i for i, group in enumerate(groups) if any(used[task * experts_per_task + e] for e in group.experts)
             )
+            for task in tasks
+        }
+        call.cache[(self, adapter_name, "task_groups")] = by_task
+        call.cache[(self, adapter_name, "groups")] = tuple(sorted({i for chosen in by_task.values() for i in chosen}))
 
     def _planned_adapters(self) -> list[str]:
         return [a for a in self._active_for_forward() if self.ept_config[a].router_input == "task"]
@@ -553,10 +573,11 @@ class Linear(AdaptedLinear, EptLayer):
     """An ``nn.Linear`` adapted with EPT."""
 
 
-def _task_hidden(block: torch.Tensor, down: torch.Tensor, kernel: torch.Tensor | None) -> torch.Tensor:
+def _task_hidden(block: torch.Tensor, down, kernel: torch.Tensor | None) -> torch.Tensor:
     """A task's hidden states ``down x`` for its rows (tokens, r * k), through ``(I_r ⊗ K)``: each rank component's k
-    values mixed by the task's kernel (kron2d; code1d has its kernel in ``up``)."""
-    hidden = F.linear(block, down)
+    values mixed by the task's kernel (kron2d; code1d has its kernel in ``up``). ``down`` is a factor or applies one
+    (:class:`experts.KronDown`)."""
+    hidden = down(block) if callable(down) else F.linear(block, down)
     if kernel is None:
         return hidden
     return torch.matmul(hidden.view(block.shape[0], -1, kernel.shape[-1]), kernel.mT).view(block.shape[0], -1)
