@@ -23,16 +23,21 @@ each id is then repeated ``m`` times, matching the ``repeat_interleave`` that ``
 Anywhere else a count that differs from the batch is an error (a single int id applies to every row).
 
 The backward pass. Gradient checkpointing re-runs layers inside ``backward``, after the call returned and, on CUDA,
-on autograd's own threads, where the thread-local state of the forward is not visible. A call that recorded a graph is
-therefore also kept by the route once it returns (:meth:`TaskRoute.exit`), and a layer re-run in a backward pass
-outside any call reads that call; re-runs never record auxiliary losses or advance routing state.
+on autograd's own threads, where the thread-local state of the forward is not visible. A call that recorded a graph
+hooks its outputs' gradient functions (:meth:`TaskRoute.bind_backward`): when a backward pass reaches them, before it
+reaches any layer of the call, the call is registered under that backward pass (autograd's graph task), and a layer
+re-run inside it reads that call, so two calls' backward passes running at once (threads, or one call's backward
+after another call's forward) each see their own route. A re-run in a backward pass that reached no hooked output
+reads the last call that recorded a graph. Re-runs never record auxiliary losses or advance routing state.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -193,7 +198,9 @@ class TaskRoute:
 
     def _init_state(self) -> None:
         self._state = _ThreadState()
-        self._retained: CallRoute | None = None  # the last call that recorded a graph, for backward re-runs
+        self._retained: CallRoute | None = None  # the last call that recorded a graph: re-runs of unhooked backwards
+        # graph task id -> the call whose outputs that backward pass reached (held by the hooks on its graph)
+        self._backward_calls: weakref.WeakValueDictionary[int, CallRoute] = weakref.WeakValueDictionary()
 
     # Copies and pickles (deepcopy of a model, torch.save) carry the settings, not the calls in progress.
     def __getstate__(self) -> dict:
@@ -253,6 +260,19 @@ class TaskRoute:
         if not stack and torch.is_grad_enabled():
             self._retained = call
 
+    @torch.compiler.disable
+    def bind_backward(self, output) -> None:
+        """Hook the gradient functions of ``output``'s tensors (nested in tuples, lists and dicts: a model output)
+        so that a backward pass through them registers the open outermost call for its re-runs. Only a call that
+        records a graph binds."""
+        state = self._state.get()
+        if len(state.stack) != 1 or not torch.is_grad_enabled():
+            return
+        register = functools.partial(_register_backward_call, weakref.ref(self), state.stack[0])
+        for tensor in _tensors(output):
+            if tensor.grad_fn is not None:
+                tensor.grad_fn.register_prehook(register)
+
     @contextmanager
     def call(self, task_ids=None, attention_mask: torch.Tensor | None = None, device=None) -> Iterator[None]:
         try:
@@ -279,8 +299,10 @@ class TaskRoute:
         state = self._state.get()
         if state.stack:
             return state.stack[-1]
-        if self._retained is not None and in_backward_pass():
-            return self._retained
+        if in_backward_pass():
+            bound = self._backward_calls.get(torch._C._current_graph_task_id())
+            if bound is not None or self._retained is not None:
+                return bound or self._retained
         if state.last is None or state.last.ids is not None:
             state = state._replace(last=CallRoute())
             self._state.set(state)
@@ -344,6 +366,24 @@ class TaskRoute:
         return self.attention_mask(x.shape[0], x.shape[1]) if x.dim() == 3 else None
 
 
+def _register_backward_call(route_ref, call: CallRoute, _grad_outputs) -> None:
+    """A gradient-function pre-hook: the running backward pass re-runs ``call``'s layers."""
+    route = route_ref()
+    if route is not None:
+        route._backward_calls[torch._C._current_graph_task_id()] = call
+
+
+def _tensors(value) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):  # a transformers ModelOutput too
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
 def expand_to_batch(values: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Repeat each row ``batch_size / len(values)`` times, as ``generate`` expands inputs for beams."""
     n = values.shape[0]
@@ -379,7 +419,8 @@ def attach_to_peft_model(peft_model: torch.nn.Module, route: TaskRoute) -> None:
     def pre_hook(_module, args, kwargs):
         route.enter(kwargs.get("task_ids"), kwargs.get("attention_mask"), outermost=True, device=input_device(kwargs))
 
-    def post_hook(_module, _args, _kwargs, _output):
+    def post_hook(_module, _args, _kwargs, output):
+        route.bind_backward(output)
         route.exit()
 
     peft_model.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -455,7 +455,9 @@ class RoutedTuner(LossSource, BaseTuner):
 
     def forward(self, *args: Any, task_ids=None, **kwargs: Any):
         with self.route.call(task_ids, kwargs.get("attention_mask"), input_device(kwargs)):
-            return self.model(*args, **kwargs)
+            output = self.model(*args, **kwargs)
+            self.route.bind_backward(output)
+            return output
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
