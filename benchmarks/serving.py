@@ -13,6 +13,9 @@ Three measurements, each side by side in one run (interleaved round-robin after 
    PEFT LoRA unmerged (tokens/s). Target: EPT / LoRA >= 0.85 (median of 3 rounds).
 3. Training step on MiniLM-L6 (batch 32 x 64, the 36 encoder linears; ``speed.py``'s step): EPT / LoRA, the
    median of 6 paired steps (each pair run back to back). Target: <= 1.20.
+4. The two ways EPT applies a kron2d group's shared down factor ``A ⊗ I_k`` to a task's rows without autograd
+   (``experts.KronDown``): one product with the factor, or the dilated convolution, at SmolLM2's input widths,
+   for a few and for many tokens; beside each, the way ``DILATED_MIN_SAVING`` picks (the rule's check).
 
 Adapters have rank 8 (EPT: kernels 2, 2, 4, 4, 6, 6, 8, 8, top-2) on q, k, v, o, up and down; their weights are
 randomised (not the zero init) and every task routes differently, so every expert group does real work.
@@ -27,19 +30,23 @@ import statistics
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from common import interleaved, machine_info, markdown_table, summarize, write_results
 from pyramid_peft import EptConfig
+from pyramid_peft.methods.ept import experts
 from speed import KERNELS, MINILM, RANK, SMOLLM2, SMOLLM2_TARGETS, build_adapted, load_case, shared_copy, train_step
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serving.json"
 TASKS = 8
+DOWN_WIDTHS, DOWN_TOKENS, DOWN_CALLS = (576, 1536), (32, 256), 20  # SmolLM2's input widths; a task's tokens
 
 
 @dataclass(frozen=True)
@@ -55,12 +62,13 @@ class Plan:
     train_batch: int  # MiniLM training step
     train_seq: int
     train_pairs: int
+    down_rounds: int  # the down factor's two forms: rounds of DOWN_CALLS calls each
     warmup: int = 1
 
 
 PLANS = {
-    "full": Plan("full", 32, 64, 5, 4, 16, 32, 3, 32, 64, 6),
-    "smoke": Plan("smoke", 8, 8, 1, 2, 4, 3, 1, 4, 16, 1),
+    "full": Plan("full", 32, 64, 5, 4, 16, 32, 3, 32, 64, 6, 7),
+    "smoke": Plan("smoke", 8, 8, 1, 2, 4, 3, 1, 4, 16, 1, 1),
 }
 
 
@@ -206,6 +214,39 @@ def bench_training(plan: Plan) -> dict:
     }
 
 
+# -- 4. the down factor's two forms --------------------------------------------------------------------------------
+def bench_down_forms(plan: Plan) -> dict:
+    rows = []
+    generator = torch.Generator().manual_seed(2)
+    for d_in in DOWN_WIDTHS:
+        for k in sorted(set(KERNELS)):
+            A = torch.randn(RANK, experts.seed_shape(d_in, d_in, k, "kron2d")[1], generator=generator)
+            factor = experts.kron2d_down(A, k, d_in)
+            for tokens in DOWN_TOKENS:
+                x = torch.randn(tokens, d_in, generator=generator)
+                forms = {
+                    "product": partial(F.linear, x, factor),
+                    "convolution": partial(experts.dilated_down, x, A, k, d_in),
+                }
+                steps = {name: repeated(form) for name, form in forms.items()}
+                with torch.no_grad():
+                    times = interleaved(steps, {name: plan.down_rounds for name in steps}, plan.warmup)
+                micros = {name: statistics.median(times[name]) / DOWN_CALLS * 1e6 for name in steps}
+                saving = tokens * d_in * RANK * (k - 2)
+                rule = "convolution" if saving >= experts.DILATED_MIN_SAVING else "product"
+                faster = min(micros, key=micros.get)
+                rows.append({"d_in": d_in, "k": k, "tokens": tokens, **micros, "rule": rule, "faster": faster})
+    return {"calls_per_round": DOWN_CALLS, "rows": rows, "rule_agrees": sum(r["rule"] == r["faster"] for r in rows)}
+
+
+def repeated(form):
+    def step():
+        for _ in range(DOWN_CALLS):
+            form()
+
+    return step
+
+
 # -- running and reporting -----------------------------------------------------------------------------------------
 def target(value: float, op: str, bound: float) -> dict:
     met = value <= bound if op == "<=" else value >= bound
@@ -221,6 +262,8 @@ def run(plan: Plan) -> dict:
     results["generation"] = bench_generation(smollm2, plan)
     print("MiniLM training step ...", file=sys.stderr, flush=True)
     results["training"] = bench_training(plan)
+    print("down factor forms ...", file=sys.stderr, flush=True)
+    results["down_forms"] = bench_down_forms(plan)
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     results["targets"] = {
         "mixed batch: EPT / PEFT multi-LoRA (adapter_names)": target(
@@ -273,6 +316,24 @@ def render(results: dict) -> str:
         "Paired EPT / LoRA ratios: " + ", ".join(f"{r:.3f}" for r in train["paired_ratios"]),
         "",
     ]
+    if "down_forms" in results:  # reports written before this part existed lack it
+        down = results["down_forms"]
+        lines += [
+            f"## A kron2d group's down factor on a task's rows: product or dilated convolution (µs a call, median of "
+            f"rounds of {down['calls_per_round']} calls)",
+            "",
+            markdown_table(
+                ["d_in", "k", "tokens", "product", "convolution", "the rule takes", "faster"],
+                [
+                    [r["d_in"], r["k"], r["tokens"], r["product"], r["convolution"], r["rule"], r["faster"]]
+                    for r in down["rows"]
+                ],
+            ),
+            "",
+            f"The rule (``experts.DILATED_MIN_SAVING``) picks the faster form in {down['rule_agrees']} of "
+            f"{len(down['rows'])} cases.",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -47,5 +47,9 @@ def test_serving_smoke(tmp_path):
 
     training = result["training"]
     assert set(training["variants"]) == {"lora", "ept"} and len(training["paired_ratios"]) == 1
+    down = result["down_forms"]
+    assert len(down["rows"]) == 2 * 4 * 2  # input widths x kernel sizes x token counts
+    assert all(positive(row["product"]) and positive(row["convolution"]) for row in down["rows"])
+    assert {row["rule"] for row in down["rows"]} == {"product", "convolution"}  # the rule takes both ways here
     for name, row in result["targets"].items():
         assert positive(row["value"]) and isinstance(row["met"], bool), name
