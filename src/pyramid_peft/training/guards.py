@@ -67,10 +67,14 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous = {}
 
-    def _handle(self, signum: int, _frame) -> None:
+    def _handle(self, signum: int, frame) -> None:
         if self.received is not None:  # asked twice: stop now, the way the signal normally would
+            previous = self._previous.get(signum, signal.SIG_DFL)
             self.__exit__()
-            signal.raise_signal(signum)
+            if callable(previous):  # Python's own Ctrl-C handler raises KeyboardInterrupt here, at once
+                previous(signum, frame)
+            else:  # the default action (SIGTERM's: terminate); re-raised, it would run a check point late
+                signal.raise_signal(signum)
             return
         self.received = signum
         sys.stderr.write(
