@@ -2,7 +2,7 @@
 
     python benchmarks/serving.py [--smoke] [--out benchmarks/results/serving.json]
 
-Three measurements, each side by side in one run (interleaved round-robin after a warm-up, medians):
+Four measurements, each side by side in one run (interleaved round-robin after a warm-up, medians):
 
 1. Mixed-task batch, forward only: SmolLM2-135M, 32 rows x 64 tokens from 8 tasks (4 rows each). EPT routes the
    8 tasks in one adapter; PEFT LoRA serves 8 adapters through ``adapter_names`` (its mixed-batch path); one LoRA
@@ -15,7 +15,7 @@ Three measurements, each side by side in one run (interleaved round-robin after 
    median of 6 paired steps (each pair run back to back). Target: <= 1.20.
 4. The two ways EPT applies a kron2d group's shared down factor ``A ⊗ I_k`` to a task's rows without autograd
    (``experts.KronDown``): one product with the factor, or the dilated convolution, at SmolLM2's input widths,
-   for a few and for many tokens; beside each, the way ``DILATED_MIN_SAVING`` picks (the rule's check).
+   for a few and for many tokens; beside each, the way ``experts.dilated_pays`` picks (the rule's check).
 
 Adapters have rank 8 (EPT: kernels 2, 2, 4, 4, 6, 6, 8, 8, top-2) on q, k, v, o, up and down; their weights are
 randomised (not the zero init) and every task routes differently, so every expert group does real work.
@@ -232,8 +232,7 @@ def bench_down_forms(plan: Plan) -> dict:
                 with torch.no_grad():
                     times = interleaved(steps, {name: plan.down_rounds for name in steps}, plan.warmup)
                 micros = {name: statistics.median(times[name]) / DOWN_CALLS * 1e6 for name in steps}
-                saving = tokens * d_in * RANK * (k - 2)
-                rule = "convolution" if saving >= experts.DILATED_MIN_SAVING else "product"
+                rule = "convolution" if experts.dilated_pays(tokens, d_in, RANK, k) else "product"
                 faster = min(micros, key=micros.get)
                 rows.append({"d_in": d_in, "k": k, "tokens": tokens, **micros, "rule": rule, "faster": faster})
     return {"calls_per_round": DOWN_CALLS, "rows": rows, "rule_agrees": sum(r["rule"] == r["faster"] for r in rows)}
@@ -316,24 +315,23 @@ def render(results: dict) -> str:
         "Paired EPT / LoRA ratios: " + ", ".join(f"{r:.3f}" for r in train["paired_ratios"]),
         "",
     ]
-    if "down_forms" in results:  # reports written before this part existed lack it
-        down = results["down_forms"]
-        lines += [
-            f"## A kron2d group's down factor on a task's rows: product or dilated convolution (µs a call, median of "
-            f"rounds of {down['calls_per_round']} calls)",
-            "",
-            markdown_table(
-                ["d_in", "k", "tokens", "product", "convolution", "the rule takes", "faster"],
-                [
-                    [r["d_in"], r["k"], r["tokens"], r["product"], r["convolution"], r["rule"], r["faster"]]
-                    for r in down["rows"]
-                ],
-            ),
-            "",
-            f"The rule (``experts.DILATED_MIN_SAVING``) picks the faster form in {down['rule_agrees']} of "
-            f"{len(down['rows'])} cases.",
-            "",
-        ]
+    down = results["down_forms"]
+    lines += [
+        f"## A kron2d group's down factor on a task's rows: product or dilated convolution (µs a call, median of "
+        f"rounds of {down['calls_per_round']} calls)",
+        "",
+        markdown_table(
+            ["d_in", "k", "tokens", "product", "convolution", "the rule takes", "faster"],
+            [
+                [r["d_in"], r["k"], r["tokens"], r["product"], r["convolution"], r["rule"], r["faster"]]
+                for r in down["rows"]
+            ],
+        ),
+        "",
+        f"The rule (``experts.dilated_pays``) picks the faster form in {down['rule_agrees']} of "
+        f"{len(down['rows'])} cases.",
+        "",
+    ]
     return "\n".join(lines)
 
 

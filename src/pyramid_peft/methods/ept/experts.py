@@ -81,10 +81,17 @@ def dilated_down(x: torch.Tensor, A: torch.Tensor, k: int, d_in: int) -> torch.T
 DILATED_MIN_SAVING = 4_000_000
 
 
+def dilated_pays(tokens: int, d_in: int, rank: int, k: int) -> bool:
+    """Whether the dilated form of ``A ⊗ I_k`` (rank rows of A) is the cheaper one for ``tokens`` rows on the CPU:
+    the multiply-adds it saves, counting its own r·d_in twice (it runs them at half speed), reach
+    ``DILATED_MIN_SAVING``."""
+    return tokens * d_in * rank * (k - 2) >= DILATED_MIN_SAVING
+
+
 class KronDown:
     """A kron2d group's down factor ``A ⊗ I_k`` (cropped to d_in columns) applied to blocks of rows: as the
-    dilated convolution (:func:`dilated_down`) on the CPU without autograd where that saves at least
-    ``DILATED_MIN_SAVING`` multiply-adds (the convolution's backward is slower than the product's), else as one
+    dilated convolution (:func:`dilated_down`) on the CPU without autograd where :func:`dilated_pays` (the
+    convolution's backward is slower than the product's), else as one
     product with the factor, built on first use."""
 
     def __init__(self, A: torch.Tensor, k: int, d_in: int):
@@ -92,9 +99,12 @@ class KronDown:
         self._factor: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, rank = x.numel() // x.shape[-1], self.A.shape[0]
-        saving = tokens * self.d_in * rank * (self.k - 2)  # at half speed, the r·d_in it does count twice
-        if saving >= DILATED_MIN_SAVING and x.device.type == "cpu" and not torch.is_grad_enabled():
+        tokens = x.numel() // x.shape[-1]
+        if (
+            x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and dilated_pays(tokens, self.d_in, self.A.shape[0], self.k)
+        ):
             return dilated_down(x, self.A, self.k, self.d_in)
         if self._factor is None:
             self._factor = kron2d_down(self.A, self.k, self.d_in)
