@@ -199,9 +199,8 @@ class TaskRoute:
     def _init_state(self) -> None:
         self._state = _ThreadState()
         self._retained: CallRoute | None = None  # the last call that recorded a graph: re-runs of unhooked backwards
-        # graph task id -> the call whose outputs that backward pass reached (weakly: the hooks on its graph hold
-        # it). No weakref callbacks: a pending KeyboardInterrupt raised inside one would be lost.
-        self._backward_calls: dict[int, weakref.ref] = {}
+        # graph task id -> the call whose outputs that backward pass reached (the hooks on its graph hold it)
+        self._backward_calls: weakref.WeakValueDictionary[int, CallRoute] = weakref.WeakValueDictionary()
 
     # Copies and pickles (deepcopy of a model, torch.save) carry the settings, not the calls in progress.
     def __getstate__(self) -> dict:
@@ -301,10 +300,9 @@ class TaskRoute:
         if state.stack:
             return state.stack[-1]
         if in_backward_pass():
-            bound = self._backward_calls.get(torch._C._current_graph_task_id())
-            call = None if bound is None else bound()
-            if call is not None or self._retained is not None:
-                return call or self._retained
+            call = self._backward_calls.get(torch._C._current_graph_task_id(), self._retained)
+            if call is not None:
+                return call
         if state.last is None or state.last.ids is not None:
             state = state._replace(last=CallRoute())
             self._state.set(state)
@@ -372,11 +370,7 @@ def _register_backward_call(route_ref, call: CallRoute, _grad_outputs) -> None:
     """A gradient-function pre-hook: the running backward pass re-runs ``call``'s layers."""
     route = route_ref()
     if route is not None:
-        calls = route._backward_calls  # changed in place, one atomic step at a time: backwards run concurrently
-        for task, ref in list(calls.items()):
-            if ref() is None:  # its backward pass is over and its graph freed
-                calls.pop(task, None)
-        calls[torch._C._current_graph_task_id()] = weakref.ref(call)
+        route._backward_calls[torch._C._current_graph_task_id()] = call
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
