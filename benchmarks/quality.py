@@ -28,7 +28,8 @@ and on the reported split (the whole dev set). For each method:
 
 The reported split is never read to choose anything. Each run writes ``<results>/<suite>/<run>.json`` (run =
 ``<variant>-lr<lr>-seed<k>``): the validation metrics and the fingerprint of its rows, the reported metrics with
-every example's prediction and label, collapse flags, timings, machine, load, and the resolved config. A run whose
+every example's prediction and label, collapse flags, timings, machine, load, and the resolved config (its run
+folder and checkpoint named relative to the working directory, or as ``<runs-dir>/...``). A run whose
 file exists is skipped; an interrupted run restarts from its last checkpoint in ``runs/benchmarks/``. Several
 processes (``--workers 2``, or the same command twice) share a suite: each claims a run with a lock file beside its
 result file. After the runs, ``quality_report.py`` (same arguments) writes the tables, the sweep plot and the verdict.
@@ -437,10 +438,28 @@ def run_one(suite: Suite, key: RunKey, runs_dir: Path) -> dict:
         "train_seconds": round(trained_at - start, 1),  # this sitting only, when resumed
         "eval_seconds": round(done_at - trained_at, 1),
         "wall_seconds": round(done_at - start, 1),
-        "resumed_from": checkpoint,
+        "resumed_from": portable(checkpoint, runs_dir),
         "machine": {**machine, "device": device, "load_average_at_end": list(os.getloadavg())},
-        "config": config.to_dict(),
+        "config": recorded_config_dict(config, runs_dir),
     }
+
+
+def recorded_config_dict(config: ExperimentConfig, runs_dir: Path) -> dict:
+    """The run's config as its record keeps it: the run folder made :func:`portable`."""
+    recorded = config.to_dict()
+    recorded["training"]["output_dir"] = portable(recorded["training"]["output_dir"], runs_dir)
+    return recorded
+
+
+def portable(path: str | None, runs_dir: Path) -> str | None:
+    """A path under ``runs_dir`` as a record keeps it, naming no folder of the machine it ran on: relative to the
+    working directory where it lies under it (the default ``runs/benchmarks/...``), else ``<runs-dir>/...``."""
+    if path is None or not Path(path).is_absolute():
+        return path
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path("<runs-dir>") / Path(path).relative_to(runs_dir.resolve()))
 
 
 def last_checkpoint(config: ExperimentConfig) -> str | None:
