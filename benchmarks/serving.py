@@ -2,7 +2,7 @@
 
     python benchmarks/serving.py [--smoke] [--out benchmarks/results/serving.json]
 
-Four measurements, each side by side in one run (interleaved round-robin after a warm-up, medians):
+Five measurements, each side by side in one run (interleaved round-robin after a warm-up, medians):
 
 1. Mixed-task batch, forward only: SmolLM2-135M, 32 rows x 64 tokens from 8 tasks (4 rows each). EPT routes the
    8 tasks in one adapter; PEFT LoRA serves 8 adapters through ``adapter_names`` (its mixed-batch path); one LoRA
@@ -16,6 +16,9 @@ Four measurements, each side by side in one run (interleaved round-robin after a
 4. The two ways EPT applies a kron2d group's shared down factor ``A ⊗ I_k`` to a task's rows without autograd
    (``experts.KronDown``): one product with the factor, or the dilated convolution, at SmolLM2's input widths,
    for a few and for many tokens; beside each, the way ``experts.dilated_pays`` picks (the rule's check).
+5. Single requests, forward only (latency, where a call's fixed costs show): one row of 16 tokens for one task
+   (EPT routed against PEFT LoRA unmerged, and the base model) and two rows for two tasks (EPT against PEFT
+   multi-LoRA through ``adapter_names``). Reported, no target (median of 15 rounds).
 
 Adapters have rank 8 (EPT: kernels 2, 2, 4, 4, 6, 6, 8, 8, top-2) on q, k, v, o, up and down; their weights are
 randomised (not the zero init) and every task routes differently, so every expert group does real work.
@@ -63,12 +66,14 @@ class Plan:
     train_seq: int
     train_pairs: int
     down_rounds: int  # the down factor's two forms: rounds of DOWN_CALLS calls each
+    request_tokens: int  # single requests: tokens per row, and rounds
+    request_rounds: int
     warmup: int = 1
 
 
 PLANS = {
-    "full": Plan("full", 32, 64, 5, 4, 16, 32, 3, 32, 64, 6, 7),
-    "smoke": Plan("smoke", 8, 8, 1, 2, 4, 3, 1, 4, 16, 1, 1),
+    "full": Plan("full", 32, 64, 5, 4, 16, 32, 3, 32, 64, 6, 7, 16, 15),
+    "smoke": Plan("smoke", 8, 8, 1, 2, 4, 3, 1, 4, 16, 1, 1, 4, 1),
 }
 
 
@@ -246,6 +251,42 @@ def repeated(form):
     return step
 
 
+# -- 5. single requests ----------------------------------------------------------------------------------------
+def bench_requests(base: torch.nn.Module, plan: Plan) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    ept, lora, multi = ept_model(base), lora_model(base, 1), lora_model(base, TASKS)
+
+    def request(rows: int):
+        ids = torch.randint(base.config.vocab_size, (rows, plan.request_tokens), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    one, two = request(1), request(2)
+
+    def forward(model, inputs, **kwargs):
+        def step():
+            with torch.no_grad():
+                model(**inputs, **kwargs)
+
+        return step
+
+    steps = {
+        "one_task_ept_routed": forward(ept, one, task_ids=torch.tensor([3])),
+        "one_task_lora_unmerged": forward(lora, one),
+        "one_task_base": forward(base, one),
+        "two_tasks_ept_routed": forward(ept, two, task_ids=torch.tensor([3, 5])),
+        "two_tasks_lora_multi_adapter_names": forward(multi, two, adapter_names=["task3", "task5"]),
+    }
+    times = interleaved(steps, {name: plan.request_rounds for name in steps}, plan.warmup)
+    rows = {name: summarize(times[name], unit="s") for name in steps}
+    return {
+        "tokens": plan.request_tokens,
+        "variants": rows,
+        "one_task_ept_vs_lora": rows["one_task_ept_routed"]["median"] / rows["one_task_lora_unmerged"]["median"],
+        "two_tasks_ept_vs_multi_lora": rows["two_tasks_ept_routed"]["median"]
+        / rows["two_tasks_lora_multi_adapter_names"]["median"],
+    }
+
+
 # -- running and reporting -----------------------------------------------------------------------------------------
 def target(value: float, op: str, bound: float) -> dict:
     met = value <= bound if op == "<=" else value >= bound
@@ -263,6 +304,8 @@ def run(plan: Plan) -> dict:
     results["training"] = bench_training(plan)
     print("down factor forms ...", file=sys.stderr, flush=True)
     results["down_forms"] = bench_down_forms(plan)
+    print("single requests ...", file=sys.stderr, flush=True)
+    results["requests"] = bench_requests(smollm2, plan)
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     results["targets"] = {
         "mixed batch: EPT / PEFT multi-LoRA (adapter_names)": target(
@@ -315,7 +358,7 @@ def render(results: dict) -> str:
         "Paired EPT / LoRA ratios: " + ", ".join(f"{r:.3f}" for r in train["paired_ratios"]),
         "",
     ]
-    down = results["down_forms"]
+    down, requests = results["down_forms"], results["requests"]
     lines += [
         f"## A kron2d group's down factor on a task's rows: product or dilated convolution (µs a call, median of "
         f"rounds of {down['calls_per_round']} calls)",
@@ -330,6 +373,13 @@ def render(results: dict) -> str:
         "",
         f"The rule (``experts.dilated_pays``) picks the faster form in {down['rule_agrees']} of "
         f"{len(down['rows'])} cases.",
+        "",
+        f"## Single requests of {requests['tokens']} tokens a row, forward only",
+        "",
+        timing_table(requests["variants"]),
+        "",
+        f"One task, EPT / LoRA unmerged: {requests['one_task_ept_vs_lora']:.3f}; two tasks, EPT / PEFT multi-LoRA "
+        f"(adapter_names): {requests['two_tasks_ept_vs_multi_lora']:.3f}.",
         "",
     ]
     return "\n".join(lines)

@@ -155,6 +155,47 @@ def test_factors_are_built_once_per_call_and_rebuilt_when_a_weight_changes(monke
     assert not torch.allclose(changed, first)
 
 
+def test_a_forward_plans_its_route_once():
+    """The wrapper's pre-hook opens the call; PEFT's own hook context inside it, given the same ids, inherits it."""
+    model = ept_model("llama").eval()
+    route = model.base_model.route
+    plans, planner = [], route.planner
+    route.planner = lambda call: plans.append(call) or planner(call)
+    with torch.no_grad():
+        model(**tiny_batch("llama"), task_ids=torch.tensor([0, 2, 1, 2]))
+    assert len(plans) == 1
+
+
+def test_later_calls_reuse_the_plan_until_the_router_changes(monkeypatch):
+    model = ept_model("llama").eval()
+    batch = tiny_batch("llama")
+    ids = torch.tensor([0, 2, 1, 2])
+    layers = [layer for _, layer in model.base_model.routed_layers()]
+    tables = []
+    original = type(layers[0]).task_weights
+    monkeypatch.setattr(type(layers[0]), "task_weights", lambda *a, **k: tables.append(1) or original(*a, **k))
+
+    def planned_afresh():
+        for layer in layers:
+            layer._known_routes.clear()
+        return model(**batch, task_ids=ids).logits
+
+    with torch.no_grad():
+        first = model(**batch, task_ids=ids).logits
+        per_plan = len(tables)
+        assert model(**batch, task_ids=ids).logits.equal(first) and len(tables) == per_plan > 0  # nothing recomputed
+        for layer in layers:
+            layer.ept_task_embedding["default"].mul_(-1.0)  # an optimiser step between two calls
+        changed = model(**batch, task_ids=ids).logits
+        assert len(tables) == 2 * per_plan and not torch.allclose(changed, first)
+        torch.testing.assert_close(changed, planned_afresh(), rtol=0, atol=0)
+        model.to(torch.float64)  # new storage, same versions
+        moved = model(**batch, task_ids=ids).logits
+        assert moved.dtype == torch.float64 and len(tables) == 4 * per_plan
+        torch.testing.assert_close(moved, planned_afresh(), rtol=0, atol=0)
+        torch.testing.assert_close(moved.float(), changed, rtol=1e-5, atol=1e-5)
+
+
 def test_generate_builds_the_factors_once_for_all_its_steps(monkeypatch):
     model = ept_model("llama").eval()
     layer_cls = type(next(layer for _, layer in model.base_model.routed_layers()))

@@ -139,6 +139,7 @@ class CallRoute:
         self.scratch: dict[Any, Any] = {}
         self.cache: dict[Any, Any] = {}
         self._expanded: dict[int, torch.Tensor] = {}
+        self.given_ids = None  # the ids as the caller gave them (a nested entry given the same object inherits)
 
     def nested(self, route: CallRoute | None = None) -> CallRoute:
         """A call opened inside this one: its own ``route`` (this one's when None), this one's records and scratch."""
@@ -227,6 +228,8 @@ class TaskRoute:
         """
         state = self._state.get()
         stack = () if outermost else state.stack
+        if stack and task_ids is not None and stack[-1].given_ids is task_ids and stack[-1].mask is attention_mask:
+            task_ids = None  # the enclosing call's own ids again (PEFT's context inside our pre-hook): no new plan
         generating = state.generating > 0
         call = (
             None if task_ids is None else CallRoute(mask=attention_mask, expandable=generating, generating=generating)
@@ -240,6 +243,7 @@ class TaskRoute:
             batch = attention_mask.shape[0] if attention_mask is not None else None
             call.expandable = call.expandable or (isinstance(task_ids, int) and attention_mask is None)
             call.ids, call.uniform = self._place(task_ids, batch, device)
+            call.given_ids = task_ids
             if self.planner is not None:
                 self.planner(call)
 

@@ -45,6 +45,16 @@ def test_serving_smoke(tmp_path):
     assert set(generation) == {"ept_routed", "lora_unmerged", "base"}
     assert all(positive(row["tokens_per_s"]) for row in generation.values())
 
+    requests = result["requests"]
+    assert set(requests["variants"]) == {
+        "one_task_ept_routed",
+        "one_task_lora_unmerged",
+        "one_task_base",
+        "two_tasks_ept_routed",
+        "two_tasks_lora_multi_adapter_names",
+    }
+    assert positive(requests["one_task_ept_vs_lora"]) and positive(requests["two_tasks_ept_vs_multi_lora"])
+
     training = result["training"]
     assert set(training["variants"]) == {"lora", "ept"} and len(training["paired_ratios"]) == 1
     down = result["down_forms"]

@@ -26,6 +26,8 @@ rebuilt when a weight changes.
 from __future__ import annotations
 
 import math
+import operator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,7 @@ class EptLayer(TaskContrastiveLayer):
     adapter_layer_names = ("ept_A", "ept_B", "ept_kernels", "ept_gate", "ept_task_embedding")
     other_param_names = ("ept_config", "ept_contrastive", "ept_scale_A", "ept_scale_B", "ept_expert_order")
     parameter_groups = {"ept_gate": "router", "ept_task_embedding": "task_embedding"}
-    adapter_state_names = ("_plans",)
+    adapter_state_names = ("_plans", "_known_routes")
 
     def __init__(self, base_layer: nn.Module, route):
         super().__init__(base_layer, route)
@@ -70,6 +72,9 @@ class EptLayer(TaskContrastiveLayer):
         self.ept_scale_B = BufferDict(persistent=False)
         self.ept_expert_order = BufferDict(persistent=False)
         self._plans: dict[str, tuple] = {}
+        # Per adapter, the last planned task-weight table, the experts it uses (host booleans) and what it was
+        # computed from: a later call whose router is unchanged plans without recomputing or fetching them.
+        self._known_routes: dict[str, _KnownRoute] = {}
 
     def rank_limit(self) -> None:
         """None: ``r`` is the rank of the seed, which :meth:`update_layer` checks against the kernel sizes."""
@@ -501,21 +506,32 @@ class EptLayer(TaskContrastiveLayer):
         return call.cache.get((self, adapter_name, what))
 
     def plan_request(self, call) -> torch.Tensor | None:
-        """Which experts each task uses, per task-routed adapter ((num_tasks * E,) booleans each); the first
-        layer asked also fetches the call's rows per task, which every layer reads."""
+        """Which experts each task uses, per task-routed adapter ((num_tasks * E,) booleans each) whose router
+        changed since the last plan (else known on the host); the first layer asked also fetches the call's
+        rows per task, which every layer reads."""
         adapters = self._planned_adapters()
-        asked = []
-        for a in adapters:
-            if isinstance(self.ept_task_embedding[a], DTensor):  # sharded (FSDP): every group runs
-                continue
-            asked.append((self._plan_task_weights(call, a) != 0).reshape(-1))
-        if not asked or len(asked) != len(adapters):
-            return None
+        if not adapters or any(isinstance(self.ept_task_embedding[a], DTensor) for a in adapters):
+            return None  # sharded (FSDP): every group runs
+        asked = [(self._plan_task_weights(call, a) != 0).reshape(-1) for a in adapters if not self._known(call, a)]
         if _TASK_COUNTS not in call.cache:
             call.cache[_TASK_COUNTS] = self  # filled in by this layer's accept_plan, the first one called
             in_task_order = (call.ids[1:] >= call.ids[:-1]).all().reshape(1)  # then rows need no reordering
             asked[:0] = [torch.bincount(call.ids, minlength=self.route.num_tasks), in_task_order]
-        return torch.cat(asked)
+        return torch.cat(asked) if asked else call.ids.new_zeros(0)
+
+    def _known(self, call, adapter_name: str) -> bool:
+        """Whether the last plan's table still holds (the router's tensors the same, unchanged in place and not
+        moved): then it serves this call too."""
+        known = self._known_routes.get(adapter_name)
+        router = self._router_inputs(adapter_name)
+        if (
+            known is None
+            or known.fingerprint != _fingerprint(router)
+            or any(map(operator.is_not, known.router, router))
+        ):
+            return False
+        call.cache[(self, adapter_name, "task_weights")] = (router, [t._version for t in router], known.table)
+        return True
 
     def _plan_task_weights(self, call, adapter_name: str) -> torch.Tensor:
         """Every task's combine weights, kept in the call's cache with the router's versions they were made from."""
@@ -531,10 +547,15 @@ class EptLayer(TaskContrastiveLayer):
             values = values[tasks + 1 :]
         start = 0
         for adapter_name in self._planned_adapters():
-            config = self.ept_config[adapter_name]
-            size = config.num_tasks * len(config.kernel_sizes)
-            self._accept_groups(call, adapter_name, values[start : start + size])
-            start += size
+            router, versions, table = call.cache[(self, adapter_name, "task_weights")]
+            known = self._known_routes.get(adapter_name)
+            if known is None or known.table is not table:  # fetched for this call: known from now on
+                config = self.ept_config[adapter_name]
+                size = config.num_tasks * len(config.kernel_sizes)
+                used = values[start : start + size]
+                known = self._known_routes[adapter_name] = _KnownRoute(router, _fingerprint(router), table, used)
+                start += size
+            self._accept_groups(call, adapter_name, known.used)
 
     def _accept_groups(self, call, adapter_name: str, used: list) -> None:
         """The groups each of the call's tasks uses and their union, from which experts each task uses (host
@@ -571,6 +592,21 @@ class EptLayer(TaskContrastiveLayer):
 
 class Linear(AdaptedLinear, EptLayer):
     """An ``nn.Linear`` adapted with EPT."""
+
+
+class _KnownRoute(NamedTuple):
+    """A plan kept for later calls: the router's tensors, their :func:`_fingerprint`, the task-weight table made
+    from them and which experts each task uses (host booleans, task-major)."""
+
+    router: list[torch.Tensor]
+    fingerprint: list[tuple]
+    table: torch.Tensor
+    used: list
+
+
+def _fingerprint(tensors: list[torch.Tensor]) -> list[tuple]:
+    """What tells a tensor changed since: its in-place version, and its storage (``model.to()`` swaps it)."""
+    return [(t._version, t.data_ptr(), t.dtype) for t in tensors]
 
 
 def _task_hidden(block: torch.Tensor, down, kernel: torch.Tensor | None) -> torch.Tensor:
