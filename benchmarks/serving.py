@@ -2,7 +2,7 @@
 
     python benchmarks/serving.py [--smoke] [--out benchmarks/results/serving.json]
 
-Five measurements, each side by side in one run (interleaved round-robin after a warm-up, medians):
+Six measurements, each side by side in one run (interleaved round-robin after a warm-up, medians):
 
 1. Mixed-task batch, forward only: SmolLM2-135M, 32 rows x 64 tokens from 8 tasks (4 rows each). EPT routes the
    8 tasks in one adapter; PEFT LoRA serves 8 adapters through ``adapter_names`` (its mixed-batch path); one LoRA
@@ -19,6 +19,10 @@ Five measurements, each side by side in one run (interleaved round-robin after a
 5. Single requests, forward only (latency, where a call's fixed costs show): one row of 16 tokens for one task
    (EPT routed against PEFT LoRA unmerged, and the base model) and two rows for two tasks (EPT against PEFT
    multi-LoRA through ``adapter_names``). Reported, no target (median of 15 rounds).
+6. The two ways to apply a kron2d group's shared up factor ``B ⊗ I_k`` to a task's mixed hidden states: the dense
+   product (r k multiply-adds per output, what EPT runs), or the Kronecker form, one product with B (r per output)
+   whose result comes out de-interleaved (row p m + i instead of i k + p) and is added back interleaved; the
+   product alone is timed beside it, so the cost of the interleaving shows.
 
 Adapters have rank 8 (EPT: kernels 2, 2, 4, 4, 6, 6, 8, 8, top-2) on q, k, v, o, up and down; their weights are
 randomised (not the zero init) and every task routes differently, so every expert group does real work.
@@ -50,6 +54,7 @@ from speed import KERNELS, MINILM, RANK, SMOLLM2, SMOLLM2_TARGETS, build_adapted
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serving.json"
 TASKS = 8
 DOWN_WIDTHS, DOWN_TOKENS, DOWN_CALLS = (576, 1536), (32, 256), 20  # SmolLM2's input widths; a task's tokens
+UP_WIDTHS, UP_TOKENS = (576, 1536), 256  # SmolLM2's output widths (q, o, down; up); a task's tokens in part 1
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,44 @@ def repeated(form):
     return step
 
 
+# -- 6. the up factor's two forms ----------------------------------------------------------------------------------
+def bench_up_forms(plan: Plan) -> dict:
+    rows = []
+    generator = torch.Generator().manual_seed(4)
+    tokens = UP_TOKENS if plan.mode == "full" else 8
+    for d_out in UP_WIDTHS:
+        for k in sorted(set(KERNELS)):
+            m = d_out // k  # SmolLM2's widths are multiples of every kernel size: no crop
+            B = torch.randn(m, RANK, generator=generator) / RANK
+            factor = experts.kron2d_up(B, experts.identity(k, B.dtype, B.device), d_out)
+            hidden = torch.randn(tokens, RANK, k, generator=generator)  # (token, ρ, p): the dense form's layout
+            by_position = hidden.transpose(1, 2).contiguous().view(tokens * k, RANK)  # (token, p, ρ): the Kronecker
+            out = torch.zeros(tokens, d_out)
+            forms = {
+                "dense": partial(out.addmm_, hidden.view(tokens, -1), factor.mT),
+                "kronecker": partial(kronecker_up, out, by_position, B, k),
+                "kronecker_product_only": partial(torch.mm, by_position, B.mT),
+            }
+            forms["dense"]()
+            expected = out.clone()
+            out.zero_()
+            forms["kronecker"]()
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # the same change either way
+            steps = {name: repeated(form) for name, form in forms.items()}
+            times = interleaved(steps, {name: plan.down_rounds for name in steps}, plan.warmup)
+            micros = {name: statistics.median(times[name]) / DOWN_CALLS * 1e6 for name in steps}
+            faster = "dense" if micros["dense"] <= micros["kronecker"] else "kronecker"
+            rows.append({"d_out": d_out, "k": k, "tokens": tokens, **micros, "faster": faster})
+    return {"calls_per_round": DOWN_CALLS, "rows": rows}
+
+
+def kronecker_up(out: torch.Tensor, by_position: torch.Tensor, B: torch.Tensor, k: int) -> None:
+    """``out += (B ⊗ I_k) h`` from the hidden states laid out (token, p, ρ): the product with B gives row
+    p·m + i of each token's change, added back to row i·k + p."""
+    tokens, m = out.shape[0], B.shape[0]
+    out.view(tokens, m, k).add_(torch.mm(by_position, B.mT).view(tokens, k, m).transpose(1, 2))
+
+
 # -- 5. single requests ----------------------------------------------------------------------------------------
 def bench_requests(base: torch.nn.Module, plan: Plan) -> dict:
     generator = torch.Generator().manual_seed(3)
@@ -306,6 +349,8 @@ def run(plan: Plan) -> dict:
     results["down_forms"] = bench_down_forms(plan)
     print("single requests ...", file=sys.stderr, flush=True)
     results["requests"] = bench_requests(smollm2, plan)
+    print("up factor forms ...", file=sys.stderr, flush=True)
+    results["up_forms"] = bench_up_forms(plan)
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     results["targets"] = {
         "mixed batch: EPT / PEFT multi-LoRA (adapter_names)": target(
@@ -358,7 +403,7 @@ def render(results: dict) -> str:
         "Paired EPT / LoRA ratios: " + ", ".join(f"{r:.3f}" for r in train["paired_ratios"]),
         "",
     ]
-    down, requests = results["down_forms"], results["requests"]
+    down, requests, up = results["down_forms"], results["requests"], results["up_forms"]
     lines += [
         f"## A kron2d group's down factor on a task's rows: product or dilated convolution (µs a call, median of "
         f"rounds of {down['calls_per_round']} calls)",
@@ -380,6 +425,17 @@ def render(results: dict) -> str:
         "",
         f"One task, EPT / LoRA unmerged: {requests['one_task_ept_vs_lora']:.3f}; two tasks, EPT / PEFT multi-LoRA "
         f"(adapter_names): {requests['two_tasks_ept_vs_multi_lora']:.3f}.",
+        "",
+        f"## A kron2d group's up factor on a task's hidden states: dense product or Kronecker form (µs a call, "
+        f"median of rounds of {up['calls_per_round']} calls)",
+        "",
+        markdown_table(
+            ["d_out", "k", "tokens", "dense", "Kronecker", "its product alone", "faster"],
+            [
+                [r["d_out"], r["k"], r["tokens"], r["dense"], r["kronecker"], r["kronecker_product_only"], r["faster"]]
+                for r in up["rows"]
+            ],
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -167,9 +167,17 @@ def test_resuming_with_other_sampling_settings_is_refused(tiny_experiment, tmp_p
         train(from_dict(raw), allow_config_change=True)
 
 
+@pytest.fixture
+def terminal_ctrl_c():
+    """Python's own Ctrl-C handler, as at a terminal (a test run started in the background ignores SIGINT)."""
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, original)
+
+
 @main_thread_only
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "ctrl-c"])
-def test_sigterm_and_ctrl_c_save_a_checkpoint_then_stop(tiny_experiment, signum):
+def test_sigterm_and_ctrl_c_save_a_checkpoint_then_stop(tiny_experiment, signum, terminal_ctrl_c):
     raw = tiny_experiment("seq2seq", max_steps=8, save_steps=100)
     trainer = build_trainer(from_dict(raw))
 
@@ -212,17 +220,27 @@ print("still running", flush=True)
 
 
 @main_thread_only
-def test_a_second_stop_signal_runs_the_previous_handler_at_once():
+def test_a_second_stop_signal_runs_the_previous_handler_at_once(terminal_ctrl_c):
     """The second signal's handling calls the handler it replaced directly (Python's Ctrl-C handler raises
     KeyboardInterrupt inside it), rather than re-raising the signal for a later check point to handle."""
-    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with StopSignals() as signals:
+        signals._handle(signal.SIGINT, None)
+        assert signals.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signals._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@main_thread_only
+def test_a_stop_signal_the_process_ignores_stays_ignored():
+    """A background job (``&``, ``nohup``) starts with SIGINT ignored: training leaves it so, and still stops
+    gracefully on SIGTERM."""
+    original = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with StopSignals() as signals:
-            signals._handle(signal.SIGINT, None)
-            assert signals.received == signal.SIGINT
-            with pytest.raises(KeyboardInterrupt):
-                signals._handle(signal.SIGINT, None)
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == signals._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, original)
 

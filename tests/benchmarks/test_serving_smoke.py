@@ -61,5 +61,8 @@ def test_serving_smoke(tmp_path):
     assert len(down["rows"]) == 2 * 4 * 2  # input widths x kernel sizes x token counts
     assert all(positive(row["product"]) and positive(row["convolution"]) for row in down["rows"])
     assert {row["rule"] for row in down["rows"]} == {"product", "convolution"}  # the rule takes both ways here
+    up = result["up_forms"]
+    assert len(up["rows"]) == 2 * 4  # output widths x kernel sizes
+    assert all(positive(row[form]) for row in up["rows"] for form in ("dense", "kronecker", "kronecker_product_only"))
     for name, row in result["targets"].items():
         assert positive(row["value"]) and isinstance(row["met"], bool), name

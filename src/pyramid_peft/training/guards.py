@@ -49,7 +49,8 @@ class StopSignals:
     """While entered (in the main thread), SIGTERM and SIGINT only set :attr:`received`; a second one acts as usual.
 
     The trainer polls :attr:`received` once per step, so a run stops at a step boundary with a checkpoint instead of
-    in the middle of an optimizer update or a save.
+    in the middle of an optimizer update or a save. A signal the process ignores when entered stays ignored, as
+    Python itself leaves it: a job started in the background (``&``, ``nohup``) ignores SIGINT by design.
     """
 
     def __init__(self):
@@ -59,7 +60,11 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         self.received = None
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+            self._previous = {
+                signum: signal.signal(signum, self._handle)
+                for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN
+            }
         return self
 
     def __exit__(self, *exc_info) -> None:
