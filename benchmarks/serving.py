@@ -404,18 +404,13 @@ def render(results: dict) -> str:
         "",
     ]
     down, requests, up = results["down_forms"], results["requests"], results["up_forms"]
+    lines += forms_section(
+        "A kron2d group's down factor on a task's rows: product or dilated convolution",
+        down,
+        ["d_in", "k", "tokens", "product", "convolution", "the rule takes", "faster"],
+        ["d_in", "k", "tokens", "product", "convolution", "rule", "faster"],
+    )
     lines += [
-        f"## A kron2d group's down factor on a task's rows: product or dilated convolution (µs a call, median of "
-        f"rounds of {down['calls_per_round']} calls)",
-        "",
-        markdown_table(
-            ["d_in", "k", "tokens", "product", "convolution", "the rule takes", "faster"],
-            [
-                [r["d_in"], r["k"], r["tokens"], r["product"], r["convolution"], r["rule"], r["faster"]]
-                for r in down["rows"]
-            ],
-        ),
-        "",
         f"The rule (``experts.dilated_pays``) picks the faster form in {down['rule_agrees']} of "
         f"{len(down['rows'])} cases.",
         "",
@@ -426,19 +421,24 @@ def render(results: dict) -> str:
         f"One task, EPT / LoRA unmerged: {requests['one_task_ept_vs_lora']:.3f}; two tasks, EPT / PEFT multi-LoRA "
         f"(adapter_names): {requests['two_tasks_ept_vs_multi_lora']:.3f}.",
         "",
-        f"## A kron2d group's up factor on a task's hidden states: dense product or Kronecker form (µs a call, "
-        f"median of rounds of {up['calls_per_round']} calls)",
+    ]
+    lines += forms_section(
+        "A kron2d group's up factor on a task's hidden states: dense product or Kronecker form",
+        up,
+        ["d_out", "k", "tokens", "dense", "Kronecker", "its product alone", "faster"],
+        ["d_out", "k", "tokens", "dense", "kronecker", "kronecker_product_only", "faster"],
+    )
+    return "\n".join(lines)
+
+
+def forms_section(title: str, part: dict, header: list[str], keys: list[str]) -> list[str]:
+    """A part that times two forms of one operation case by case (4 and 6): its heading and table."""
+    return [
+        f"## {title} (µs a call, median of rounds of {part['calls_per_round']} calls)",
         "",
-        markdown_table(
-            ["d_out", "k", "tokens", "dense", "Kronecker", "its product alone", "faster"],
-            [
-                [r["d_out"], r["k"], r["tokens"], r["dense"], r["kronecker"], r["kronecker_product_only"], r["faster"]]
-                for r in up["rows"]
-            ],
-        ),
+        markdown_table(header, [[row[key] for key in keys] for row in part["rows"]]),
         "",
     ]
-    return "\n".join(lines)
 
 
 def timing_table(variants: dict) -> str:

@@ -131,14 +131,23 @@ def test_constants_are_buffers_that_move_with_the_model_and_are_not_saved():
     assert layer.ept_scale_A["default"].dtype == layer.ept_A["default"].dtype == torch.float64
 
 
-def test_factors_are_built_once_per_call_and_rebuilt_when_a_weight_changes(monkeypatch):
+def routed_llama():
+    """An EPT LLaMA in eval mode, a batch for it, task ids for the batch and the model's routed layers."""
     model = ept_model("llama").eval()
-    batch = tiny_batch("llama")
-    ids = torch.tensor([0, 2, 1, 2])
     layers = [layer for _, layer in model.base_model.routed_layers()]
-    builds = []
-    original = type(layers[0])._group_kernels
-    monkeypatch.setattr(type(layers[0]), "_group_kernels", lambda *a, **k: builds.append(1) or original(*a, **k))
+    return model, tiny_batch("llama"), torch.tensor([0, 2, 1, 2]), layers
+
+
+def counted(monkeypatch, cls, name: str) -> list:
+    """A list that grows by one at every call of ``cls.name`` (patched for the test)."""
+    calls, original = [], getattr(cls, name)
+    monkeypatch.setattr(cls, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_factors_are_built_once_per_call_and_rebuilt_when_a_weight_changes(monkeypatch):
+    model, batch, ids, layers = routed_llama()
+    builds = counted(monkeypatch, type(layers[0]), "_group_kernels")
     route = model.base_model.route
     with torch.no_grad(), route.generation(), route.call(ids, batch["attention_mask"]):  # as inside generate
         first = model.get_base_model()(**batch).logits
@@ -167,13 +176,8 @@ def test_a_forward_plans_its_route_once():
 
 
 def test_later_calls_reuse_the_plan_until_the_router_changes(monkeypatch):
-    model = ept_model("llama").eval()
-    batch = tiny_batch("llama")
-    ids = torch.tensor([0, 2, 1, 2])
-    layers = [layer for _, layer in model.base_model.routed_layers()]
-    tables = []
-    original = type(layers[0]).task_weights
-    monkeypatch.setattr(type(layers[0]), "task_weights", lambda *a, **k: tables.append(1) or original(*a, **k))
+    model, batch, ids, layers = routed_llama()
+    tables = counted(monkeypatch, type(layers[0]), "task_weights")
 
     def planned_afresh():
         for layer in layers:
@@ -199,9 +203,7 @@ def test_later_calls_reuse_the_plan_until_the_router_changes(monkeypatch):
 def test_generate_builds_the_factors_once_for_all_its_steps(monkeypatch):
     model = ept_model("llama").eval()
     layer_cls = type(next(layer for _, layer in model.base_model.routed_layers()))
-    builds = []
-    count = layer_cls._group_kernels
-    monkeypatch.setattr(layer_cls, "_group_kernels", lambda *a, **k: builds.append(1) or count(*a, **k))
+    builds = counted(monkeypatch, layer_cls, "_group_kernels")
     batch = tiny_batch("llama")
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, pad_token_id=0)
     model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1, task_ids=torch.tensor([0, 2, 1, 2]))
