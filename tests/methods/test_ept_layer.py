@@ -370,6 +370,30 @@ def test_decoding_steps_see_changed_weights_and_a_lower_precision_base(base_dtyp
     assert len(built) == 3
 
 
+def test_a_call_keeps_the_plan_it_reused_when_another_call_replaces_the_layers_meanwhile():
+    """Calls share a layer's last plan (threads of a server): a call that reuses it keeps it for itself, even
+    where another call replaces the layer's plan between this call's request and its acceptance."""
+    layer = make_layer()
+    ids = torch.tensor([2, 0, 1, 0])
+    x = torch.randn(4, 40, 24, dtype=torch.float64)
+
+    def plan(call):
+        request = layer.plan_request(call)
+        known = layer._known_routes.get("default")
+        if known is not None:  # marks any use of the replacement: every expert flipped
+            layer._known_routes["default"] = known._replace(table=known.table.clone(), used=[1 - u for u in known.used])
+        layer.accept_plan(call, request.tolist())
+
+    layer.route.planner = plan
+    expected = torch.stack(
+        [layer.base_layer(x[i]) + x[i] @ reference_delta(layer, t, 32, 24).T for i, t in enumerate(ids.tolist())]
+    )
+    with torch.no_grad():
+        for _ in range(2):  # the second call reuses the first one's plan
+            with layer.route.call(ids):
+                torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("tokens", [48, 1])  # rows grouped by task; decoding steps of a generate call
 def test_a_router_change_within_a_call_that_flips_the_top_k_is_seen(tokens):
     """The groups a call runs are planned at route entry; a router changed in place during the call so that some

@@ -512,16 +512,16 @@ class EptLayer(TaskContrastiveLayer):
         adapters = self._planned_adapters()
         if not adapters or any(isinstance(self.ept_task_embedding[a], DTensor) for a in adapters):
             return None  # sharded (FSDP): every group runs
-        asked = [(self._plan_task_weights(call, a) != 0).reshape(-1) for a in adapters if not self._known(call, a)]
+        asked = [(self._plan_task_weights(call, a) != 0).reshape(-1) for a in adapters if not self._reuse_plan(call, a)]
         if _TASK_COUNTS not in call.cache:
             call.cache[_TASK_COUNTS] = self  # filled in by this layer's accept_plan, the first one called
             in_task_order = (call.ids[1:] >= call.ids[:-1]).all().reshape(1)  # then rows need no reordering
             asked[:0] = [torch.bincount(call.ids, minlength=self.route.num_tasks), in_task_order]
         return torch.cat(asked) if asked else call.ids.new_zeros(0)
 
-    def _known(self, call, adapter_name: str) -> bool:
-        """Whether the last plan's table still holds (the router's tensors the same, unchanged in place and not
-        moved): then it serves this call too."""
+    def _reuse_plan(self, call, adapter_name: str) -> bool:
+        """Whether the last plan still holds (the router's tensors the same, unchanged in place and not moved): then
+        it serves this call too, and the call keeps it (another thread's call may replace the layer's meanwhile)."""
         known = self._known_routes.get(adapter_name)
         router = self._router_inputs(adapter_name)
         if (
@@ -531,6 +531,7 @@ class EptLayer(TaskContrastiveLayer):
         ):
             return False
         call.cache[(self, adapter_name, "task_weights")] = (router, [t._version for t in router], known.table)
+        call.cache[(self, adapter_name, "known_route")] = known
         return True
 
     def _plan_task_weights(self, call, adapter_name: str) -> torch.Tensor:
@@ -547,9 +548,9 @@ class EptLayer(TaskContrastiveLayer):
             values = values[tasks + 1 :]
         start = 0
         for adapter_name in self._planned_adapters():
-            router, versions, table = call.cache[(self, adapter_name, "task_weights")]
-            known = self._known_routes.get(adapter_name)
-            if known is None or known.table is not table:  # fetched for this call: known from now on
+            known = call.cache.get((self, adapter_name, "known_route"))
+            if known is None:  # fetched for this call: known from now on
+                router, _, table = call.cache[(self, adapter_name, "task_weights")]
                 config = self.ept_config[adapter_name]
                 size = config.num_tasks * len(config.kernel_sizes)
                 used = values[start : start + size]
