@@ -530,7 +530,7 @@ class EptLayer(TaskContrastiveLayer):
             or any(map(operator.is_not, known.router, router))
         ):
             return False
-        call.cache[(self, adapter_name, "task_weights")] = (router, [t._version for t in router], known.table)
+        self._keep_task_weights(call, adapter_name, router, known.table)
         call.cache[(self, adapter_name, "known_route")] = known
         return True
 
@@ -538,8 +538,13 @@ class EptLayer(TaskContrastiveLayer):
         """Every task's combine weights, kept in the call's cache with the router's versions they were made from."""
         router = self._router_inputs(adapter_name)
         table = self.task_weights(adapter_name)
-        call.cache[(self, adapter_name, "task_weights")] = (router, [t._version for t in router], table)
+        self._keep_task_weights(call, adapter_name, router, table)
         return table
+
+    def _keep_task_weights(self, call, adapter_name: str, router: list[torch.Tensor], table: torch.Tensor) -> None:
+        """The call's task-weight table with the versions of the router's tensors it was made from (what
+        :meth:`_unchanged` checks)."""
+        call.cache[(self, adapter_name, "task_weights")] = (router, [t._version for t in router], table)
 
     def accept_plan(self, call, values: list) -> None:
         if call.cache[_TASK_COUNTS] is self:
