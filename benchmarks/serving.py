@@ -128,6 +128,16 @@ def pyramid_usage(model: torch.nn.Module) -> tuple[float, float]:
     return sum(sizes) / len(sizes), sum(ranks) / len(ranks)
 
 
+def forward_step(model: torch.nn.Module, inputs: dict, **kwargs):
+    """A timed step: one forward of ``model`` on ``inputs`` without autograd."""
+
+    def step():
+        with torch.no_grad():
+            model(**inputs, **kwargs)
+
+    return step
+
+
 # -- 1. mixed-task batch -------------------------------------------------------------------------------------------
 def bench_mixed_batch(base: torch.nn.Module, plan: Plan) -> dict:
     per_task = plan.batch_rows // TASKS
@@ -139,14 +149,7 @@ def bench_mixed_batch(base: torch.nn.Module, plan: Plan) -> dict:
     groups_used, task_rank = pyramid_usage(ept)
     matched = lora_model(base, TASKS, rank=round(task_rank))
     names = [f"task{t}" for t in tasks.tolist()]
-
-    def forward(model, **kwargs):
-        def step():
-            with torch.no_grad():
-                model(**inputs, **kwargs)
-
-        return step
-
+    forward = partial(forward_step, inputs=inputs)
     steps = {
         "ept_routed": forward(ept, task_ids=tasks),
         "lora_multi_adapter_names": forward(multi, adapter_names=names),
@@ -256,11 +259,39 @@ def repeated(form):
     return step
 
 
+# -- 5. single requests ----------------------------------------------------------------------------------------
+def bench_requests(base: torch.nn.Module, plan: Plan) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    ept, lora, multi = ept_model(base), lora_model(base, 1), lora_model(base, TASKS)
+
+    def request(rows: int):
+        ids = torch.randint(base.config.vocab_size, (rows, plan.request_tokens), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    one, two = request(1), request(2)
+    steps = {
+        "one_task_ept_routed": forward_step(ept, one, task_ids=torch.tensor([3])),
+        "one_task_lora_unmerged": forward_step(lora, one),
+        "one_task_base": forward_step(base, one),
+        "two_tasks_ept_routed": forward_step(ept, two, task_ids=torch.tensor([3, 5])),
+        "two_tasks_lora_multi_adapter_names": forward_step(multi, two, adapter_names=["task3", "task5"]),
+    }
+    times = interleaved(steps, {name: plan.request_rounds for name in steps}, plan.warmup)
+    rows = {name: summarize(times[name], unit="s") for name in steps}
+    return {
+        "tokens": plan.request_tokens,
+        "variants": rows,
+        "one_task_ept_vs_lora": rows["one_task_ept_routed"]["median"] / rows["one_task_lora_unmerged"]["median"],
+        "two_tasks_ept_vs_multi_lora": rows["two_tasks_ept_routed"]["median"]
+        / rows["two_tasks_lora_multi_adapter_names"]["median"],
+    }
+
+
 # -- 6. the up factor's two forms ----------------------------------------------------------------------------------
 def bench_up_forms(plan: Plan) -> dict:
     rows = []
     generator = torch.Generator().manual_seed(4)
-    tokens = UP_TOKENS if plan.mode == "full" else 8
+    tokens = UP_TOKENS
     for d_out in UP_WIDTHS:
         for k in sorted(set(KERNELS)):
             m = d_out // k  # SmolLM2's widths are multiples of every kernel size: no crop
@@ -292,42 +323,6 @@ def kronecker_up(out: torch.Tensor, by_position: torch.Tensor, B: torch.Tensor, 
     p·m + i of each token's change, added back to row i·k + p."""
     tokens, m = out.shape[0], B.shape[0]
     out.view(tokens, m, k).add_(torch.mm(by_position, B.mT).view(tokens, k, m).transpose(1, 2))
-
-
-# -- 5. single requests ----------------------------------------------------------------------------------------
-def bench_requests(base: torch.nn.Module, plan: Plan) -> dict:
-    generator = torch.Generator().manual_seed(3)
-    ept, lora, multi = ept_model(base), lora_model(base, 1), lora_model(base, TASKS)
-
-    def request(rows: int):
-        ids = torch.randint(base.config.vocab_size, (rows, plan.request_tokens), generator=generator)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    one, two = request(1), request(2)
-
-    def forward(model, inputs, **kwargs):
-        def step():
-            with torch.no_grad():
-                model(**inputs, **kwargs)
-
-        return step
-
-    steps = {
-        "one_task_ept_routed": forward(ept, one, task_ids=torch.tensor([3])),
-        "one_task_lora_unmerged": forward(lora, one),
-        "one_task_base": forward(base, one),
-        "two_tasks_ept_routed": forward(ept, two, task_ids=torch.tensor([3, 5])),
-        "two_tasks_lora_multi_adapter_names": forward(multi, two, adapter_names=["task3", "task5"]),
-    }
-    times = interleaved(steps, {name: plan.request_rounds for name in steps}, plan.warmup)
-    rows = {name: summarize(times[name], unit="s") for name in steps}
-    return {
-        "tokens": plan.request_tokens,
-        "variants": rows,
-        "one_task_ept_vs_lora": rows["one_task_ept_routed"]["median"] / rows["one_task_lora_unmerged"]["median"],
-        "two_tasks_ept_vs_multi_lora": rows["two_tasks_ept_routed"]["median"]
-        / rows["two_tasks_lora_multi_adapter_names"]["median"],
-    }
 
 
 # -- running and reporting -----------------------------------------------------------------------------------------
