@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -167,12 +168,21 @@ def test_resuming_with_other_sampling_settings_is_refused(tiny_experiment, tmp_p
         train(from_dict(raw), allow_config_change=True)
 
 
+@contextmanager
+def sigint_handled_by(handler):
+    """SIGINT's disposition set to ``handler`` while open, and restored after."""
+    original = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
 @pytest.fixture
 def terminal_ctrl_c():
     """Python's own Ctrl-C handler, as at a terminal (a test run started in the background ignores SIGINT)."""
-    original = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, original)
+    with sigint_handled_by(signal.default_int_handler):
+        yield
 
 
 @main_thread_only
@@ -235,14 +245,11 @@ def test_a_second_stop_signal_runs_the_previous_handler_at_once(terminal_ctrl_c)
 def test_a_stop_signal_the_process_ignores_stays_ignored():
     """A background job (``&``, ``nohup``) starts with SIGINT ignored: training leaves it so, and still stops
     gracefully on SIGTERM."""
-    original = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with sigint_handled_by(signal.SIG_IGN):
         with StopSignals() as signals:
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) == signals._handle
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    finally:
-        signal.signal(signal.SIGINT, original)
 
 
 def test_a_second_ctrl_c_stops_at_once():
